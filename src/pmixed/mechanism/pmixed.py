@@ -1,0 +1,87 @@
+"""``pmixed.PMixED``: the stable Python contract for one PMixED mechanism.
+
+    mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03)
+    S = mech.draw()                      # LongTensor of distinct member indices (Poisson)
+    dist = mech.release(public, members[S])  # the exact distribution the token is sampled from
+    mech.query_rdp([2, 3, 4])            # RDP charged per query at each order (inf = no claim)
+    mech.epsilon_after(1024)             # <= epsilon
+
+The object holds no budget state: charging is the ledger's job (pmixed.privacy.ledger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pmixed.mechanism.release import release, release_rows
+from pmixed.mechanism.subsample import poisson_draw, poisson_mask
+from pmixed.privacy.calibration import DEFAULT_LAM_MAX, Calibration, calibrate, epsilon_after, max_queries
+from pmixed.privacy.mixture_bound import query_rdp
+from pmixed.privacy.params import MechanismParams
+
+
+class PMixED:
+    def __init__(
+        self,
+        *,
+        epsilon: float,
+        delta: float,
+        query_budget: int,
+        ensemble_size: int,
+        sample_rate: float,
+        alpha: float | None = None,
+        lam_max: float = DEFAULT_LAM_MAX,
+    ):
+        self.calibration: Calibration = calibrate(
+            epsilon=epsilon,
+            delta=delta,
+            query_budget=query_budget,
+            ensemble_size=ensemble_size,
+            sample_rate=sample_rate,
+            alpha=alpha,
+            lam_max=lam_max,
+        )
+        self.params: MechanismParams = self.calibration.params
+        self.epsilon = float(epsilon)
+        self.delta = float(delta)
+        self.query_budget = int(query_budget)
+        self.ensemble_size = int(ensemble_size)
+        self.sample_rate = float(sample_rate)
+
+    @property
+    def alpha(self) -> int:
+        return self.calibration.alpha
+
+    def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Poisson draw of distinct member indices, LongTensor [m] (CSPRNG unless a generator)."""
+        return poisson_draw(self.ensemble_size, self.sample_rate, generator)
+
+    def draw_block(self, positions: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Independent draws for ``positions`` queries: bool [positions, N]."""
+        return poisson_mask(self.ensemble_size, self.sample_rate, positions, generator)
+
+    def release(self, public: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """public [V], members [m, V] (drawn members' distributions) -> [V] float64 distribution."""
+        return release(public, members, self.params)
+
+    def release_rows(self, public, member_rows, row_position, *, targets=None):
+        """A block of queries as flat (member, position) rows; see release.release_rows."""
+        return release_rows(public, member_rows, row_position, self.params, targets=targets)
+
+    def query_rdp(self, orders: Sequence[float]) -> list[float]:
+        return [query_rdp(a, self.params) for a in orders]
+
+    def epsilon_after(self, queries: int) -> float:
+        return epsilon_after(self.params, queries, self.delta)
+
+    def max_queries(self, epsilon: float | None = None) -> int:
+        return max_queries(self.params, self.epsilon if epsilon is None else epsilon, self.delta)
+
+    def __repr__(self) -> str:
+        return (
+            f"PMixED(epsilon={self.epsilon}, delta={self.delta}, query_budget={self.query_budget}, "
+            f"ensemble_size={self.ensemble_size}, sample_rate={self.sample_rate}, alpha={self.alpha}, "
+            f"lam_max={self.params.lam_max})"
+        )

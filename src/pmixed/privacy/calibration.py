@@ -1,0 +1,196 @@
+"""Calibration: from a target (epsilon, delta, T, N, q[, alpha]) to the mechanism's parameters,
+and the inverse (how many queries fit a budget). docs/privacy.md, section 5.
+
+The radii follow one shape, that of a Gaussian (eq. (K1)):
+
+    tau_k = t**k * E|Z|**k,   Z ~ N(0, 1),   k = 2..alpha,
+
+so (B2) reads "lam_i * (p_i/p_0 - 1) has its k-th absolute moment under p_0 no larger than a
+N(0, t^2) variable's". The scale t is the largest for which T queries, composed additively
+(Mironov 2017, Proposition 1), stay within epsilon at the best order (eq. (C1)); it is found by
+bisection that keeps the feasible end. With ``alpha=None`` the order 3..32 giving the largest t
+is chosen. The order alpha is also the largest order the projection enforces (K = alpha).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pmixed.errors import ConfigError
+from pmixed.privacy.conversion import (
+    check_delta,
+    check_epsilon,
+    epsilon_at_order,
+    rdp_budget,
+    rdp_to_epsilon,
+)
+from pmixed.privacy.mixture_bound import query_rdp
+from pmixed.privacy.params import MechanismParams, check_ensemble
+
+DEFAULT_LAM_MAX = 0.75
+AUTO_ALPHAS = range(2, 33)
+SAFETY = 1e-12  # relative margin kept below the target epsilon against rounding
+
+
+def gaussian_abs_moment(k: int) -> float:
+    """E|Z|^k for Z ~ N(0, 1): 2^(k/2) Gamma((k+1)/2) / sqrt(pi)."""
+    return math.exp(0.5 * k * math.log(2.0) + math.lgamma((k + 1) / 2.0) - 0.5 * math.log(math.pi))
+
+
+def radii_for_scale(alpha: int, scale: float) -> tuple[float, ...]:
+    """tau_k = scale^k E|Z|^k for k = 2..alpha (eq. (K1))."""
+    return tuple(scale**k * gaussian_abs_moment(k) for k in range(2, alpha + 1))
+
+
+def check_queries(queries: int, field: str = "queries") -> None:
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ConfigError(field, f"must be an integer >= 1, got {queries!r}")
+
+
+def check_alpha(alpha: float | None) -> None:
+    if alpha is None:
+        return
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or math.isnan(alpha):
+        raise ConfigError("alpha", f"must be a number > 1, got {alpha!r}")
+    if not alpha > 1.0:
+        raise ConfigError("alpha", f"must be > 1, got {alpha!r}")
+    if alpha != int(alpha):
+        raise ConfigError("alpha", f"must be an integer order (the bound is stated at integers), got {alpha!r}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    params: MechanismParams
+    alpha: int  # the order at which the target is met (K = params.max_order may be larger)
+    epsilon: float
+    delta: float
+    query_budget: int
+    rdp_budget: float  # rho at alpha for all T queries
+    per_query_rdp: float  # charged RDP per query at alpha
+
+    def epsilon_after(self, queries: int) -> float:
+        return epsilon_after(self.params, queries, self.delta)
+
+
+def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max):
+    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries."""
+    if rdp_budget(epsilon, delta, alpha) <= 0.0:
+        return None
+
+    def make(scale: float) -> MechanismParams:
+        return MechanismParams(ensemble_size, sample_rate, lam_max, radii_for_scale(alpha, scale))
+
+    def fits(scale: float) -> bool:
+        return epsilon_after(make(scale), queries, delta) <= epsilon * (1.0 - SAFETY)
+
+    lo, hi = 1e-9, 1e3
+    if not fits(lo):
+        return None
+    if fits(hi):
+        return make(hi)
+    for _ in range(100):  # bisection on log(scale); keeps the feasible end
+        mid = math.sqrt(lo * hi)
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return make(lo)
+
+
+def scale_of(params: MechanismParams) -> float:
+    """t such that tau_2 = t^2 E|Z|^2 (the Gaussian-shape scale of eq. (K1))."""
+    return math.sqrt(params.radii[0] / gaussian_abs_moment(2))
+
+
+def calibrate(
+    *,
+    epsilon: float,
+    delta: float,
+    query_budget: int,
+    ensemble_size: int,
+    sample_rate: float,
+    alpha: float | None = None,
+    lam_max: float = DEFAULT_LAM_MAX,
+) -> Calibration:
+    """Mechanism parameters meeting (epsilon, delta) after ``query_budget`` queries.
+
+    With ``alpha=None`` the order in 2..64 that gives the largest tau_2 (the main radius) is
+    chosen. Raises ConfigError naming the field when the target cannot be met.
+    """
+    check_epsilon(epsilon)
+    check_delta(delta)
+    check_queries(query_budget, "query_budget")
+    check_ensemble(ensemble_size, sample_rate)
+    check_alpha(alpha)
+    if not (isinstance(lam_max, (int, float)) and 0.0 < lam_max <= 1.0):
+        raise ConfigError("lam_max", f"must lie in (0, 1], got {lam_max!r}")
+    if sample_rate >= 1.0 and lam_max >= 1.0:
+        raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
+    candidates = [int(alpha)] if alpha is not None else list(AUTO_ALPHAS)
+    best: MechanismParams | None = None
+    for a in candidates:
+        params = _params_at(a, epsilon, delta, query_budget, ensemble_size, sample_rate, lam_max)
+        if params is not None and (best is None or scale_of(params) > scale_of(best)):
+            best = params
+    if best is None:
+        field = "alpha" if alpha is not None else "epsilon"
+        where = f"order {alpha}" if alpha is not None else "any order 2..32"
+        raise ConfigError(field, f"epsilon={epsilon} at delta={delta} cannot be met at {where}")
+    params = best
+    orders = tracked_orders(params)
+    rdp = [query_budget * query_rdp(a, params) for a in orders]
+    eps, best_order = rdp_to_epsilon(orders, rdp, delta)
+    a = int(best_order)
+    rho = rdp_budget(epsilon, delta, a)
+    return Calibration(
+        params=params,
+        alpha=a,
+        epsilon=float(epsilon),
+        delta=float(delta),
+        query_budget=query_budget,
+        rdp_budget=rho,
+        per_query_rdp=query_rdp(a, params),
+    )
+
+
+def tracked_orders(params: MechanismParams) -> list[int]:
+    """The integer orders with a claim: 2..max_order."""
+    return list(range(2, params.max_order + 1))
+
+
+def epsilon_after(params: MechanismParams, queries: int, delta: float) -> float:
+    """Epsilon at ``delta`` after ``queries`` queries, best over the claimed orders."""
+    check_delta(delta)
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
+        raise ConfigError("queries", f"must be an integer >= 0, got {queries!r}")
+    if queries == 0:
+        return 0.0
+    orders = tracked_orders(params)
+    rdp = [queries * query_rdp(a, params) for a in orders]
+    return rdp_to_epsilon(orders, rdp, delta)[0]
+
+
+def max_queries(params: MechanismParams, epsilon: float, delta: float) -> int:
+    """The largest T with epsilon_after(params, T, delta) <= epsilon."""
+    check_epsilon(epsilon)
+    check_delta(delta)
+    best = 0
+    for a in tracked_orders(params):
+        r = query_rdp(a, params)
+        room = rdp_budget(epsilon, delta, a)
+        if room <= 0 or math.isinf(r):
+            continue
+        t = math.inf if r == 0.0 else math.floor(room / r)
+        # floor on floats: step back while the exact check fails
+        while t > 0 and not math.isinf(t) and epsilon_at_order(t * r, a, delta) > epsilon:
+            t -= 1
+        best = max(best, t)
+    if math.isinf(best):
+        return 2**62
+    return int(best)
+
+
+def rdp_curve(params: MechanismParams, orders: Sequence[float]) -> list[float]:
+    return [query_rdp(a, params) for a in orders]

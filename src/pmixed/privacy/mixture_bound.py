@@ -1,0 +1,96 @@
+"""The per-query RDP of the PMixED mechanism (docs/privacy.md, section 3).
+
+Adjacency: replace-one-part. Two datasets are neighbours when they differ in the data of one
+part D_i (any change of records or users inside one part, including emptying it), so that one
+member p_i becomes p_i'. N and q are public and fixed.
+
+For integer alpha >= 2 (docs/privacy.md, eq. (R3)):
+
+    eps(alpha) = 1/(alpha-1) * log(1 + sum_{k=2..alpha} C(alpha,k) * c**k * gamma**(1-k) * 2**k * tau_k)
+
+with
+    c     = (1 - (1-q)**N) / N                (eq. (R1): the weight of one member in the release)
+    gamma = 1 - lam_max * (1 - (1-q)**N)      (eq. (R2): the release is >= gamma * p_0 pointwise)
+
+Orders that are not integers are bounded by the next integer (Renyi divergence is non-decreasing
+in its order: van Erven & Harremoes 2014, Theorem 3). Orders above the projection's max_order
+carry no claim (inf).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from pmixed.errors import ConfigError
+from pmixed.privacy.params import MechanismParams, check_ensemble
+
+
+def _none_drawn(ensemble_size: int, sample_rate: float) -> float:
+    """(1 - q)^N, the probability that no member is drawn, computed without cancellation."""
+    if sample_rate >= 1.0:
+        return 0.0
+    return math.exp(ensemble_size * math.log1p(-sample_rate))
+
+
+def member_weight(ensemble_size: int, sample_rate: float) -> float:
+    """c = (1 - (1-q)^N) / N: the total weight of one member's pbar_i in the released mixture
+    (eq. (R1)), q * E[1 / (1 + Binomial(N-1, q))]."""
+    check_ensemble(ensemble_size, sample_rate)
+    return (1.0 - _none_drawn(ensemble_size, sample_rate)) / ensemble_size
+
+
+def floor_weight(ensemble_size: int, sample_rate: float, lam_max: float) -> float:
+    """gamma = 1 - lam_max (1 - (1-q)^N): the released distribution is >= gamma * p_0 (eq. (R2))."""
+    check_ensemble(ensemble_size, sample_rate)
+    return 1.0 - lam_max * (1.0 - _none_drawn(ensemble_size, sample_rate))
+
+
+def moment_coefficients(order: int, ensemble_size: int, sample_rate: float, lam_max: float) -> list[float]:
+    """coef_k = C(alpha, k) c^k gamma^(1-k) 2^k for k = 2..alpha (eq. (R3)); inf if gamma == 0."""
+    c = member_weight(ensemble_size, sample_rate)
+    gamma = floor_weight(ensemble_size, sample_rate, lam_max)
+    out = []
+    for k in range(2, order + 1):
+        if gamma <= 0.0:
+            out.append(math.inf)
+            continue
+        # log-space to stay finite for large orders
+        log_coef = (
+            math.lgamma(order + 1) - math.lgamma(k + 1) - math.lgamma(order - k + 1)
+            + k * math.log(c) + (1 - k) * math.log(gamma) + k * math.log(2.0)
+        )
+        out.append(math.exp(log_coef))
+    return out
+
+
+def _integer_order(order: float) -> int:
+    if isinstance(order, bool) or not isinstance(order, (int, float)) or math.isnan(order):
+        raise ConfigError("alpha", f"Renyi orders must be numbers > 1, got {order!r}")
+    if not order > 1.0:
+        raise ConfigError("alpha", f"Renyi orders must be > 1, got {order!r}")
+    return max(2, math.ceil(order))
+
+
+def query_rdp(order: float, params: MechanismParams) -> float:
+    """Per-query RDP charged at ``order`` (eq. (R3)); inf where no claim is made."""
+    a = _integer_order(order)
+    if math.isinf(order) or a > params.max_order:
+        return math.inf
+    coefs = moment_coefficients(a, params.ensemble_size, params.sample_rate, params.lam_max)
+    terms = []
+    for k, coef in zip(range(2, a + 1), coefs):
+        tau = params.tau(k)
+        if tau == 0.0:
+            continue
+        if math.isinf(coef):
+            return math.inf
+        terms.append(coef * tau)
+    s = math.fsum(terms)
+    if math.isinf(s):
+        return math.inf
+    return math.log1p(s) / (a - 1)
+
+
+def query_rdp_curve(orders: Sequence[float], params: MechanismParams) -> list[float]:
+    return [query_rdp(a, params) for a in orders]
