@@ -1,7 +1,135 @@
-"""`pmixed privacy ...` commands."""
+"""`pmixed privacy ...` commands: plan a budget, count the queries that fit."""
 
 from __future__ import annotations
 
+import json
+import math
+from typing import Optional
+
 import typer
 
+from pmixed.errors import ConfigError
+
 app = typer.Typer(no_args_is_help=True)
+
+
+def _check_inputs(epsilon, delta, queries, ensemble_size, sample_rate, alpha, lam_max) -> None:
+    """One-line errors naming the field, before any computation."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ConfigError("epsilon", f"must be > 0, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ConfigError("delta", f"must lie in (0, 1), got {delta}")
+    if queries is not None and queries < 1:
+        raise ConfigError("queries", f"must be >= 1, got {queries}")
+    if ensemble_size < 1:
+        raise ConfigError("ensemble-size", f"must be >= 1, got {ensemble_size}")
+    if not 0 < sample_rate <= 1:
+        raise ConfigError("sample-rate", f"must lie in (0, 1], got {sample_rate}")
+    if alpha is not None and not alpha > 1:
+        raise ConfigError("alpha", f"must be > 1, got {alpha}")
+    if not 0 < lam_max <= 1:
+        raise ConfigError("lam-max", f"must lie in (0, 1], got {lam_max}")
+
+
+def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, lam_max=None) -> dict:
+    """The plan as a JSON-ready dict (also used by the evaluation's reports)."""
+    from pmixed.privacy.calibration import DEFAULT_LAM_MAX, calibrate, max_queries, scale_of
+    from pmixed.privacy.mixture_bound import floor_weight, member_weight, query_rdp
+
+    lam_max = DEFAULT_LAM_MAX if lam_max is None else lam_max
+    cal = calibrate(
+        epsilon=epsilon,
+        delta=delta,
+        query_budget=queries,
+        ensemble_size=ensemble_size,
+        sample_rate=sample_rate,
+        alpha=None if alpha is None else int(alpha) if float(alpha).is_integer() else alpha,
+        lam_max=lam_max,
+    )
+    p = cal.params
+    orders = list(range(2, p.max_order + 1))
+    return {
+        "adjacency": "replace-one-part",
+        "epsilon_target": epsilon,
+        "delta": delta,
+        "queries": queries,
+        "ensemble_size": ensemble_size,
+        "sample_rate": sample_rate,
+        "chosen_order": cal.alpha,
+        "max_enforced_order": p.max_order,
+        "per_query_rdp": {str(a): query_rdp(a, p) for a in orders},
+        "lam_max": p.lam_max,
+        "gaussian_scale_t": scale_of(p),
+        "radius_per_order": {
+            str(k): {"tau": p.tau(k), "renyi_bound": p.renyi_radius(k)} for k in orders
+        },
+        "member_weight_c": member_weight(ensemble_size, sample_rate),
+        "floor_weight_gamma": floor_weight(ensemble_size, sample_rate, p.lam_max),
+        "expected_members_per_query": p.expected_members(),
+        "probability_no_member": (1 - sample_rate) ** ensemble_size,
+        "epsilon_after_queries": cal.epsilon_after(queries),
+        "max_queries_within_target": max_queries(p, epsilon, delta),
+    }
+
+
+@app.command("plan")
+def plan(
+    epsilon: float = typer.Option(..., help="Target epsilon after all queries."),
+    delta: float = typer.Option(..., help="Target delta."),
+    queries: Optional[int] = typer.Option(None, help="Query budget T (tokens released)."),
+    ensemble_size: int = typer.Option(..., "--ensemble-size", help="N, the number of members."),
+    sample_rate: float = typer.Option(..., "--sample-rate", help="q, each member's inclusion probability."),
+    alpha: Optional[float] = typer.Option(None, help="Renyi order (integer); default: the library picks."),
+    lam_max: Optional[float] = typer.Option(None, "--lam-max", help="Cap on each member's mixing weight."),
+    max_queries_flag: bool = typer.Option(
+        False, "--max-queries", help="Only answer how many queries fit (calibrated for --queries, default 1024)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Calibrate the mechanism for (epsilon, delta, T, N, q) and show what it will charge."""
+    from pmixed.privacy.calibration import DEFAULT_LAM_MAX
+
+    lam = DEFAULT_LAM_MAX if lam_max is None else lam_max
+    if queries is None and not max_queries_flag:
+        raise ConfigError("queries", "is required (or pass --max-queries)")
+    _check_inputs(epsilon, delta, queries, ensemble_size, sample_rate, alpha, lam)
+    if alpha is not None and not float(alpha).is_integer():
+        raise ConfigError("alpha", f"must be an integer order, got {alpha}")
+    d = plan_dict(epsilon, delta, queries or 1024, ensemble_size, sample_rate, alpha, lam)
+    if max_queries_flag:
+        if as_json:
+            typer.echo(json.dumps({"max_queries": d["max_queries_within_target"], **d}, indent=2))
+        else:
+            typer.echo(
+                f"{d['max_queries_within_target']} queries fit epsilon={epsilon}, delta={delta} "
+                f"with the mechanism calibrated for T={d['queries']} (N={ensemble_size}, q={sample_rate})"
+            )
+        return
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"[bold]PMixED privacy plan[/bold] (adjacency: replace one part)  epsilon={epsilon} delta={delta} "
+        f"T={d['queries']} N={ensemble_size} q={sample_rate}"
+    )
+    console.print(
+        f"chosen order alpha = {d['chosen_order']}  (ball enforced at orders 2..{d['max_enforced_order']}), "
+        f"lam_max = {d['lam_max']}, Gaussian-shape scale t = {d['gaussian_scale_t']:.4g}"
+    )
+    table = Table("order k", "per-query RDP", "tau_k (moment radius)", "D_k(pbar||p0) <=")
+    for k, rad in d["radius_per_order"].items():
+        table.add_row(k, f"{d['per_query_rdp'][k]:.6g}", f"{rad['tau']:.6g}", f"{rad['renyi_bound']:.4g}")
+    console.print(table)
+    console.print(
+        f"expected members per query = {d['expected_members_per_query']:.3g} "
+        f"(P(no member) = {d['probability_no_member']:.3g}); member weight c = {d['member_weight_c']:.4g}, "
+        f"floor gamma = {d['floor_weight_gamma']:.4g}"
+    )
+    console.print(
+        f"epsilon after {d['queries']} queries = [bold]{d['epsilon_after_queries']:.10g}[/bold] "
+        f"(target {epsilon}); at most {d['max_queries_within_target']} queries fit the target"
+    )

@@ -33,17 +33,24 @@ def _none_drawn(ensemble_size: int, sample_rate: float) -> float:
     return math.exp(ensemble_size * math.log1p(-sample_rate))
 
 
+def _some_drawn(ensemble_size: int, sample_rate: float) -> float:
+    """1 - (1 - q)^N without cancellation (expm1/log1p)."""
+    if sample_rate >= 1.0:
+        return 1.0
+    return -math.expm1(ensemble_size * math.log1p(-sample_rate))
+
+
 def member_weight(ensemble_size: int, sample_rate: float) -> float:
     """c = (1 - (1-q)^N) / N: the total weight of one member's pbar_i in the released mixture
     (eq. (R1)), q * E[1 / (1 + Binomial(N-1, q))]."""
     check_ensemble(ensemble_size, sample_rate)
-    return (1.0 - _none_drawn(ensemble_size, sample_rate)) / ensemble_size
+    return _some_drawn(ensemble_size, sample_rate) / ensemble_size
 
 
 def floor_weight(ensemble_size: int, sample_rate: float, lam_max: float) -> float:
     """gamma = 1 - lam_max (1 - (1-q)^N): the released distribution is >= gamma * p_0 (eq. (R2))."""
     check_ensemble(ensemble_size, sample_rate)
-    return 1.0 - lam_max * (1.0 - _none_drawn(ensemble_size, sample_rate))
+    return 1.0 - lam_max * _some_drawn(ensemble_size, sample_rate)
 
 
 def moment_coefficients(order: int, ensemble_size: int, sample_rate: float, lam_max: float) -> list[float]:
@@ -74,8 +81,10 @@ def _integer_order(order: float) -> int:
 
 def query_rdp(order: float, params: MechanismParams) -> float:
     """Per-query RDP charged at ``order`` (eq. (R3)); inf where no claim is made."""
+    if isinstance(order, (int, float)) and not isinstance(order, bool) and math.isinf(order) and order > 0:
+        return math.inf
     a = _integer_order(order)
-    if math.isinf(order) or a > params.max_order:
+    if a > params.max_order:
         return math.inf
     coefs = moment_coefficients(a, params.ensemble_size, params.sample_rate, params.lam_max)
     terms = []

@@ -1,0 +1,3 @@
+from pmixed.cli import main
+
+main()

@@ -1,0 +1,73 @@
+"""The release: a distribution, deterministic, any float dtype, blocks equal single queries."""
+
+import pytest
+import torch
+
+import pmixed
+from pmixed.mechanism.release import release, release_rows
+from pmixed.privacy.params import MechanismParams
+
+PARAMS = MechanismParams(6, 0.4, 0.7, (0.5, 1.0, 3.0))
+
+
+def dists(n, V, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(n, V, generator=g) * scale, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_any_float_dtype(dtype):
+    pub, mem = dists(1, 50, 0)[0].to(dtype), dists(3, 50, 1).to(dtype)
+    out = release(pub, mem, PARAMS)
+    assert out.dtype == torch.float64
+    assert float(out.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert (out >= 0).all()
+
+
+def test_deterministic_and_public_when_empty():
+    pub, mem = dists(1, 40, 2)[0], dists(2, 40, 3)
+    assert torch.equal(release(pub, mem, PARAMS), release(pub, mem, PARAMS))
+    empty = release(pub, mem[:0], PARAMS)
+    assert torch.allclose(empty, pub.double() / pub.double().sum(), atol=0, rtol=1e-15)
+
+
+def test_bad_inputs():
+    pub = dists(1, 10, 0)[0]
+    with pytest.raises(ValueError):
+        release(pub, dists(2, 11, 0), PARAMS)
+    with pytest.raises(ValueError):
+        release(pub, -dists(2, 10, 0), PARAMS)
+    with pytest.raises(ValueError):
+        release(pub, torch.full((1, 10), float("nan")), PARAMS)
+
+
+def test_block_equals_separate_queries():
+    P, V, N = 9, 30, PARAMS.ensemble_size
+    pub = dists(P, V, 4)
+    members = dists(N * P, V, 5).reshape(N, P, V)
+    mask = torch.rand(P, N, generator=torch.Generator().manual_seed(6)) < 0.4
+    pos, mem = torch.nonzero(mask, as_tuple=True)
+    rows = members[mem, pos]
+    block, lam = release_rows(pub, rows, pos, PARAMS)
+    targets = torch.randint(0, V, (P,), generator=torch.Generator().manual_seed(7))
+    picked, _ = release_rows(pub, rows, pos, PARAMS, targets=targets)
+    for t in range(P):
+        single = release(pub[t], members[mask[t].nonzero().flatten(), t], PARAMS)
+        assert torch.allclose(block[t], single, rtol=1e-12, atol=1e-15)
+        assert float(picked[t]) == pytest.approx(float(single[targets[t]]), rel=1e-12)
+    assert lam.shape == (rows.shape[0],)
+
+
+def test_public_contract():
+    mech = pmixed.PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03, alpha=None)
+    g = torch.Generator().manual_seed(0)
+    S = mech.draw(generator=g)
+    assert S.dtype == torch.long and len(set(S.tolist())) == len(S) and all(0 <= i < 80 for i in S.tolist())
+    pub, mem = dists(1, 100, 1)[0], dists(80, 100, 2)
+    out = mech.release(pub, mem[S])
+    assert out.shape == (100,) and float(out.sum()) == pytest.approx(1.0)
+    rdp = mech.query_rdp([2, 3, 4, 100])
+    assert rdp[3] == float("inf") and all(0 < r < 0.01 for r in rdp[:3])
+    assert mech.epsilon_after(1024) <= 8.0
+    assert mech.epsilon_after(2048) > 8.0
+    assert mech.epsilon_after(0) == 0.0
