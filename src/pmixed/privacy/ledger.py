@@ -15,6 +15,11 @@ write lock serialises charges across processes; a per-object lock serialises thr
 wastes budget but never releases an uncharged token; a crash before the commit records nothing.
 Re-opening resumes the spent budget exactly.
 
+Do not open the ledger file with ``open()`` (or copy it with tools that do) in a process that
+holds a :class:`Ledger` on it: closing such a descriptor cancels SQLite's POSIX locks for the
+whole process, which can let another process delete the WAL under it (lost charges). Copy a
+live ledger with SQLite's backup API or ``VACUUM INTO`` instead.
+
 Schema (``PRAGMA application_id`` = :data:`APPLICATION_ID`, ``PRAGMA user_version`` =
 :data:`SCHEMA_VERSION`, WAL journal)::
 
@@ -40,6 +45,7 @@ import json
 import math
 import os
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -66,7 +72,6 @@ APPLICATION_ID = 0x504D5844
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 MEMORY = ":memory:"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE meta (
@@ -255,19 +260,23 @@ class Ledger:
 
     def _open_existing(self, epsilon, delta, orders) -> None:
         path = self._path
-        if os.path.isdir(path):
-            raise LedgerError(f"{path} is a directory, not a pmixed ledger")
+        # Never open() the file itself: closing any descriptor of it would cancel the POSIX locks
+        # that SQLite connections of this process hold on it (sqlite.org/howtocorrupt.html 2.2),
+        # letting another process delete the WAL under them. stat() opens nothing.
         try:
-            with open(path, "rb") as f:
-                head = f.read(len(_SQLITE_MAGIC))
+            st = os.stat(path)
         except OSError as e:
             raise LedgerError(f"cannot read ledger {path}: {e}") from e
-        if head != _SQLITE_MAGIC:
+        if stat.S_ISDIR(st.st_mode):
+            raise LedgerError(f"{path} is a directory, not a pmixed ledger")
+        if st.st_size == 0:  # SQLite would take it for an empty database; ours never are
             raise _not_ledger(path)
         try:
             conn = self._connect(path)
-        except sqlite3.Error as e:
+        except sqlite3.OperationalError as e:
             raise LedgerError(f"cannot open ledger {path}: {e}") from e
+        except sqlite3.DatabaseError as e:
+            raise _not_ledger(path) from e
         try:
             try:
                 app_id = conn.execute("PRAGMA application_id").fetchone()[0]
