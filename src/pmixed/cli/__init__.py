@@ -24,6 +24,12 @@ def _register() -> None:
     app.add_typer(privacy.app, name="privacy", help="Plan and inspect privacy budgets.")
     app.add_typer(assets.app, name="assets", help="Fetch and verify the offline default assets.")
     app.add_typer(train.app, name="train", help="Train the ensemble and the baselines.")
+    from pmixed.cli import evaluate
+
+    app.command("eval")(evaluate.eval_cmd)
+    app.command("sweep")(evaluate.sweep_cmd)
+    app.command("generate")(evaluate.generate_cmd)
+    app.command("demo")(evaluate.demo_cmd)
 
 
 _register()

@@ -1,7 +1,94 @@
-"""`pmixed train ...` commands."""
+"""`pmixed train ...` commands: the ensemble (Phase I) and the two baselines.
+
+Heavy imports (torch, transformers, peft, opacus) happen inside the commands.
+Distributed ensemble training: ``torchrun --nproc_per_node=K -m pmixed.train.ensemble_main
+--config FILE`` (each rank trains members i with i % K == rank).
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
 
 import typer
 
 app = typer.Typer(no_args_is_help=True)
+
+ConfigOpt = typer.Option(..., "--config", "-c", help="Run configuration (TOML).", exists=False)
+OutOpt = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+
+
+def _load(config: Path, output_dir: Path | None):
+    from pmixed.config import load_config
+
+    cfg = load_config(config)
+    if output_dir is not None:
+        cfg = cfg.replace(run__output_dir=str(output_dir))
+    return cfg
+
+
+def _say(msg: str) -> None:
+    from rich.console import Console
+
+    Console(stderr=True).print(msg)
+
+
+@app.command("ensemble")
+def ensemble(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = QuietOpt) -> None:
+    """Fine-tune one LoRA adapter per part of the private data (resumable)."""
+    from pmixed.train.ensemble import train_ensemble
+
+    cfg = _load(config, output_dir)
+    res = train_ensemble(cfg, progress=not quiet)
+    if res.manifest is not None:
+        losses = [m["final_train_loss"] for m in res.manifest["members"]]
+        _say(
+            f"[bold]ensemble[/bold] {res.manifest['n_members']} members in {res.output_dir} "
+            f"(trained {len(res.trained)}, skipped {len(res.skipped)}, {res.seconds:.1f}s); "
+            f"final train loss {min(losses):.3f}..{max(losses):.3f}"
+        )
+
+
+@app.command("finetune")
+def finetune(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = QuietOpt) -> None:
+    """Non-private baseline: one LoRA adapter on all parts together (saved to finetune/)."""
+    from pmixed.train.finetune import train_finetune
+
+    cfg = _load(config, output_dir)
+    rec = train_finetune(cfg, progress=not quiet)
+    _say(
+        f"[bold]finetune[/bold] {rec['steps']} steps, train loss {rec['first_train_loss']:.3f} -> "
+        f"{rec['final_train_loss']:.3f} ({rec['seconds']:.1f}s) -> {cfg.output_dir / 'finetune'}"
+    )
+
+
+@app.command("dpsgd")
+def dpsgd(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = QuietOpt) -> None:
+    """DP-SGD baseline with Opacus (saved to dpsgd/ with dpsgd.json)."""
+    from pmixed.train.dpsgd import train_dpsgd
+
+    cfg = _load(config, output_dir)
+    rec = train_dpsgd(cfg, progress=not quiet)
+    _say(
+        f"[bold]dp-sgd[/bold] epsilon={rec['epsilon']:.3f} (target {rec['target_epsilon']}), "
+        f"delta={rec['delta']:g}, noise multiplier {rec['noise_multiplier']:.3f}, "
+        f"{rec['steps']} steps, train loss {rec['final_train_loss']:.3f} "
+        f"({rec['seconds']:.1f}s) -> {cfg.output_dir / 'dpsgd'}"
+    )
+
+
+@app.command("pretrain")
+def pretrain(config: Path = ConfigOpt, quiet: bool = QuietOpt) -> None:
+    """Build (or find cached) the builtin:tiny-gpt2 base from [public_pretrain]."""
+    from pmixed.models.tiny_gpt2 import ensure_tiny_gpt2
+
+    cfg = _load(config, None)
+    t0 = time.perf_counter()
+    path = ensure_tiny_gpt2(cfg.public_pretrain, progress=not quiet)
+    metrics = json.loads((path / "pretrain.json").read_text())
+    _say(
+        f"[bold]tiny-gpt2[/bold] {path} (held-out perplexity {metrics['heldout_ppl_before']:.1f} -> "
+        f"{metrics['heldout_ppl_after']:.1f}; {time.perf_counter() - t0:.1f}s)"
+    )

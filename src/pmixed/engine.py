@@ -1,0 +1,237 @@
+"""The private prediction engine: check budget -> forward -> mechanism -> charge durably -> release.
+
+One copy of the base weights serves the public model p_0 (row id -1) and every member (row id i)
+through :class:`pmixed.models.stacked_lora.StackedLoRA`; extra adapters (the fine-tuned and
+DP-SGD baselines) ride on the same stack under their own names.
+
+- :class:`EnsembleRuntime` computes what the mechanism needs: next-token distributions of the
+  public model and of members, in chunks of rows so that no [N, T, V] tensor is ever held.
+- :class:`PrivatePredictor` answers queries: teacher-forced blocks (evaluation) and
+  token-by-token generation with per-member KV caches that catch up lazily on the tokens they
+  missed. Every query is charged to a durable :class:`pmixed.privacy.ledger.Ledger` before its
+  answer leaves the object.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmixed.errors import BudgetExhausted
+from pmixed.mechanism.divergence import as_distribution
+from pmixed.mechanism.pmixed import PMixED
+from pmixed.mechanism.subsample import sample_token
+from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
+from pmixed.privacy.accountant import RdpCharge
+from pmixed.privacy.ledger import Ledger
+
+PUBLIC = -1
+
+
+class EnsembleRuntime:
+    """Base model + N stacked members (+ named extra adapters) on one copy of the weights."""
+
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        member_dirs: Sequence[str | os.PathLike[str]],
+        extra_dirs: dict[str, str | os.PathLike[str]] | None = None,
+    ):
+        from pmixed.models.stacked_lora import StackedLoRA
+
+        extra_dirs = dict(extra_dirs or {})
+        dirs = [Path(d) for d in member_dirs] + [Path(d) for d in extra_dirs.values()]
+        self.n_members = len(member_dirs)
+        self.extra_index = {name: self.n_members + j for j, name in enumerate(extra_dirs)}
+        self.tokenizer = tokenizer
+        self.model = base_model
+        self.model.eval()
+        self.stacked = StackedLoRA.from_peft_dirs(base_model, dirs)
+
+    @classmethod
+    def from_ensemble(cls, ensemble: Any, extra_dirs: dict[str, Any] | None = None) -> EnsembleRuntime:
+        return cls(ensemble.base_model, ensemble.tokenizer, ensemble.adapter_paths, extra_dirs)
+
+    @torch.no_grad()
+    def probs(self, input_ids: torch.Tensor, adapter_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token probabilities [B, T, V] float32 for rows ``adapter_ids`` over ``input_ids`` [B, T]."""
+        from pmixed.models.stacked_lora import log_probs
+
+        ids = torch.as_tensor(list(adapter_ids), dtype=torch.long)
+        return log_probs(self.stacked, input_ids, ids).exp_()
+
+    @torch.no_grad()
+    def block_stats(
+        self,
+        block: torch.Tensor,
+        *,
+        max_order: int,
+        needed: torch.Tensor | None = None,
+        members: int | None = None,
+        extras: Sequence[str] = (),
+        chunk: int = 4,
+    ) -> tuple[BlockStats, dict[str, torch.Tensor], torch.Tensor]:
+        """One teacher-forced block [L] -> statistics of its L-1 queries.
+
+        Returns (stats over the first ``members`` members, {extra name: target prob [T]},
+        ensemble-average target prob [T] (non-private baseline)). ``needed`` [T, members] limits
+        the moment computation to the drawn pairs (default: all).
+        """
+        n = self.n_members if members is None else members
+        inputs, targets = block[None, :-1], block[1:]  # [1, T], [T]
+        T = targets.shape[0]
+        public = as_distribution(self.probs(inputs, [PUBLIC])[0], "public")  # [T, V]
+        public_target = public.gather(1, targets[:, None]).squeeze(1)
+        extra_target = {}
+        for name in extras:
+            p = self.probs(inputs, [self.extra_index[name]])[0].double()
+            extra_target[name] = p.gather(1, targets[:, None]).squeeze(1) / p.sum(-1)
+        moments = torch.empty(T, n, max_order - 1, dtype=torch.float64)
+        member_target = torch.empty(T, n, dtype=torch.float64)
+        for s in range(0, n, chunk):
+            ids = list(range(s, min(n, s + chunk)))
+            rows = self.probs(inputs.expand(len(ids), -1), ids)  # [c, T, V]
+            need = None if needed is None else needed[:, s : s + len(ids)]
+            mom, mt = member_stats(public, rows, targets, max_order, need)
+            moments[:, s : s + len(ids)] = mom
+            member_target[:, s : s + len(ids)] = mt
+            del rows
+        stats = BlockStats(moments, member_target, public_target)
+        return stats, extra_target, member_target.mean(dim=1)
+
+
+@dataclass
+class Generation:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    epsilon_spent: float
+    stopped: str  # "length", "eos" or "budget"
+    members_drawn: list[list[int]] = field(default_factory=list)
+
+
+class PrivatePredictor:
+    """Answers queries with PMixED, charging each one to the ledger before it is released."""
+
+    def __init__(
+        self,
+        runtime: EnsembleRuntime,
+        mechanism: PMixED,
+        ledger: Ledger,
+        *,
+        generator: torch.Generator | None = None,
+    ):
+        if mechanism.ensemble_size != runtime.n_members:
+            from pmixed.errors import EnsembleMismatch
+
+            raise EnsembleMismatch(
+                f"mechanism calibrated for N={mechanism.ensemble_size} but the ensemble has "
+                f"{runtime.n_members} members"
+            )
+        self.runtime = runtime
+        self.mechanism = mechanism
+        self.ledger = ledger
+        self.generator = generator  # None: CSPRNG (serving); a seeded one for experiments
+        self._rdp = tuple(mechanism.query_rdp(ledger.orders))
+
+    def _charge(self, count: int, label: str) -> None:
+        """Durably record ``count`` queries; raises BudgetExhausted (nothing recorded) if over."""
+        self.ledger.charge(RdpCharge(self.ledger.orders, self._rdp, count=count, label=label))
+
+    def check_budget(self, count: int) -> None:
+        charge = RdpCharge(self.ledger.orders, self._rdp, count=count, label="check")
+        if not self.ledger.can_afford(charge):
+            raise BudgetExhausted(self.ledger.epsilon_spent(), self.ledger.epsilon_if(charge), self.ledger.epsilon)
+
+    @torch.no_grad()
+    def score_block(self, block: torch.Tensor, *, label: str = "score") -> torch.Tensor:
+        """Teacher-forced: the released probability of each true next token of ``block`` [L].
+
+        L-1 queries; the budget is checked first, the members are run, the mechanism applied,
+        the charge committed, and only then are the probabilities returned.
+        """
+        T = block.shape[0] - 1
+        self.check_budget(T)
+        mask = self.mechanism.draw_block(T, self.generator)  # [T, N]
+        stats, _, _ = self.runtime.block_stats(block, max_order=self.mechanism.params.max_order, needed=mask)
+        from pmixed.mechanism.teacher_forcing import released_target_probs
+
+        probs, _ = released_target_probs(stats, mask, self.mechanism.params)
+        self._charge(T, label)
+        return probs
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 1.0,
+        stop_at_eos: bool = True,
+    ) -> Generation:
+        """Token-by-token private generation. Each token is one query, charged before release.
+
+        The public row keeps one KV cache; each member keeps its own cache and, when drawn,
+        first catches up on the tokens it has not seen. Temperature is applied to the released
+        distribution (post-processing, free).
+        """
+        from pmixed.models.stacked_lora import output_cache
+
+        tok = self.runtime.tokenizer
+        ids = tok(prompt, add_special_tokens=False)["input_ids"] or [tok.eos_token_id]
+        seq = list(ids)
+        caches: dict[int, tuple[Any, int]] = {}  # row id -> (cache, tokens consumed)
+        eos = tok.eos_token_id
+
+        def next_dist(row: int) -> torch.Tensor:
+            cache, seen = caches.get(row, (None, 0))
+            new = torch.tensor([seq[seen:]], dtype=torch.long)
+            out = self.runtime.stacked(new, [row], past_key_values=cache, use_cache=True)
+            caches[row] = (output_cache(out), len(seq))
+            return torch.softmax(out.logits[0, -1].double(), dim=-1)
+
+        released_ids: list[int] = []
+        drawn_log: list[list[int]] = []
+        stopped = "length"
+        for _ in range(max_new_tokens):
+            try:
+                self.check_budget(1)
+            except BudgetExhausted:
+                stopped = "budget"
+                break
+            drawn = self.mechanism.draw(self.generator)
+            public = next_dist(PUBLIC)
+            members = (
+                torch.stack([next_dist(int(i)) for i in drawn])
+                if len(drawn)
+                else public.new_zeros(0, public.shape[0])
+            )
+            dist = self.mechanism.release(public, members)
+            try:
+                self._charge(1, "generate")
+            except BudgetExhausted:
+                stopped = "budget"
+                break
+            if temperature != 1.0:
+                dist = torch.softmax(torch.log(dist.clamp(min=1e-300)) / temperature, dim=-1)
+            token = sample_token(dist, self.generator)
+            drawn_log.append([int(i) for i in drawn])
+            seq.append(token)
+            released_ids.append(token)
+            if stop_at_eos and eos is not None and token == eos:
+                stopped = "eos"
+                break
+        return Generation(
+            prompt=prompt,
+            text=tok.decode(released_ids, skip_special_tokens=True),
+            token_ids=released_ids,
+            epsilon_spent=self.ledger.epsilon_spent(),
+            stopped=stopped,
+            members_drawn=drawn_log,
+        )

@@ -1,0 +1,224 @@
+"""Teacher-forced perplexity of the public model, the baselines and PMixED (the paper's protocol).
+
+Protocol (REFERENCE.md section 3): T queries per run, each scored position one query; a fresh
+budget (a fresh ledger) per run; several runs with fresh randomness; mean and spread.
+
+One pass over the members serves every run and every mechanism setting (a sweep): per block the
+engine keeps only the moments and target probabilities of the drawn (position, member) pairs
+(mechanism/teacher_forcing.py); each run is then charged to its own ledger and only after the
+charge is committed are its released probabilities computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmixed.errors import DataError
+from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
+from pmixed.privacy.accountant import RdpCharge
+from pmixed.privacy.calibration import DEFAULT_LAM_MAX, calibrate
+from pmixed.privacy.ledger import Ledger
+from pmixed.privacy.params import MechanismParams
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One PMixED configuration to evaluate (a point of a sweep)."""
+
+    name: str
+    params: MechanismParams
+    epsilon: float
+    delta: float
+    queries: int
+    alpha: int
+    runs: int
+    sweep: dict = field(default_factory=dict, compare=False)  # {param: value} for sweeps
+
+    @property
+    def members(self) -> int:
+        return self.params.ensemble_size
+
+    @property
+    def sample_rate(self) -> float:
+        return self.params.sample_rate
+
+
+def make_setup(
+    name: str,
+    *,
+    epsilon: float,
+    delta: float,
+    queries: int,
+    ensemble_size: int,
+    sample_rate: float,
+    alpha: int | None = None,
+    lam_max: float | None = None,
+    runs: int = 1,
+    sweep: dict | None = None,
+) -> Setup:
+    cal = calibrate(
+        epsilon=epsilon,
+        delta=delta,
+        query_budget=queries,
+        ensemble_size=ensemble_size,
+        sample_rate=sample_rate,
+        alpha=alpha,
+        lam_max=DEFAULT_LAM_MAX if lam_max is None else lam_max,
+    )
+    return Setup(name, cal.params, epsilon, delta, queries, cal.alpha, runs, dict(sweep or {}))
+
+
+def _seed(*parts: Any) -> int:
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _draws(setup: Setup, run: int, B: int, T: int, n_total: int, seed: int) -> torch.Tensor:
+    """The run's Poisson draws over the first ``queries`` positions: bool [B, T, n_total]."""
+    g = torch.Generator().manual_seed(_seed(seed, setup.name, run))
+    flat = torch.zeros(B * T, n_total, dtype=torch.bool)
+    u = torch.rand(setup.queries, setup.members, generator=g, dtype=torch.float64)
+    flat[: setup.queries, : setup.members] = u < setup.sample_rate
+    return flat.reshape(B, T, n_total)
+
+
+def _ppl(nll_sum: float, count: int) -> float:
+    return math.exp(nll_sum / count) if count else float("nan")
+
+
+@dataclass
+class EvalResult:
+    positions: int
+    models: dict[str, dict[str, Any]]
+    pmixed: list[dict[str, Any]]
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "positions": self.positions,
+            "models": self.models,
+            "pmixed": self.pmixed,
+            "seconds": self.seconds,
+        }
+
+
+def run_evaluation(
+    runtime: Any,
+    blocks: torch.Tensor,
+    setups: list[Setup],
+    *,
+    extras: tuple[str, ...] = (),
+    seed: int = 0,
+    ledger_dir: str | Path | None = None,
+    progress: bool = True,
+    chunk: int = 4,
+) -> EvalResult:
+    """Score ``blocks`` [B, L] with the public model, the extra adapters, the non-private
+    ensemble average and every PMixED setup (``runs`` runs each, fresh ledger per run)."""
+    from tqdm.auto import tqdm
+
+    B, L = blocks.shape
+    T = L - 1
+    Q = B * T
+    N = runtime.n_members
+    for s in setups:
+        if s.queries > Q:
+            raise DataError(f"setup {s.name!r} needs {s.queries} queries but the evaluation blocks "
+                            f"hold {Q} scored positions ({B} blocks x {T})")
+        if s.members > N:
+            raise DataError(f"setup {s.name!r} needs {s.members} members; the ensemble has {N}")
+    masks = {(s.name, r): _draws(s, r, B, T, N, seed) for s in setups for r in range(s.runs)}
+    needed = torch.zeros(B, T, N, dtype=torch.bool)
+    for m in masks.values():
+        needed |= m
+    k_max = max([s.params.max_order for s in setups], default=2)
+
+    t0 = time.perf_counter()
+    stats = []
+    nll = {"public": 0.0, "ensemble_avg": 0.0, **{e: 0.0 for e in extras}}
+    for b in tqdm(range(B), desc="forward (public + members)", disable=not progress):
+        st, extra_t, ens_t = runtime.block_stats(
+            blocks[b], max_order=k_max, needed=needed[b], extras=extras, chunk=chunk
+        )
+        stats.append(st)
+        nll["public"] -= float(torch.log(st.public_target).sum())
+        nll["ensemble_avg"] -= float(torch.log(ens_t).sum())
+        for e, p in extra_t.items():
+            nll[e] -= float(torch.log(p).sum())
+    t_forward = time.perf_counter() - t0
+
+    models = {name: {"ppl": _ppl(v, Q), "positions": Q} for name, v in nll.items()}
+    t1 = time.perf_counter()
+    out = []
+    ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
+    if ledger_dir is not None:
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+    for s in tqdm(setups, desc="PMixED runs", disable=not progress or len(setups) < 2):
+        ppls, lam_means, empty, binding = [], [], [], {}
+        spent = []
+        for r in range(s.runs):
+            # a fresh budget per run (the paper's protocol): a new ledger, charged before release
+            if ledger_dir is not None:
+                path = ledger_dir / f"{_safe(s.name)}-run{r:03d}.ledger"
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(path) + suffix).unlink(missing_ok=True)
+                ledger = Ledger(path, epsilon=s.epsilon, delta=s.delta)
+            else:
+                ledger = Ledger(":memory:", epsilon=s.epsilon, delta=s.delta)
+            with ledger:
+                charge = RdpCharge.for_queries(s.params, count=s.queries, orders=ledger.orders, label=s.name)
+                receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
+                spent.append(receipt.epsilon_spent)
+            total, lam_sum, lam_n, n_empty = 0.0, 0.0, 0, 0
+            for b in range(B):
+                mask = masks[(s.name, r)][b, :, : s.members]  # [T, n]
+                scored = min(T, max(0, s.queries - b * T))
+                if scored == 0:
+                    break
+                probs, lam = released_target_probs(stats[b], mask, s.params)
+                total -= float(torch.log(probs[:scored]).sum())
+                drawn = ~torch.isnan(lam[:scored])
+                lam_sum += float(lam[:scored][drawn].sum())
+                lam_n += int(drawn.sum())
+                n_empty += int((~mask[:scored].any(dim=1)).sum())
+                for k, c in zip(*torch.unique(binding_order(stats[b], mask[:scored], s.params), return_counts=True)):
+                    binding[int(k)] = binding.get(int(k), 0) + int(c)
+            ppls.append(_ppl(total, s.queries))
+            lam_means.append(lam_sum / lam_n if lam_n else float("nan"))
+            empty.append(n_empty / s.queries)
+        mean = sum(ppls) / len(ppls)
+        std = math.sqrt(sum((p - mean) ** 2 for p in ppls) / (len(ppls) - 1)) if len(ppls) > 1 else 0.0
+        out.append({
+            "name": s.name,
+            "sweep": s.sweep,
+            "epsilon": s.epsilon,
+            "delta": s.delta,
+            "queries": s.queries,
+            "members": s.members,
+            "sample_rate": s.sample_rate,
+            "alpha": s.alpha,
+            "max_order": s.params.max_order,
+            "lam_max": s.params.lam_max,
+            "radii": list(s.params.radii),
+            "runs": s.runs,
+            "ppl_mean": mean,
+            "ppl_std": std,
+            "ppl_runs": ppls,
+            "epsilon_spent": max(spent),
+            "mean_lambda": sum(lam_means) / len(lam_means),
+            "empty_draw_fraction": sum(empty) / len(empty),
+            "binding_constraint": {("lam_max" if k == 1 else f"order {k}"): v for k, v in sorted(binding.items())},
+        })
+    t_mech = time.perf_counter() - t1
+    return EvalResult(Q, models, out, {"forward": t_forward, "mechanism_and_ledger": t_mech})
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name)

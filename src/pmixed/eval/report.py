@@ -1,0 +1,142 @@
+"""Evaluation outputs: JSON, CSV, a Markdown table and PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+LABELS = {
+    "public": "Pre-trained (public)",
+    "finetune": "Fine-tuned (non-private)",
+    "dpsgd": "DP-SGD",
+    "ensemble_avg": "Ensemble average (non-private)",
+}
+
+
+def gain_kept(public: float, private: float, finetuned: float) -> float:
+    """(public - private) / (public - fine-tuned): the share of the fine-tuning gain kept."""
+    denom = public - finetuned
+    return (public - private) / denom if denom else float("nan")
+
+
+def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> list[dict[str, Any]]:
+    models = result["models"]
+    rows = []
+    for key in ("public", "finetune", "dpsgd", "ensemble_avg"):
+        if key in models:
+            label = LABELS[key]
+            if key == "dpsgd" and dpsgd_epsilon is not None:
+                label += f" eps={dpsgd_epsilon:g}"
+            rows.append({"model": label, "ppl": models[key]["ppl"], "std": None, "key": key})
+    for s in result["pmixed"]:
+        label = f"PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, T={s['queries']})"
+        rows.append({"model": label, "ppl": s["ppl_mean"], "std": s["ppl_std"], "key": "pmixed",
+                     "runs": s["runs"]})
+    pub = models.get("public", {}).get("ppl")
+    ft = models.get("finetune", {}).get("ppl")
+    for r in rows:
+        r["gain_kept"] = gain_kept(pub, r["ppl"], ft) if pub is not None and ft is not None else None
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| model | perplexity | share of fine-tuning gain kept |", "|---|---|---|"]
+    for r in rows:
+        ppl = f"{r['ppl']:.2f}" + (f" ± {r['std']:.2f} ({r['runs']} runs)" if r.get("std") is not None else "")
+        g = "" if r.get("gain_kept") is None or r["key"] in ("public", "finetune") else f"{100 * r['gain_kept']:.0f}%"
+        lines.append(f"| {r['model']} | {ppl} | {g} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "eval",
+                  dpsgd_epsilon: float | None = None) -> dict[str, Path]:
+    """Write ``stem``.json/.csv/.md and ``stem``.png; returns the paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = table_rows(result, dpsgd_epsilon)
+    paths = {
+        "json": out_dir / f"{stem}.json",
+        "csv": out_dir / f"{stem}.csv",
+        "md": out_dir / f"{stem}.md",
+        "png": out_dir / f"{stem}.png",
+    }
+    paths["json"].write_text(json.dumps(result, indent=2, default=float))
+    with paths["csv"].open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["model", "ppl", "ppl_std", "gain_kept"])
+        for r in rows:
+            w.writerow([r["model"], r["ppl"], "" if r["std"] is None else r["std"],
+                        "" if r["gain_kept"] is None else r["gain_kept"]])
+    paths["md"].write_text(markdown_table(rows))
+    bar_chart(rows, paths["png"])
+    return paths
+
+
+def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    names = [r["model"] for r in rows][::-1]
+    vals = [r["ppl"] for r in rows][::-1]
+    errs = [r["std"] or 0.0 for r in rows][::-1]
+    colors = ["tab:red" if r["key"] == "pmixed" else "tab:gray" if r["key"] == "public" else "tab:blue"
+              for r in rows][::-1]
+    ax.barh(names, vals, xerr=errs, color=colors)
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.2f}", va="center")
+    ax.set_xlabel("test perplexity (lower is better)")
+    ax.set_xlim(0, max(vals) * 1.2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sweep_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "sweep") -> dict[str, Path]:
+    """CSV of every sweep point and one PNG line plot per swept parameter, with the public and
+    fine-tuned levels drawn in."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv"}
+    paths["json"].write_text(json.dumps(result, indent=2, default=float))
+    with paths["csv"].open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["param", "value", "epsilon", "members", "queries", "alpha", "sample_rate",
+                    "ppl_mean", "ppl_std", "mean_lambda", "empty_draw_fraction"])
+        for s in result["pmixed"]:
+            for param, value in s["sweep"].items():
+                w.writerow([param, value, s["epsilon"], s["members"], s["queries"], s["alpha"],
+                            s["sample_rate"], s["ppl_mean"], s["ppl_std"], s["mean_lambda"],
+                            s["empty_draw_fraction"]])
+    models = result["models"]
+    by_param: dict[str, list[tuple[float, float, float]]] = {}
+    for s in result["pmixed"]:
+        for param, value in s["sweep"].items():
+            by_param.setdefault(param, []).append((float(value), s["ppl_mean"], s["ppl_std"]))
+    for param, pts in by_param.items():
+        pts.sort()
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", color="tab:red", label="PMixED")
+        for key, style in (("public", "--"), ("finetune", ":"), ("dpsgd", "-.")):
+            if key in models:
+                ax.axhline(models[key]["ppl"], linestyle=style, color="k" if key != "dpsgd" else "tab:blue",
+                           label=LABELS[key])
+        ax.set_xlabel(param)
+        ax.set_ylabel("test perplexity")
+        if param in ("queries", "members") or (param == "sample_rate" and max(p[0] for p in pts) / min(p[0] for p in pts) > 8):
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        ax.set_title(f"PMixED perplexity vs {param}")
+        fig.tight_layout()
+        paths[param] = out_dir / f"{stem}-{param}.png"
+        fig.savefig(paths[param], dpi=120)
+        plt.close(fig)
+    return paths

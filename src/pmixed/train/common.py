@@ -1,0 +1,240 @@
+"""Pieces shared by ensemble training and the two baselines: base loading, partitioning,
+LoRA configuration, file hashing, atomic JSON writes, package versions."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pmixed.config import RunConfig
+from pmixed.errors import DataError
+
+__all__ = [
+    "BaseInfo",
+    "PreparedData",
+    "load_base",
+    "prepare_data",
+    "make_lora_config",
+    "sha256_file",
+    "atomic_write_json",
+    "read_json",
+    "package_versions",
+    "derive_seed",
+    "ADAPTER_WEIGHTS",
+]
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class BaseInfo:
+    """The shared base model, its tokenizer and their fingerprints."""
+
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    weights_sha256: str
+    tokenizer_sha256: str
+
+    def manifest_entry(self, cfg: RunConfig) -> dict[str, Any]:
+        entry = {
+            "name": self.name,
+            "path": self.path,
+            "model_type": getattr(self.model.config, "model_type", None),
+            "dtype": cfg.model.dtype,
+            "n_params": int(sum(p.numel() for p in self.model.parameters())),
+            "weights_sha256": self.weights_sha256,
+        }
+        if self.name == "builtin:tiny-gpt2":
+            entry["public_pretrain"] = dataclasses.asdict(cfg.public_pretrain)
+        return entry
+
+    def tokenizer_entry(self) -> dict[str, Any]:
+        tok = self.tokenizer
+        return {
+            "name": getattr(tok, "name_or_path", None) or self.path,
+            "class": type(tok).__name__,
+            "vocab_size": len(tok),
+            "eos_token": tok.eos_token,
+            "bos_token": tok.bos_token,
+            "sha256": self.tokenizer_sha256,
+        }
+
+
+def load_base(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> BaseInfo:
+    """Resolve (building ``builtin:tiny-gpt2`` if needed) and load the base once."""
+    from pmixed.models.loading import (
+        load_causal_lm,
+        resolve_model_path,
+        tokenizer_sha256,
+        weights_sha256,
+    )
+
+    path = resolve_model_path(
+        cfg.model.base, cache_dir=cache_dir, pretrain=cfg.public_pretrain, progress=progress
+    )
+    model, tokenizer = load_causal_lm(
+        path,
+        dtype=cfg.model.dtype,
+        attn_implementation=cfg.model.attn_implementation,
+        progress=progress,
+    )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return BaseInfo(
+        model=model,
+        tokenizer=tokenizer,
+        name=cfg.model.base,
+        path=path,
+        weights_sha256=weights_sha256(model),
+        tokenizer_sha256=tokenizer_sha256(tokenizer),
+    )
+
+
+@dataclass
+class PreparedData:
+    partition: Any  # pmixed.data.partition.Partition
+    partition_sha256: str
+    n_units: int
+
+
+def prepare_data(cfg: RunConfig, *, cache_dir=None):
+    """Load the private records and split them by privacy unit into ``n_parts`` parts."""
+    from pmixed.data.partition import manifest_sha256, partition_by_unit
+    from pmixed.data.sources import load_records
+
+    d = cfg.data
+    records = load_records(
+        d.source,
+        unit=d.unit,
+        text_column=d.text_column,
+        split=d.split,
+        cache_dir=cache_dir,
+        limit=d.limit,
+    )
+    if not records:
+        raise DataError(f"no records loaded from {d.source!r}")
+    partition = partition_by_unit(
+        records, d.n_parts, seed=d.seed, eval_units=d.eval_units, unit_key=d.unit
+    )
+    if len(partition.parts) != d.n_parts:
+        raise DataError(f"partition has {len(partition.parts)} parts, expected {d.n_parts}")
+    return PreparedData(
+        partition=partition,
+        partition_sha256=manifest_sha256(partition.manifest),
+        n_units=len({r.unit for r in records}),
+    )
+
+
+def write_partition_files(prepared: PreparedData, out_dir: Path) -> dict[str, Any]:
+    """Write ``partition.json`` and ``eval_records.jsonl`` (held-out units) into ``out_dir``."""
+    from pmixed.data.partition import write_manifest
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sha = write_manifest(prepared.partition, out_dir / "partition.json")
+    eval_path = out_dir / "eval_records.jsonl"
+    tmp = eval_path.with_name(eval_path.name + f".tmp-{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in prepared.partition.eval_records:
+            fh.write(
+                json.dumps({"unit": r.unit, "doc_id": r.doc_id, "text": r.text}, ensure_ascii=False)
+                + "\n"
+            )
+    os.replace(tmp, eval_path)
+    return {
+        "path": "partition.json",
+        "sha256": sha,
+        "n_parts": len(prepared.partition.parts),
+        "eval_records": "eval_records.jsonl",
+        "n_eval_records": len(prepared.partition.eval_records),
+        "n_eval_units": len({r.unit for r in prepared.partition.eval_records}),
+    }
+
+
+def make_lora_config(cfg: RunConfig, model) -> Any:
+    """PEFT ``LoraConfig`` from ``[lora]``; ``fan_in_fan_out`` set for GPT-2's Conv1D."""
+    from peft import LoraConfig
+
+    fan_in_fan_out = getattr(model.config, "model_type", "") == "gpt2"
+    return LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def read_json(path: str | os.PathLike[str]) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("pmixed", "torch", "transformers", "peft", "opacus", "tokenizers", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 31-bit seed from a run seed and labels (e.g. member index): stable across processes."""
+    blob = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:4], "big") & 0x7FFFFFFF
+
+
+def settings_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def set_threads(local_world_size: int = 1) -> None:
+    """Share the CPU cores between the processes on this host."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # the user (or torchrun) decided
+    n = max(1, (os.cpu_count() or 1) // max(1, local_world_size))
+    torch.set_num_threads(n)

@@ -1,0 +1,212 @@
+"""The DP-SGD baseline: one LoRA adapter trained with Opacus on all private blocks together.
+
+As in the paper, the privacy unit of this baseline is one training *block* (example-level DP),
+which is weaker than PMixED's unit (a whole part, e.g. a user). The epsilon written to
+``dpsgd/dpsgd.json`` is the one Opacus' accountant reports after training.
+
+Noise is calibrated by Opacus (``make_private_with_epsilon`` when training runs whole epochs;
+``get_noise_multiplier`` for the exact number of planned steps when ``max_steps`` caps them),
+with Poisson sampling and per-sample clipping at ``max_grad_norm``. A physical batch smaller than
+the logical one goes through ``BatchMemoryManager``.
+
+Hazard (Opacus issue 820): some Opacus + PEFT combinations silently corrupted LoRA updates; the
+test suite checks that a zero-noise, no-clipping DP step equals a plain SGD step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from typing import Any
+
+import torch
+
+from pmixed.config import RunConfig
+from pmixed.train.common import (
+    ADAPTER_WEIGHTS,
+    atomic_write_json,
+    derive_seed,
+    load_base,
+    make_lora_config,
+    package_versions,
+    prepare_data,
+    set_threads,
+    sha256_file,
+    write_partition_files,
+)
+
+__all__ = ["dp_step", "all_blocks", "train_dpsgd"]
+
+
+def all_blocks(cfg: RunConfig, prepared, tokenizer) -> torch.Tensor:
+    """Blocks of every part, tokenised part by part (no block spans two parts): ``[n, T]``."""
+    from pmixed.data.blocks import tokenize_blocks
+
+    chunks = []
+    for part in prepared.partition.parts:
+        b = tokenize_blocks([r.text for r in part], tokenizer, cfg.data.block_size, drop_last=True)
+        if b.numel():
+            chunks.append(b)
+    if not chunks:
+        from pmixed.errors import DataError
+
+        raise DataError("the private data yield no block of data.block_size tokens")
+    return torch.cat(chunks, dim=0)
+
+
+def dp_step(model, optimizer, batch: torch.Tensor) -> float | None:
+    """Forward/backward/step on one (physical) batch under Opacus; returns the batch loss.
+
+    An empty Poisson batch still takes an optimiser step (noise only), as the accountant
+    assumes: its per-sample gradients are set to empty tensors instead of running the model.
+    """
+    from pmixed.models.lm import lm_loss
+
+    optimizer.zero_grad(set_to_none=True)
+    if batch.size(0) == 0:
+        for p in optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        optimizer.step()
+        return None
+    loss = lm_loss(model, batch)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dict[str, Any]:
+    """Train the DP-SGD baseline into ``<output_dir>/dpsgd/``; returns the written record."""
+    from opacus import PrivacyEngine
+    from opacus.accountants.utils import get_noise_multiplier
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from peft import get_peft_model
+    from torch.utils.data import DataLoader, TensorDataset
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    set_threads()
+    d = cfg.dpsgd
+    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
+    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    out_root = cfg.output_dir
+    partition_entry = write_partition_files(prepared, out_root)
+    blocks = all_blocks(cfg, prepared, base.tokenizer)
+    n = blocks.size(0)
+
+    seed = derive_seed(cfg.run.seed, "dpsgd")
+    torch.manual_seed(seed)
+    model = get_peft_model(base.model, make_lora_config(cfg, base.model))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    loader = DataLoader(TensorDataset(blocks), batch_size=min(d.batch_size, n), generator=gen)
+    sample_rate = 1.0 / len(loader)
+    steps_per_epoch = len(loader)
+    planned = max(1, math.ceil(steps_per_epoch * d.epochs))
+    if d.max_steps is not None:
+        planned = min(planned, d.max_steps)
+    engine = PrivacyEngine(accountant=d.accountant)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        if d.max_steps is None and float(d.epochs).is_integer():
+            model, optimizer, loader = engine.make_private_with_epsilon(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                target_epsilon=d.epsilon,
+                target_delta=d.delta,
+                epochs=int(d.epochs),
+                max_grad_norm=d.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=d.grad_sample_mode,
+            )
+        else:
+            noise = get_noise_multiplier(
+                target_epsilon=d.epsilon,
+                target_delta=d.delta,
+                sample_rate=sample_rate,
+                steps=planned,
+                accountant=d.accountant,
+            )
+            model, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise,
+                max_grad_norm=d.max_grad_norm,
+                poisson_sampling=True,
+                grad_sample_mode=d.grad_sample_mode,
+            )
+    noise_multiplier = float(optimizer.noise_multiplier)
+
+    steps, losses = 0, []
+    bar = tqdm(total=planned, desc="dp-sgd", disable=not progress, leave=False)
+    try:
+        while steps < planned:
+            with BatchMemoryManager(
+                data_loader=loader,
+                max_physical_batch_size=d.physical_batch_size,
+                optimizer=optimizer,
+            ) as mem_loader:
+                for (batch,) in mem_loader:
+                    loss = dp_step(model, optimizer, batch)
+                    if loss is not None:
+                        losses.append(loss)
+                    if not optimizer._is_last_step_skipped:  # a logical step was taken
+                        steps += 1
+                        bar.update(1)
+                        if losses:
+                            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                        if steps >= planned:
+                            break
+    finally:
+        bar.close()
+    epsilon = float(engine.get_epsilon(d.delta))
+
+    # Save the adapter (unwrap Opacus' GradSampleModule first).
+    peft_model = model._module if hasattr(model, "_module") else model
+    out = out_root / "dpsgd"
+    tmp = out_root / f".dpsgd.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    tail = losses[-min(len(losses), 20) :] or [float("nan")]
+    record = {
+        "kind": "dpsgd",
+        "privacy_unit": "block (example-level DP-SGD, as in the paper)",
+        "epsilon": epsilon,
+        "target_epsilon": d.epsilon,
+        "delta": d.delta,
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": d.max_grad_norm,
+        "sample_rate": sample_rate,
+        "expected_batch_size": sample_rate * n,
+        "physical_batch_size": d.physical_batch_size,
+        "steps": steps,
+        "planned_steps": planned,
+        "epochs": steps / steps_per_epoch,
+        "accountant": d.accountant,
+        "grad_sample_mode": d.grad_sample_mode,
+        "n_blocks": int(n),
+        "block_size": cfg.data.block_size,
+        "first_train_loss": losses[0] if losses else None,
+        "final_train_loss": sum(tail) / len(tail),
+        "base_model": base.manifest_entry(cfg),
+        "tokenizer_sha256": base.tokenizer_sha256,
+        "partition": partition_entry,
+        "lora": cfg.to_dict()["lora"],
+        "dpsgd": cfg.to_dict()["dpsgd"],
+        "seed": seed,
+        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "versions": package_versions(),
+    }
+    atomic_write_json(tmp / "dpsgd.json", record)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    peft_model.unload()
+    return record

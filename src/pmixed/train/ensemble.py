@@ -1,0 +1,645 @@
+"""Phase I: one LoRA adapter per part of the private data, on one shared base.
+
+Layout of an ensemble folder (``run.output_dir``)::
+
+    ensemble.json              the manifest (see ``MANIFEST_FORMAT``), written atomically
+    partition.json             the partition manifest (pmixed.data.partition.write_manifest)
+    eval_records.jsonl         held-out units' records ({"unit", "doc_id", "text"} per line)
+    members/member-000/        a PEFT adapter folder (adapter_config.json,
+                               adapter_model.safetensors) plus member.json, its record
+    members/member-001/ ...
+
+Each member folder is written under a temporary name and renamed into place only after the
+adapter *and* its record are complete, so an existing folder whose adapter hash matches its
+record (and the manifest entry, when there is one) is a finished member: reruns skip it.
+
+Under ``torchrun --nproc_per_node=K`` (gloo on CPU) rank ``r`` trains the members ``i`` with
+``i % K == r``; each rank writes its members' records, and rank 0 assembles ``ensemble.json``
+after a barrier. Every member's LoRA init, dropout and data order come from a seed derived from
+``(run.seed, member index)``, so the result does not depend on which rank trained it.
+
+The base weights are never modified: LoRA layers are injected for one member, trained, saved and
+removed again (``unload()``, no merge); the base hash is checked again at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pmixed.config import RunConfig
+from pmixed.errors import DataError, EnsembleMismatch
+from pmixed.train.common import (
+    ADAPTER_WEIGHTS,
+    BaseInfo,
+    atomic_write_json,
+    derive_seed,
+    load_base,
+    make_lora_config,
+    package_versions,
+    prepare_data,
+    read_json,
+    set_threads,
+    settings_sha256,
+    sha256_file,
+    write_partition_files,
+)
+
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_VERSION",
+    "member_name",
+    "EnsembleRunResult",
+    "train_ensemble",
+    "Ensemble",
+    "load_ensemble",
+    "read_ensemble_manifest",
+]
+
+MANIFEST_FORMAT = "pmixed-ensemble"
+MANIFEST_VERSION = 1
+MEMBER_RECORD = "member.json"
+
+
+def member_name(index: int) -> str:
+    return f"member-{index:03d}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    initialised_here: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    def all_ok(self, ok: bool) -> bool:
+        """Collective: True iff every rank reports ok (a failing rank still takes part)."""
+        if not self.active:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if ok else 0], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())
+
+    def run_collectively(self, fn, *, only_rank0: bool = False):
+        """Run ``fn`` (on rank 0 only if asked), then make every rank fail if any rank failed."""
+        err: BaseException | None = None
+        result = None
+        if not only_rank0 or self.rank == 0:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - re-raised below on every rank
+                err = e
+        if not self.all_ok(err is None):
+            if err is not None:
+                raise err
+            raise RuntimeError("another rank failed; see its log")
+        return result
+
+    def close(self) -> None:
+        if self.initialised_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    here = False
+    if not dist.is_initialized():
+        # CPU training: gloo. Ranks can wait on each other for a long time (unequal parts).
+        dist.init_process_group(backend="gloo", timeout=timedelta(days=2))
+        here = True
+    return _Dist(
+        rank=dist.get_rank(),
+        world_size=dist.get_world_size(),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
+        initialised_here=here,
+    )
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class EnsembleRunResult:
+    output_dir: Path
+    manifest: dict[str, Any] | None  # None on ranks other than 0
+    trained: list[int] = field(default_factory=list)  # members trained by this process
+    skipped: list[int] = field(default_factory=list)  # members found finished
+    seconds: float = 0.0
+
+
+def _settings(cfg: RunConfig, base: BaseInfo, partition_sha: str) -> dict[str, Any]:
+    """Everything a member's weights depend on; a finished member is reused only if it matches."""
+    return {
+        "base_weights_sha256": base.weights_sha256,
+        "tokenizer_sha256": base.tokenizer_sha256,
+        "partition_sha256": partition_sha,
+        "block_size": cfg.data.block_size,
+        "lora": dataclasses.asdict(cfg.lora) | {"target_modules": list(cfg.lora.target_modules)},
+        "train": dataclasses.asdict(cfg.train),
+        "seed": cfg.run.seed,
+    }
+
+
+def _member_done(out: Path, index: int, settings_hash: str, manifest: dict | None) -> dict | None:
+    """The member's record if its folder is complete and matches; else None."""
+    folder = out / "members" / member_name(index)
+    rec_path = folder / MEMBER_RECORD
+    weights = folder / ADAPTER_WEIGHTS
+    if not (rec_path.is_file() and weights.is_file()):
+        return None
+    try:
+        rec = read_json(rec_path)
+    except (OSError, ValueError):
+        return None
+    if rec.get("settings_sha256") != settings_hash:
+        return None
+    if sha256_file(weights) != rec.get("adapter_sha256"):
+        return None
+    if manifest is not None:
+        entries = {m["index"]: m for m in manifest.get("members", [])}
+        if index in entries and entries[index].get("adapter_sha256") != rec["adapter_sha256"]:
+            return None
+    return rec
+
+
+def _train_member(
+    cfg: RunConfig,
+    base: BaseInfo,
+    blocks,
+    index: int,
+    out: Path,
+    *,
+    settings_hash: str,
+    part_info: dict[str, Any],
+    dist_info: _Dist,
+    progress: bool,
+) -> dict[str, Any]:
+    import torch
+    from peft import get_peft_model
+
+    from pmixed.models.lm import fit_causal_lm
+
+    seed = derive_seed(cfg.run.seed, "member", index)
+    torch.manual_seed(seed)  # LoRA init (A: kaiming-uniform, B: zeros) and LoRA dropout
+    peft_model = get_peft_model(base.model, make_lora_config(cfg, base.model))
+    try:
+        t = cfg.train
+        fit = fit_causal_lm(
+            peft_model,
+            blocks,
+            epochs=t.epochs,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            max_steps=t.max_steps,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
+            seed=seed,
+            progress=progress,
+            desc=f"{member_name(index)} (rank {dist_info.rank})"
+            if dist_info.active
+            else member_name(index),
+        )
+        members = out / "members"
+        members.mkdir(parents=True, exist_ok=True)
+        final = members / member_name(index)
+        tmp = members / f".{member_name(index)}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        peft_model.save_pretrained(tmp)
+        adapter_sha = sha256_file(tmp / ADAPTER_WEIGHTS)
+        record = {
+            "index": index,
+            "name": member_name(index),
+            "path": f"members/{member_name(index)}",
+            "part_index": index,
+            **part_info,
+            "n_blocks": int(blocks.size(0)),
+            "n_tokens": int(blocks.numel()),
+            "steps": fit.steps,
+            "tokens_seen": fit.tokens,
+            "first_train_loss": fit.losses[0],
+            "final_train_loss": fit.final_loss,
+            "train_seconds": round(fit.seconds, 3),
+            "seed": seed,
+            "adapter_sha256": adapter_sha,
+            "settings_sha256": settings_hash,
+            "trained_by": {
+                "rank": dist_info.rank,
+                "world_size": dist_info.world_size,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            },
+            "finished_at": _now(),
+            "versions": package_versions(),
+        }
+        atomic_write_json(tmp / MEMBER_RECORD, record)
+        if final.exists():  # stale or mismatching earlier attempt
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return record
+    finally:
+        peft_model.unload()  # remove the LoRA layers; base modules come back untouched
+        if hasattr(base.model, "peft_config"):
+            del base.model.peft_config
+
+
+def _assemble_manifest(
+    cfg: RunConfig,
+    out: Path,
+    base: BaseInfo,
+    partition_entry: dict[str, Any],
+    settings: dict[str, Any],
+    settings_hash: str,
+    previous: dict | None,
+) -> dict[str, Any]:
+    n = cfg.data.n_parts
+    members = []
+    for i in range(n):
+        rec = _member_done(out, i, settings_hash, None)
+        if rec is not None:
+            members.append(rec)
+    return {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "created_at": (previous or {}).get("created_at", _now()),
+        "updated_at": _now(),
+        "complete": len(members) == n,
+        "n_members": n,
+        "base_model": base.manifest_entry(cfg),
+        "tokenizer": base.tokenizer_entry(),
+        "partition": partition_entry,
+        "data": dataclasses.asdict(cfg.data),
+        "lora": settings["lora"],
+        "train": settings["train"],
+        "seed": cfg.run.seed,
+        "settings_sha256": settings_hash,
+        "versions": package_versions(),
+        "members": members,
+    }
+
+
+def _check_compatible(previous: dict, settings_hash: str, base: BaseInfo, partition_sha: str):
+    if previous.get("format") != MANIFEST_FORMAT:
+        raise EnsembleMismatch(
+            "ensemble.json in the output folder is not a pmixed ensemble manifest"
+        )
+    if previous.get("settings_sha256") == settings_hash:
+        return
+    reasons = []
+    if previous.get("base_model", {}).get("weights_sha256") != base.weights_sha256:
+        reasons.append("base model weights differ")
+    if previous.get("tokenizer", {}).get("sha256") != base.tokenizer_sha256:
+        reasons.append("tokenizer differs")
+    if previous.get("partition", {}).get("sha256") != partition_sha:
+        reasons.append("data partition differs")
+    reasons = reasons or ["LoRA/training settings or seed differ"]
+    raise EnsembleMismatch(
+        "the output folder holds an ensemble trained with other settings ("
+        + "; ".join(reasons)
+        + "): choose a new run.output_dir or delete the old one"
+    )
+
+
+def train_ensemble(
+    cfg: RunConfig,
+    *,
+    progress: bool = True,
+    cache_dir=None,
+) -> EnsembleRunResult:
+    """Train (or finish) the N-member ensemble described by ``cfg`` into ``cfg.output_dir``.
+
+    Works as a single process or under ``torchrun`` (one call per rank). Returns what this
+    process trained and skipped; rank 0 also returns the assembled manifest.
+    """
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    dist_info = _init_distributed()
+    try:
+        set_threads(dist_info.local_world_size)
+        out = cfg.output_dir
+        # 1. The base: rank 0 builds/fetches it first (tiny-gpt2 pre-training), then all load it.
+        if dist_info.active:
+            from pmixed.models.loading import resolve_model_path
+
+            dist_info.run_collectively(
+                lambda: resolve_model_path(
+                    cfg.model.base,
+                    cache_dir=cache_dir,
+                    pretrain=cfg.public_pretrain,
+                    progress=progress,
+                ),
+                only_rank0=True,
+            )
+        base = dist_info.run_collectively(
+            lambda: load_base(cfg, progress=progress, cache_dir=cache_dir)
+        )
+        # 2. The partition: deterministic, computed on every rank; rank 0 writes it.
+        prepared = dist_info.run_collectively(lambda: prepare_data(cfg, cache_dir=cache_dir))
+        settings = _settings(cfg, base, prepared.partition_sha256)
+        settings_hash = settings_sha256(settings)
+        manifest_path = out / "ensemble.json"
+
+        def check_and_write() -> dict:
+            previous = read_json(manifest_path) if manifest_path.is_file() else None
+            if previous is not None:
+                _check_compatible(previous, settings_hash, base, prepared.partition_sha256)
+            entry = write_partition_files(prepared, out)
+            return {"previous": previous, "partition_entry": entry}
+
+        # every rank reads the old manifest (read-only) so that all of them stop on a mismatch
+        if dist_info.rank != 0 and manifest_path.is_file():
+            _check_compatible(
+                read_json(manifest_path), settings_hash, base, prepared.partition_sha256
+            )
+        state = dist_info.run_collectively(check_and_write, only_rank0=True)
+        previous = state["previous"] if state else None
+        partition_entry = state["partition_entry"] if state else None
+
+        # 3. Members of this rank.
+        parts = prepared.partition.parts
+        mine = [i for i in range(len(parts)) if i % dist_info.world_size == dist_info.rank]
+        trained: list[int] = []
+        skipped: list[int] = []
+
+        def train_mine() -> None:
+            from pmixed.data.blocks import tokenize_blocks
+
+            bar = tqdm(
+                mine,
+                desc=f"members (rank {dist_info.rank})" if dist_info.active else "members",
+                disable=not progress,
+                position=0,
+            )
+            for i in bar:
+                prev = previous if dist_info.rank == 0 else None
+                if _member_done(out, i, settings_hash, prev) is not None:
+                    skipped.append(i)
+                    continue
+                part = parts[i]
+                texts = [r.text for r in part]
+                # drop_last: the padded tail block would teach the member EOS runs
+                blocks = tokenize_blocks(texts, base.tokenizer, cfg.data.block_size, drop_last=True)
+                if blocks.ndim != 2 or blocks.size(0) == 0:
+                    raise DataError(
+                        f"part {i} yields no {cfg.data.block_size}-token block; "
+                        "use fewer parts or a smaller data.block_size"
+                    )
+                part_info = {
+                    "n_records": len(part),
+                    "n_units": len({r.unit for r in part}),
+                }
+                _train_member(
+                    cfg,
+                    base,
+                    blocks,
+                    i,
+                    out,
+                    settings_hash=settings_hash,
+                    part_info=part_info,
+                    dist_info=dist_info,
+                    progress=progress,
+                )
+                trained.append(i)
+                if not dist_info.active:  # single process: keep the manifest current
+                    atomic_write_json(
+                        manifest_path,
+                        _assemble_manifest(
+                            cfg, out, base, partition_entry, settings, settings_hash, previous
+                        ),
+                    )
+
+        dist_info.run_collectively(train_mine)
+
+        # 4. The base must be exactly what we started from.
+        from pmixed.models.loading import weights_sha256
+
+        if weights_sha256(base.model) != base.weights_sha256:  # pragma: no cover - a bug guard
+            raise RuntimeError("base weights changed during ensemble training")
+
+        # 5. Rank 0 assembles the manifest from every member's record.
+        manifest = None
+
+        def assemble() -> dict:
+            m = _assemble_manifest(
+                cfg, out, base, partition_entry, settings, settings_hash, previous
+            )
+            atomic_write_json(manifest_path, m)
+            return m
+
+        manifest = dist_info.run_collectively(assemble, only_rank0=True)
+        if manifest is not None and not manifest["complete"]:  # pragma: no cover
+            have = {m["index"] for m in manifest["members"]}
+            missing = [i for i in range(cfg.data.n_parts) if i not in have]
+            raise RuntimeError(f"members {missing} missing after training")
+        return EnsembleRunResult(
+            output_dir=out,
+            manifest=manifest,
+            trained=trained,
+            skipped=skipped,
+            seconds=time.perf_counter() - t0,
+        )
+    finally:
+        dist_info.close()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def read_ensemble_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / "ensemble.json"
+    if not path.is_file():
+        raise EnsembleMismatch(f"{directory} holds no ensemble.json: not a trained ensemble")
+    manifest = read_json(path)
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise EnsembleMismatch(f"{path} is not a pmixed ensemble manifest")
+    if manifest.get("format_version") != MANIFEST_VERSION:
+        raise EnsembleMismatch(
+            f"{path} has format_version {manifest.get('format_version')}, "
+            f"this pmixed reads {MANIFEST_VERSION}"
+        )
+    return manifest
+
+
+@dataclass
+class Ensemble:
+    """A verified ensemble: base model (= public model p_0), tokenizer, adapters, partition."""
+
+    directory: Path
+    manifest: dict[str, Any]
+    base_model: Any
+    tokenizer: Any
+    member_names: list[str]
+    adapter_paths: list[Path]
+    partition_manifest: dict[str, Any]
+    eval_records_path: Path | None
+
+    @property
+    def n_members(self) -> int:
+        return len(self.adapter_paths)
+
+    def eval_records(self) -> list[Any]:
+        """The held-out units' records (never seen by any member)."""
+        import json
+
+        from pmixed.data.records import Record
+
+        if self.eval_records_path is None or not self.eval_records_path.is_file():
+            return []
+        out = []
+        with self.eval_records_path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    d = json.loads(line)
+                    out.append(Record(unit=d["unit"], text=d["text"], doc_id=d["doc_id"]))
+        return out
+
+    def peft_model(self):
+        """A ``PeftModel`` over the base with every member loaded as a named adapter.
+
+        Adapter names are the member names (``member-000`` ...); use ``set_adapter`` or PEFT's
+        mixed batches (``adapter_names=[...]``, ``"__base__"`` for p_0). Wraps the base in place.
+        """
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            self.base_model, str(self.adapter_paths[0]), adapter_name=self.member_names[0]
+        )
+        for name, path in zip(self.member_names[1:], self.adapter_paths[1:], strict=True):
+            model.load_adapter(str(path), adapter_name=name)
+        model.eval()
+        return model
+
+
+def load_ensemble(
+    directory: str | os.PathLike[str],
+    base_model: Any = None,
+    *,
+    tokenizer: Any = None,
+    device: str = "cpu",
+    cache_dir=None,
+    verify_adapters: bool = True,
+    require_complete: bool = True,
+    progress: bool = False,
+) -> Ensemble:
+    """Read and verify an ensemble folder.
+
+    ``base_model`` may be ``None`` (load the base named in the manifest), a name/path, a loaded
+    model, or a ``(model, tokenizer)`` pair. The base weights' sha256 must equal the manifest's;
+    so must every adapter file's hash and the tokenizer's. Any mismatch raises
+    :class:`EnsembleMismatch` naming what differs.
+    """
+    from pmixed.config import PublicPretrainConfig
+    from pmixed.models.loading import load_causal_lm, tokenizer_sha256, weights_sha256
+
+    directory = Path(directory)
+    manifest = read_ensemble_manifest(directory)
+    base_entry = manifest["base_model"]
+    if isinstance(base_model, tuple):
+        base_model, tokenizer = base_model
+    if base_model is None or isinstance(base_model, (str, os.PathLike)):
+        name = str(base_model) if base_model is not None else base_entry["name"]
+        pretrain = None
+        if name == "builtin:tiny-gpt2" and "public_pretrain" in base_entry:
+            pretrain = PublicPretrainConfig(**base_entry["public_pretrain"])
+        model, loaded_tok = load_causal_lm(
+            name,
+            dtype=base_entry.get("dtype", "float32"),
+            device=device,
+            cache_dir=cache_dir,
+            pretrain=pretrain,
+            progress=progress,
+        )
+        tokenizer = tokenizer or loaded_tok
+    else:
+        model = base_model
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(base_entry["path"])
+    got = weights_sha256(model)
+    if got != base_entry["weights_sha256"]:
+        raise EnsembleMismatch(
+            f"base model weights do not match the ensemble in {directory}: the adapters were "
+            f"trained on {base_entry['name']!r} with weights sha256 "
+            f"{base_entry['weights_sha256'][:16]}..., the given base has {got[:16]}..."
+        )
+    tok_sha = tokenizer_sha256(tokenizer)
+    if tok_sha != manifest["tokenizer"]["sha256"]:
+        raise EnsembleMismatch(
+            f"tokenizer does not match the ensemble in {directory} "
+            f"(sha256 {tok_sha[:16]}... vs {manifest['tokenizer']['sha256'][:16]}...)"
+        )
+    members = sorted(manifest["members"], key=lambda m: m["index"])
+    if require_complete:
+        have = {m["index"] for m in members}
+        missing = [i for i in range(manifest["n_members"]) if i not in have]
+        if missing or not manifest.get("complete", False):
+            raise EnsembleMismatch(
+                f"ensemble in {directory} is incomplete: members {missing} are missing; "
+                "rerun `pmixed train ensemble` to finish it"
+            )
+    paths, names = [], []
+    for m in members:
+        folder = directory / m["path"]
+        weights = folder / ADAPTER_WEIGHTS
+        if not weights.is_file():
+            raise EnsembleMismatch(f"{m['name']}: adapter file {weights} is missing")
+        if verify_adapters and sha256_file(weights) != m["adapter_sha256"]:
+            raise EnsembleMismatch(
+                f"{m['name']}: adapter {weights} does not match its sha256 in ensemble.json "
+                "(corrupt or replaced)"
+            )
+        paths.append(folder)
+        names.append(m["name"])
+    part = manifest.get("partition", {})
+    part_path = directory / part.get("path", "partition.json")
+    partition_manifest: dict[str, Any] = {}
+    if part_path.is_file():
+        from pmixed.data.partition import manifest_sha256, read_manifest
+
+        partition_manifest = read_manifest(part_path)
+        if part.get("sha256") and manifest_sha256(partition_manifest) != part["sha256"]:
+            raise EnsembleMismatch(f"{part_path} does not match the sha256 in ensemble.json")
+    eval_path = directory / part.get("eval_records", "eval_records.jsonl")
+    model.to(device)
+    model.eval()
+    return Ensemble(
+        directory=directory,
+        manifest=manifest,
+        base_model=model,
+        tokenizer=tokenizer,
+        member_names=names,
+        adapter_paths=paths,
+        partition_manifest=partition_manifest,
+        eval_records_path=eval_path if eval_path.is_file() else None,
+    )

@@ -1,0 +1,114 @@
+"""The non-private baseline: one LoRA adapter fine-tuned on all parts together.
+
+Same base, partition (held-out units excluded), LoRA shape and ``[train]`` settings as the
+ensemble members; saved as a PEFT adapter folder ``<output_dir>/finetune/`` with
+``finetune.json`` (losses, hashes, settings). Not private: it is the upper reference line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+import torch
+
+from pmixed.config import RunConfig
+from pmixed.train.common import (
+    ADAPTER_WEIGHTS,
+    atomic_write_json,
+    derive_seed,
+    load_base,
+    make_lora_config,
+    package_versions,
+    prepare_data,
+    set_threads,
+    sha256_file,
+    write_partition_files,
+)
+
+__all__ = ["train_finetune"]
+
+
+def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dict[str, Any]:
+    """Train the non-private LoRA baseline into ``<output_dir>/finetune/``; returns its record."""
+    from peft import get_peft_model
+
+    from pmixed.models.lm import fit_causal_lm
+    from pmixed.train.dpsgd import all_blocks
+
+    t0 = time.perf_counter()
+    set_threads()
+    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
+    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    out_root = cfg.output_dir
+    partition_entry = write_partition_files(prepared, out_root)
+    blocks = all_blocks(cfg, prepared, base.tokenizer)
+
+    from pmixed.data.blocks import tokenize_blocks
+    from pmixed.models.lm import fixed_sample, perplexity
+
+    seed = derive_seed(cfg.run.seed, "finetune")
+    probe_train = fixed_sample(blocks, 64, seed=seed)
+    eval_texts = [r.text for r in prepared.partition.eval_records]
+    probe_eval = fixed_sample(
+        tokenize_blocks(eval_texts, base.tokenizer, cfg.data.block_size, drop_last=True), 64
+    )
+    ppl = {"train_sample_ppl_before": perplexity(base.model, probe_train)}
+    if probe_eval.size(0):
+        ppl["eval_ppl_before"] = perplexity(base.model, probe_eval)
+    torch.manual_seed(seed)
+    model = get_peft_model(base.model, make_lora_config(cfg, base.model))
+    try:
+        t = cfg.train
+        fit = fit_causal_lm(
+            model,
+            blocks,
+            epochs=t.epochs,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            max_steps=t.max_steps,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
+            seed=seed,
+            progress=progress,
+            desc="finetune",
+        )
+        ppl["train_sample_ppl_after"] = perplexity(model, probe_train)
+        if probe_eval.size(0):
+            ppl["eval_ppl_after"] = perplexity(model, probe_eval)
+        out = out_root / "finetune"
+        tmp = out_root / f".finetune.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        record = {
+            "kind": "finetune",
+            "private": False,
+            "n_blocks": int(blocks.size(0)),
+            "n_tokens": int(blocks.numel()),
+            "steps": fit.steps,
+            "tokens_seen": fit.tokens,
+            "first_train_loss": fit.losses[0],
+            "final_train_loss": fit.final_loss,
+            "train_seconds": round(fit.seconds, 3),
+            **ppl,
+            "n_eval_blocks": int(probe_eval.size(0)),
+            "base_model": base.manifest_entry(cfg),
+            "tokenizer_sha256": base.tokenizer_sha256,
+            "partition": partition_entry,
+            "lora": cfg.to_dict()["lora"],
+            "train": cfg.to_dict()["train"],
+            "seed": seed,
+            "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "versions": package_versions(),
+        }
+        atomic_write_json(tmp / "finetune.json", record)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return record
+    finally:
+        model.unload()
