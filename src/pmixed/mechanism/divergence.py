@@ -16,18 +16,24 @@ EPS_NORMALISE = 0.0
 
 
 def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
-    """Validate probabilities (any float dtype) and renormalise them in float64 along the last dim."""
+    """Validate probabilities (any float dtype) and renormalise them in float64 along the last dim.
+
+    Three passes over the input in its own dtype (min, float64 sum, dividing divide that promotes
+    to float64), no float64 copy before the division: float32 -> float64 is exact, so the result
+    is the same as p.to(float64) / p.to(float64).sum(-1)."""
     if not torch.is_tensor(p):
         p = torch.as_tensor(p)
     if not p.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of probabilities, got {p.dtype}")
-    p = p.to(torch.float64)
-    if p.numel() and (not torch.isfinite(p).all() or (p < 0).any()):
+    if not p.numel():
+        return p.to(torch.float64)
+    total = p.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    # amin propagates nan; +inf shows in the (float64) total; -inf and negatives in the min
+    if not bool((p.amin(dim=-1) >= 0).all()) or not bool(torch.isfinite(total).all()):
         raise ValueError(f"{name} must hold finite, non-negative probabilities")
-    total = p.sum(dim=-1, keepdim=True)
-    if p.numel() and (total <= 0).any():
+    if bool((total <= 0).any()):
         raise ValueError(f"{name} has a row with zero total mass")
-    return p / total
+    return torch.div(p, total)  # float32 / float64 [..., 1] -> float64
 
 
 def renyi_divergence(p: torch.Tensor, q: torch.Tensor, orders: Sequence[float]) -> torch.Tensor:
@@ -60,6 +66,14 @@ def abs_moments(public: torch.Tensor, members: torch.Tensor, max_order: int) -> 
     """
     if max_order < 2:
         raise ValueError("max_order must be >= 2")
+    if public.numel() and bool(public.amin() > 0):
+        # fast path (p_0 > 0 everywhere: nothing to mask, nothing can escape): 2 + 2(K-1) passes
+        ad = torch.addcdiv(public.new_tensor(-1.0), members, public).abs_()  # |p_i/p_0 - 1|
+        w = public * ad  # p_0 |d|
+        cols = [torch.linalg.vecdot(w, ad)]
+        for _ in range(3, max_order + 1):
+            cols.append(torch.linalg.vecdot(w.mul_(ad), ad))  # E p_0 |d|^k
+        return torch.nan_to_num(torch.stack(cols, dim=-1), nan=torch.inf)
     pos = public > 0
     ratio = torch.where(pos, members / torch.where(pos, public, torch.ones_like(public)), 0.0)
     d = ratio.sub_(1.0)  # [..., V]; entries with p_0 == 0 are masked below

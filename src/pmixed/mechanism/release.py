@@ -15,7 +15,7 @@ from pmixed.mechanism.divergence import as_distribution
 from pmixed.mechanism.projection import mixing_weights, project
 from pmixed.privacy.params import MechanismParams
 
-ROW_CHUNK = 64  # member rows handled at once: bounds temporary memory to ~ROW_CHUNK * V * 8 B * 4
+ROW_CHUNK = 16  # member rows handled at once: temporaries ~ROW_CHUNK * V * 8 B * 3 stay cache-sized
 
 
 def release(public: torch.Tensor, members: torch.Tensor, params: MechanismParams) -> torch.Tensor:
@@ -29,7 +29,9 @@ def release(public: torch.Tensor, members: torch.Tensor, params: MechanismParams
         return p0
     pm = as_distribution(members, "members")  # [m, V]
     lam = mixing_weights(p0.unsqueeze(0), pm, params)  # [m]
-    return project(p0.unsqueeze(0), pm, lam).mean(dim=0)
+    m = pm.shape[0]
+    # mean_i (lam_i p_i + (1 - lam_i) p_0) = sum_i (lam_i / m) p_i + (1 - mean(lam)) p_0: one matvec
+    return torch.addcmul((lam / m) @ pm, p0, 1.0 - lam.mean())
 
 
 def release_rows(
@@ -50,30 +52,39 @@ def release_rows(
     Returns (released, lam): released [P, V] float64 (or [P] with targets), lam [R] float64.
     """
     P, V = public.shape
-    p0 = as_distribution(public, "public")  # [P, V]
+    dev = public.device
+    if not public.is_floating_point():
+        raise TypeError(f"public must be a floating-point tensor of probabilities, got {public.dtype}")
+    # validate and take totals in the input dtype; never materialise a float64 [P, V] copy
+    tot0 = public.sum(dim=-1, keepdim=True, dtype=torch.float64)  # [P, 1]
+    if P and (not bool((public.amin(dim=-1) >= 0).all()) or not bool(torch.isfinite(tot0).all())):
+        raise ValueError("public must hold finite, non-negative probabilities")
+    if bool((tot0 <= 0).any()):
+        raise ValueError("public has a row with zero total mass")
     R = member_rows.shape[0]
     counts = torch.bincount(row_position, minlength=P).to(torch.float64)  # [P]
-    lam = torch.empty(R, dtype=torch.float64)
+    lam = torch.empty(R, dtype=torch.float64, device=dev)
     if targets is None:
-        acc = torch.zeros(P, V, dtype=torch.float64)
+        acc = torch.zeros(P, V, dtype=torch.float64, device=dev)
     else:
-        acc = torch.zeros(P, dtype=torch.float64)
+        acc = torch.zeros(P, dtype=torch.float64, device=dev)
+        p0_t = torch.div(public.gather(1, targets[:, None]), tot0).squeeze(1)  # [P] float64
     for s in range(0, R, ROW_CHUNK):
         rows = slice(s, min(R, s + ROW_CHUNK))
         pos = row_position[rows]  # [r]
         pm = as_distribution(member_rows[rows], "members")  # [r, V]
-        base = p0[pos]  # [r, V]
+        base = torch.div(public[pos], tot0[pos])  # [r, V] float64, = as_distribution(public)[pos]
         lam_c = mixing_weights(base, pm, params)  # [r]
         lam[rows] = lam_c
         if targets is None:
             acc.index_add_(0, pos, project(base, pm, lam_c))
         else:
             t = targets[pos]
-            picked = lam_c * pm.gather(1, t[:, None]).squeeze(1) + (1 - lam_c) * base.gather(1, t[:, None]).squeeze(1)
+            picked = lam_c * pm.gather(1, t[:, None]).squeeze(1) + (1 - lam_c) * p0_t[pos]
             acc.index_add_(0, pos, picked)
     drawn = counts > 0
     if targets is None:
-        out = torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], p0)
+        out = torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], torch.div(public, tot0))
     else:
-        out = torch.where(drawn, acc / counts.clamp(min=1), p0.gather(1, targets[:, None]).squeeze(1))
+        out = torch.where(drawn, acc / counts.clamp(min=1), p0_t)
     return out, lam

@@ -69,7 +69,8 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
             lr=t.lr,
             batch_size=t.batch_size,
             weight_decay=t.weight_decay,
-            max_steps=t.max_steps,
+            # the same number of passes over all the data as each member makes over its part
+            max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts,
             warmup_steps=t.warmup_steps,
             grad_clip=t.grad_clip,
             seed=seed,

@@ -1,0 +1,61 @@
+"""`pmixed eval` and `pmixed sweep` on a tiny trained run: the outputs, the ledgers, the protocol."""
+
+import json
+import math
+import subprocess
+import sys
+
+from pmixed.privacy.ledger import Ledger
+
+
+def test_eval_writes_table_plot_and_charges_each_run(trained_run):
+    from pmixed.eval.runner import evaluate_config
+
+    cfg, _ = trained_run
+    res = evaluate_config(cfg, progress=False)
+    for key in ("json", "csv", "md", "png"):
+        assert (cfg.output_dir / "eval" / f"eval.{key}").is_file()
+    assert set(res["models"]) == {"public", "finetune", "dpsgd", "ensemble_avg"}
+    s = res["pmixed"][0]
+    assert s["runs"] == 2 and len(s["ppl_runs"]) == 2 and s["queries"] == 93
+    assert all(math.isfinite(p) and p > 1 for p in s["ppl_runs"])
+    assert s["epsilon_spent"] <= 8.0
+    ledgers = sorted((cfg.output_dir / "ledgers" / "eval").glob("*.ledger"))
+    assert len(ledgers) == 2  # a fresh budget per run
+    for path in ledgers:
+        with Ledger(path) as led:
+            assert led.charges() == 1 and led.history()[0].count == 93
+    md = (cfg.output_dir / "eval" / "eval.md").read_text()
+    assert "PMixED" in md and "Fine-tuned" in md
+
+
+def test_sweep_cli(trained_run):
+    cfg, cfg_path = trained_run
+    out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path),
+                          "--param", "epsilon", "--values", "2,8", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    res = json.loads((cfg.output_dir / "sweep" / "sweep.json").read_text())
+    assert [s["epsilon"] for s in res["pmixed"]] == [2.0, 8.0]
+    assert (cfg.output_dir / "sweep" / "sweep-epsilon.png").is_file()
+    rows = (cfg.output_dir / "sweep" / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 3
+
+
+def test_eval_cli_and_generate_cli(trained_run):
+    cfg, cfg_path = trained_run
+    out = subprocess.run([sys.executable, "-m", "pmixed", "eval", "--config", str(cfg_path), "-q"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "PMixED" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "pmixed", "generate", "--config", str(cfg_path),
+                          "--prompt", "river", "--max-new-tokens", "5", "--seed", "1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ledger epsilon spent" in out.stdout
+
+
+def test_missing_ensemble_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "pmixed", "eval", "--config", "configs/quick.toml",
+                          "-o", str(tmp_path / "nothing")], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "pmixed train ensemble" in out.stderr and "Traceback" not in out.stderr
