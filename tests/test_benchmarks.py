@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/mechanism.py and benchmarks/naive_reference.py at a tiny size."""
+"""Smoke tests of benchmarks/mechanism.py, naive_reference.py and eval_speed.py at tiny sizes."""
 
 from __future__ import annotations
 
@@ -13,19 +13,43 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import mechanism as bench  # noqa: E402
-from naive_reference import NaiveConfig, naive_block, naive_release  # noqa: E402
+from naive_reference import naive_block, naive_release, rd_sym, rdp_budget, solve_beta  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 
 V, N, P = 1000, 8, 16
 
 
-def _is_distribution(d: torch.Tensor) -> bool:
+def _is_distribution(d: torch.Tensor, dtype=torch.float64, tol=1e-9) -> bool:
     return (
-        d.dtype == torch.float64
+        d.dtype == dtype
         and bool(torch.isfinite(d).all())
         and bool((d >= 0).all())
-        and abs(float(d.sum()) - 1.0) < 1e-9
+        and abs(float(d.sum()) - 1.0) < tol
     )
+
+
+def _naive_ok(d: torch.Tensor) -> bool:  # the original's style: float32 throughout
+    return _is_distribution(d, torch.float32, 1e-5)
+
+
+NV = {"alpha": 3, "q": 0.3, "eps": rdp_budget(8.0, 1e-5, 3), "T": 1024}
+
+
+def test_naive_beta_matches_reference_table():
+    """REFERENCE.md s.2: beta for n = 1, 2, 3, 5, 10 is about 0.565, 0.194, 0.224, 0.258, 0.300."""
+    eps = rdp_budget(8.0, 1e-5, 3)
+    betas = [solve_beta(3, 0.03, n, eps, 1024) for n in (1, 2, 3, 5, 10)]
+    for b, ref in zip(betas, (0.565, 0.194, 0.224, 0.258, 0.300), strict=True):
+        assert abs(b - ref) < 2e-3
+
+
+def test_naive_lambda_lands_near_the_ball_edge():
+    gen = torch.Generator().manual_seed(3)
+    public, members = bench.make_query(V, 2, "far", gen)
+    out = naive_release(public, members[:1], **NV)
+    beta = solve_beta(3, NV["q"], 1, NV["eps"], NV["T"])
+    # far member: bisection (20 steps from [0, 1]) ends within 2^-20 of the edge, either side
+    assert abs(rd_sym(out, public, 3) - 3 * beta) < 1e-2 * 3 * beta
 
 
 @pytest.fixture(scope="module")
@@ -33,33 +57,37 @@ def mech():
     return PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=N, sample_rate=0.3)
 
 
-@pytest.mark.parametrize("regime", ["near", "far"])
+@pytest.mark.parametrize("regime", ["near", "far", "mixed"])
 def test_releases_are_distributions(mech, regime):
     gen = torch.Generator().manual_seed(1)
-    cfg = NaiveConfig(sample_rate=0.3)
     public, members = bench.make_query(V, N, regime, gen)
     assert public.dtype == torch.float32 and members.shape == (N, V)
     for m in (0, 1, 3):
         ours = mech.release(public, members[:m])
-        naive = naive_release(public, members[:m], cfg)
+        naive = naive_release(public, members[:m], **NV)
         assert ours.shape == naive.shape == (V,)
-        assert _is_distribution(ours) and _is_distribution(naive)
-    # the naive projection lands near the ball's edge: never further from p_0 than the member
+        assert _is_distribution(ours) and _naive_ok(naive)
+    # the naive projection moves towards p_0: never further from p_0 than the members' mean
     assert (
-        float((naive - public.double()).abs().sum())
-        <= float((members[:3].double().mean(0) - public.double()).abs().sum()) + 1e-9
+        float((naive.double() - public.double()).abs().sum())
+        <= float((members[:3].double().mean(0) - public.double()).abs().sum()) + 1e-6
     )
 
-    bpub, rows, row_position, _row_member, targets = bench.make_block(mech, V, P, regime, gen)
+    bpub, rows, row_position, _row_member, targets, extra = bench.make_block(
+        mech, V, P, regime, gen, chunk=4
+    )
+    assert extra["mask"].shape == (P, N) and int(extra["mask"].sum()) == rows.shape[0]
+    probs, _ = bench.eval_path(mech, bpub, extra["template"], targets, extra["mask"])
+    assert probs.shape == (P,) and bool(((probs >= 0) & (probs <= 1)).all())
     assert bpub.shape == (P, V) and rows.shape[0] == row_position.shape[0]
     full, lam = mech.release_rows(bpub, rows, row_position)
     assert all(_is_distribution(full[p]) for p in range(P))
     assert bool(((lam >= 0) & (lam <= mech.params.lam_max)).all())
     picked, _ = mech.release_rows(bpub, rows, row_position, targets=targets)
     assert torch.allclose(picked, full.gather(1, targets[:, None]).squeeze(1), rtol=1e-12, atol=0.0)
-    nb = naive_block(bpub, rows, row_position, cfg)
-    assert nb.shape == (P, V) and all(_is_distribution(nb[p]) for p in range(P))
-    nbt = naive_block(bpub, rows, row_position, cfg, targets=targets, positions=range(4))
+    nb = naive_block(bpub, rows, row_position, **NV)
+    assert nb.shape == (P, V) and all(_naive_ok(nb[p]) for p in range(P))
+    nbt = naive_block(bpub, rows, row_position, **NV, targets=targets, positions=range(4))
     assert torch.allclose(nbt, nb[:4].gather(1, targets[:4, None]).squeeze(1))
 
 
@@ -76,7 +104,10 @@ def test_main_runs_tiny(capsys):
         assert r["speedup_token"] > 0 and r["speedup_block"] > 0
         assert r["naive_block_scaled"] is True
         assert r["checks"]["block_matches_per_token"]
-        assert abs(r["checks"]["ours_sum"] - 1) < 1e-9 and abs(r["checks"]["naive_sum"] - 1) < 1e-9
+        assert abs(r["checks"]["ours_sum"] - 1) < 1e-9 and abs(r["checks"]["naive_sum"] - 1) < 1e-5
+        assert r["speedup_block_eval_path"] > 0 and r["checks"]["eval_path_probs_in_0_1"]
+    assert [r["regime"] for r in out["results"]] == ["near", "far", "mixed"]
+    assert "PUBLISHED figure" in text and "NOT measured here" in text
 
 
 def _run_main():
@@ -85,3 +116,27 @@ def _run_main():
         "--repeats", "1", "--block-repeats", "1", "--warmup", "1", "--draws", "2",
         "--naive-positions", "4", "--threads", "1", "--json",
     ])  # fmt: skip
+
+
+def test_eval_speed_runs_tiny(capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    pytest.importorskip("scipy")
+    import eval_speed
+
+    threads = torch.get_num_threads()
+    try:
+        out = eval_speed.main([
+            "--model", "micro", "--members", "3", "--seq", "16", "--blocks", "1",
+            "--repeats", "1", "--warmup", "1", "--naive-positions", "4", "--threads", "1",
+            "--measure-memory", "--json",
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "P/F (PMixED / floor)" in text and "R/P (reference-style / PMixED)" in text
+    assert "memory ratio (stacked / public, peak RSS)" in text
+    assert "timed on 4/15 positions per block, scaled" in text
+    assert out["P_over_F"] > 0 and out["R_over_P"] > 0 and out["mem_ratio"] > 0
+    assert out["naive_mix_scaled"] is True
+    assert out["max_abs_diff_engine_vs_peft"] < 1e-5  # the engine's members are PEFT's members

@@ -328,8 +328,14 @@ class PrivacyConfig:
     queries: int = 1024
     sample_rate: float = 0.03
     alpha: int | None = None
+    lam_max: float | None = None  # cap on each member's mixing weight; None: the library default
+    tail: float | None = None  # radius shape (docs/privacy.md eq. K1); None: the library default
 
     def __post_init__(self) -> None:
+        if self.lam_max is not None:
+            _num("privacy.lam_max", self.lam_max, gt=0, le=1)
+        if self.tail is not None:
+            _num("privacy.tail", self.tail, ge=1)
         _num("privacy.epsilon", self.epsilon, gt=0)
         _num("privacy.delta", self.delta, gt=0, lt=1)
         _int("privacy.queries", self.queries, lo=1)

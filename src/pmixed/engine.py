@@ -61,10 +61,9 @@ class EnsembleRuntime:
     @torch.no_grad()
     def probs(self, input_ids: torch.Tensor, adapter_ids: Sequence[int]) -> torch.Tensor:
         """Next-token probabilities [B, T, V] float32 for rows ``adapter_ids`` over ``input_ids`` [B, T]."""
-        from pmixed.models.stacked_lora import log_probs
-
         ids = torch.as_tensor(list(adapter_ids), dtype=torch.long)
-        return log_probs(self.stacked, input_ids, ids).exp_()
+        out = self.stacked(input_ids, ids, use_cache=False)
+        return torch.softmax(out.logits.float(), dim=-1)
 
     @torch.no_grad()
     def block_stats(
@@ -75,7 +74,7 @@ class EnsembleRuntime:
         needed: torch.Tensor | None = None,
         members: int | None = None,
         extras: Sequence[str] = (),
-        chunk: int = 4,
+        chunk: int = 1,
     ) -> tuple[BlockStats, dict[str, torch.Tensor], torch.Tensor]:
         """One teacher-forced block [L] -> statistics of its L-1 queries.
 

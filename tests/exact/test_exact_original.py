@@ -4,11 +4,11 @@ enforced at order alpha only, the pairwise bound 4 k beta)."""
 
 import numpy as np
 
+from pmixed.privacy.calibration import calibrate
 from pmixed.privacy.original_rules import eps_sub, reference_budget, solve_beta
 from tests.exact.harness import adversarial_search, softmax, worst_ratio_replace
 from tests.exact.original_release import original_release_fn
 from tests.exact.test_exact_pmixed import check as check_ours
-from pmixed.privacy.calibration import calibrate
 
 ALPHA = 3
 PER_QUERY = reference_budget(8, 1e-5, ALPHA) / 1024  # the original's per-query charge at order 3

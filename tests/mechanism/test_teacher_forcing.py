@@ -5,7 +5,12 @@ import torch
 
 from pmixed.mechanism.divergence import as_distribution
 from pmixed.mechanism.release import release
-from pmixed.mechanism.teacher_forcing import BlockStats, binding_order, member_stats, released_target_probs
+from pmixed.mechanism.teacher_forcing import (
+    BlockStats,
+    binding_order,
+    member_stats,
+    released_target_probs,
+)
 from pmixed.privacy.params import MechanismParams
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -13,7 +12,7 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="Run configuration (TOML)."
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
-def _load(config: Path, output_dir: Optional[Path] = None):
+def _load(config: Path, output_dir: Path | None = None):
     from pmixed.config import load_config
 
     cfg = load_config(config)
@@ -30,7 +29,7 @@ def _console():
 
 def eval_cmd(
     config: Path = ConfigOpt,
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
     quiet: bool = QuietOpt,
 ) -> None:
     """Teacher-forced perplexity: public, fine-tuned, DP-SGD, ensemble average and PMixED."""
@@ -51,10 +50,10 @@ def sweep_cmd(
     config: Path = ConfigOpt,
     param: list[str] = typer.Option(
         ["epsilon", "members", "queries", "alpha", "sample_rate"], "--param", "-p",
-        help="Parameter(s) to sweep: epsilon, members, queries, alpha, sample_rate, lam_max.",
+        help="Parameter(s) to sweep: epsilon, members, queries, alpha, sample_rate, lam_max, tail.",
     ),
-    values: Optional[str] = typer.Option(None, "--values", help="Comma-separated values (one --param only)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
+    values: str | None = typer.Option(None, "--values", help="Comma-separated values (one --param only)."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
     quiet: bool = QuietOpt,
 ) -> None:
     """PMixED perplexity over the paper's ablation grids (CSV + PNG line plots)."""
@@ -82,9 +81,9 @@ def generate_cmd(
     prompt: str = typer.Option("The President", "--prompt", help="The text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3),
-    ledger: Optional[Path] = typer.Option(None, "--ledger", help="Ledger file (default: <output_dir>/ledgers/generate.ledger)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (experiments only; default: CSPRNG)."),
-    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o"),
+    ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file (default: <output_dir>/ledgers/generate.ledger)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed (experiments only; default: CSPRNG)."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o"),
 ) -> None:
     """Generate privately: every token is one PMixED query, charged to the durable ledger first."""
     res = generate(_load(config, output_dir), prompt, max_new_tokens, temperature, ledger, seed)
@@ -105,7 +104,9 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
         _, runtime = load_runtime(cfg, progress=False)
     p = cfg.privacy
     mech = PMixED(epsilon=p.epsilon, delta=p.delta, query_budget=p.queries, ensemble_size=runtime.n_members,
-                  sample_rate=p.sample_rate, alpha=p.alpha, **({"lam_max": p.lam_max} if getattr(p, "lam_max", None) else {}))
+                  sample_rate=p.sample_rate, alpha=p.alpha,
+                  **({"lam_max": p.lam_max} if p.lam_max is not None else {}),
+                  **({"tail": p.tail} if p.tail is not None else {}))
     path = ledger_path or cfg.output_dir / "ledgers" / "generate.ledger"
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed) if seed is not None else None

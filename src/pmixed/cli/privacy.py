@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Optional
 
 import typer
 
@@ -76,11 +75,11 @@ def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, l
 def plan(
     epsilon: float = typer.Option(..., help="Target epsilon after all queries."),
     delta: float = typer.Option(..., help="Target delta."),
-    queries: Optional[int] = typer.Option(None, help="Query budget T (tokens released)."),
+    queries: int | None = typer.Option(None, help="Query budget T (tokens released)."),
     ensemble_size: int = typer.Option(..., "--ensemble-size", help="N, the number of members."),
     sample_rate: float = typer.Option(..., "--sample-rate", help="q, each member's inclusion probability."),
-    alpha: Optional[float] = typer.Option(None, help="Renyi order (integer); default: the library picks."),
-    lam_max: Optional[float] = typer.Option(None, "--lam-max", help="Cap on each member's mixing weight."),
+    alpha: float | None = typer.Option(None, help="Renyi order (integer); default: the library picks."),
+    lam_max: float | None = typer.Option(None, "--lam-max", help="Cap on each member's mixing weight."),
     max_queries_flag: bool = typer.Option(
         False, "--max-queries", help="Only answer how many queries fit (calibrated for --queries, default 1024)."
     ),

@@ -23,7 +23,7 @@ import torch
 from pmixed.errors import DataError
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
 from pmixed.privacy.accountant import RdpCharge
-from pmixed.privacy.calibration import DEFAULT_LAM_MAX, calibrate
+from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.params import MechanismParams
 
@@ -39,6 +39,7 @@ class Setup:
     queries: int
     alpha: int
     runs: int
+    tail: float = 1.0
     sweep: dict = field(default_factory=dict, compare=False)  # {param: value} for sweeps
 
     @property
@@ -60,6 +61,7 @@ def make_setup(
     sample_rate: float,
     alpha: int | None = None,
     lam_max: float | None = None,
+    tail: float | None = None,
     runs: int = 1,
     sweep: dict | None = None,
 ) -> Setup:
@@ -71,8 +73,10 @@ def make_setup(
         sample_rate=sample_rate,
         alpha=alpha,
         lam_max=DEFAULT_LAM_MAX if lam_max is None else lam_max,
+        tail=DEFAULT_TAIL if tail is None else tail,
     )
-    return Setup(name, cal.params, epsilon, delta, queries, cal.alpha, runs, dict(sweep or {}))
+    return Setup(name, cal.params, epsilon, delta, queries, cal.alpha, runs,
+                 DEFAULT_TAIL if tail is None else tail, dict(sweep or {}))
 
 
 def _seed(*parts: Any) -> int:
@@ -118,7 +122,7 @@ def run_evaluation(
     seed: int = 0,
     ledger_dir: str | Path | None = None,
     progress: bool = True,
-    chunk: int = 4,
+    chunk: int = 1,
 ) -> EvalResult:
     """Score ``blocks`` [B, L] with the public model, the extra adapters, the non-private
     ensemble average and every PMixED setup (``runs`` runs each, fresh ledger per run)."""
@@ -142,19 +146,23 @@ def run_evaluation(
 
     t0 = time.perf_counter()
     stats = []
-    nll = {"public": 0.0, "ensemble_avg": 0.0, **{e: 0.0 for e in extras}}
+    # per-position log-probabilities of the baselines [B, T]: every PPL is taken over the same
+    # positions as the PMixED queries it is compared with
+    logp: dict[str, list[torch.Tensor]] = {"public": [], "ensemble_avg": [], **{e: [] for e in extras}}
     for b in tqdm(range(B), desc="forward (public + members)", disable=not progress):
         st, extra_t, ens_t = runtime.block_stats(
             blocks[b], max_order=k_max, needed=needed[b], extras=extras, chunk=chunk
         )
         stats.append(st)
-        nll["public"] -= float(torch.log(st.public_target).sum())
-        nll["ensemble_avg"] -= float(torch.log(ens_t).sum())
+        logp["public"].append(torch.log(st.public_target))
+        logp["ensemble_avg"].append(torch.log(ens_t))
         for e, p in extra_t.items():
-            nll[e] -= float(torch.log(p).sum())
+            logp[e].append(torch.log(p))
     t_forward = time.perf_counter() - t0
 
-    models = {name: {"ppl": _ppl(v, Q), "positions": Q} for name, v in nll.items()}
+    scored = max([s.queries for s in setups], default=Q)
+    flat = {name: torch.cat(v)[:scored] for name, v in logp.items()}
+    models = {name: {"ppl": _ppl(-float(v.sum()), scored), "positions": scored} for name, v in flat.items()}
     t1 = time.perf_counter()
     out = []
     ledger_dir = Path(ledger_dir) if ledger_dir is not None else None
@@ -206,11 +214,13 @@ def run_evaluation(
             "alpha": s.alpha,
             "max_order": s.params.max_order,
             "lam_max": s.params.lam_max,
+            "tail": s.tail,
             "radii": list(s.params.radii),
             "runs": s.runs,
             "ppl_mean": mean,
             "ppl_std": std,
             "ppl_runs": ppls,
+            "public_ppl_same_positions": _ppl(-float(flat["public"][: s.queries].sum()), s.queries),
             "epsilon_spent": max(spent),
             "mean_lambda": sum(lam_means) / len(lam_means),
             "empty_draw_fraction": sum(empty) / len(empty),

@@ -82,7 +82,8 @@ def main_setup(cfg: Any, queries: int) -> Setup:
         ensemble_size=cfg.data.n_parts,
         sample_rate=p.sample_rate,
         alpha=p.alpha,
-        lam_max=getattr(p, "lam_max", None),
+        lam_max=p.lam_max,
+        tail=p.tail,
         runs=cfg.eval.runs,
     )
 
@@ -121,12 +122,13 @@ def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: di
     N = cfg.data.n_parts
     base = dict(epsilon=p.epsilon, delta=p.delta, queries=min(p.queries, queries_available),
                 ensemble_size=N, sample_rate=p.sample_rate, alpha=p.alpha,
-                lam_max=getattr(p, "lam_max", None))
+                lam_max=p.lam_max, tail=p.tail)
     grids = dict(SWEEPS)
     grids["members"] = sorted({max(1, N // 4), max(1, N // 2), N})
     grids["queries"] = sorted({q for q in (128, 256, 512, 1024, 2048, 4096, 8192) if q <= queries_available}
                               | {base["queries"]})
     grids["lam_max"] = [0.25, 0.5, 0.75, 0.9]
+    grids["tail"] = [1.0, 3.0, 10.0, 30.0]
     grids.update(values or {})
     setups = []
     for param in params:

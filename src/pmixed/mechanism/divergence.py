@@ -33,7 +33,10 @@ def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor
         raise ValueError(f"{name} must hold finite, non-negative probabilities")
     if bool((total <= 0).any()):
         raise ValueError(f"{name} has a row with zero total mass")
-    return torch.div(p, total)  # float32 / float64 [..., 1] -> float64
+    # one float64 copy, then an in-place division (a mixed-dtype division is ~3x slower on CPU);
+    # float32 -> float64 is exact, so this is p.double() / p.double().sum(-1)
+    out = p.to(torch.float64, copy=True)
+    return out.div_(total)
 
 
 def renyi_divergence(p: torch.Tensor, q: torch.Tensor, orders: Sequence[float]) -> torch.Tensor:

@@ -17,7 +17,14 @@ import torch
 
 from pmixed.mechanism.release import release, release_rows
 from pmixed.mechanism.subsample import poisson_draw, poisson_mask
-from pmixed.privacy.calibration import DEFAULT_LAM_MAX, Calibration, calibrate, epsilon_after, max_queries
+from pmixed.privacy.calibration import (
+    DEFAULT_LAM_MAX,
+    DEFAULT_TAIL,
+    Calibration,
+    calibrate,
+    epsilon_after,
+    max_queries,
+)
 from pmixed.privacy.mixture_bound import query_rdp
 from pmixed.privacy.params import MechanismParams
 
@@ -33,6 +40,7 @@ class PMixED:
         sample_rate: float,
         alpha: float | None = None,
         lam_max: float = DEFAULT_LAM_MAX,
+        tail: float = DEFAULT_TAIL,
     ):
         self.calibration: Calibration = calibrate(
             epsilon=epsilon,
@@ -42,6 +50,7 @@ class PMixED:
             sample_rate=sample_rate,
             alpha=alpha,
             lam_max=lam_max,
+            tail=tail,
         )
         self.params: MechanismParams = self.calibration.params
         self.epsilon = float(epsilon)

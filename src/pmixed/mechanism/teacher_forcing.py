@@ -55,18 +55,18 @@ def member_stats(
     moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64)
     member_target = torch.empty(T, c, dtype=torch.float64)
     for j in range(c):
-        rows = needed[:, j].nonzero().flatten() if needed is not None else None
-        pj = as_distribution(members[j] if rows is None else members[j, rows], "members")  # [t, V]
-        pos = torch.arange(T) if rows is None else rows
+        # every pair's target probability (the non-private ensemble average uses them all): a
+        # float32 gather and a float64 row sum, no float64 copy of the member; the drawn pairs are
+        # overwritten below from the exact float64 renormalisation the mechanism uses
+        member_target[:, j] = (
+            members[j].gather(1, targets[:, None]).squeeze(1).double()
+            / members[j].sum(-1, dtype=torch.float64)
+        )
+        pos = needed[:, j].nonzero().flatten() if needed is not None else torch.arange(T)
         if pos.numel():
+            pj = as_distribution(members[j, pos], "members")  # [t, V] float64
             moments[pos, j] = abs_moments(public[pos], pj, max_order)
             member_target[pos, j] = pj.gather(1, targets[pos, None]).squeeze(1)
-        if rows is not None and rows.numel() < T:
-            rest = torch.ones(T, dtype=torch.bool)
-            rest[rows] = False
-            rest_pos = rest.nonzero().flatten()
-            pr = members[j, rest_pos].to(torch.float64)
-            member_target[rest_pos, j] = pr.gather(1, targets[rest_pos, None]).squeeze(1) / pr.sum(-1)
     return moments, member_target
 
 

@@ -1,12 +1,14 @@
 """Calibration: from a target (epsilon, delta, T, N, q[, alpha]) to the mechanism's parameters,
 and the inverse (how many queries fit a budget). docs/privacy.md, section 5.
 
-The radii follow one shape, that of a Gaussian (eq. (K1)):
+The radii follow one shape, that of a Gaussian with a tail factor s >= 1 (eq. (K1)):
 
-    tau_k = t**k * E|Z|**k,   Z ~ N(0, 1),   k = 2..alpha,
+    tau_k = t**k * E|Z|**k * s**(k-2),   Z ~ N(0, 1),   k = 2..alpha,
 
-so (B2) reads "lam_i * (p_i/p_0 - 1) has its k-th absolute moment under p_0 no larger than a
-N(0, t^2) variable's". The scale t is the largest for which T queries, composed additively
+so with s = 1, (B2) reads "lam_i * (p_i/p_0 - 1) has its k-th absolute moment under p_0 no larger
+than a N(0, t^2) variable's"; s > 1 gives the higher orders (whose coefficients in (R3) are
+smaller, c^k) more room, for the heavy tails of language-model ratios. The shape is a public
+constant (never fitted to private data). The scale t is the largest for which T queries, composed additively
 (Mironov 2017, Proposition 1), stay within epsilon at the best order (eq. (C1)); it is found by
 bisection that keeps the feasible end. With ``alpha=None`` the order 3..32 giving the largest t
 is chosen. The order alpha is also the largest order the projection enforces (K = alpha).
@@ -30,6 +32,7 @@ from pmixed.privacy.mixture_bound import query_rdp
 from pmixed.privacy.params import MechanismParams, check_ensemble
 
 DEFAULT_LAM_MAX = 0.75
+DEFAULT_TAIL = 1.0
 AUTO_ALPHAS = range(2, 33)
 SAFETY = 1e-12  # relative margin kept below the target epsilon against rounding
 
@@ -39,9 +42,9 @@ def gaussian_abs_moment(k: int) -> float:
     return math.exp(0.5 * k * math.log(2.0) + math.lgamma((k + 1) / 2.0) - 0.5 * math.log(math.pi))
 
 
-def radii_for_scale(alpha: int, scale: float) -> tuple[float, ...]:
-    """tau_k = scale^k E|Z|^k for k = 2..alpha (eq. (K1))."""
-    return tuple(scale**k * gaussian_abs_moment(k) for k in range(2, alpha + 1))
+def radii_for_scale(alpha: int, scale: float, tail: float = 1.0) -> tuple[float, ...]:
+    """tau_k = scale^k E|Z|^k tail^(k-2) for k = 2..alpha (eq. (K1))."""
+    return tuple(scale**k * gaussian_abs_moment(k) * tail ** (k - 2) for k in range(2, alpha + 1))
 
 
 def check_queries(queries: int, field: str = "queries") -> None:
@@ -74,13 +77,13 @@ class Calibration:
         return epsilon_after(self.params, queries, self.delta)
 
 
-def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max):
+def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0):
     """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries."""
     if rdp_budget(epsilon, delta, alpha) <= 0.0:
         return None
 
     def make(scale: float) -> MechanismParams:
-        return MechanismParams(ensemble_size, sample_rate, lam_max, radii_for_scale(alpha, scale))
+        return MechanismParams(ensemble_size, sample_rate, lam_max, radii_for_scale(alpha, scale, tail))
 
     def fits(scale: float) -> bool:
         return epsilon_after(make(scale), queries, delta) <= epsilon * (1.0 - SAFETY)
@@ -113,6 +116,7 @@ def calibrate(
     sample_rate: float,
     alpha: float | None = None,
     lam_max: float = DEFAULT_LAM_MAX,
+    tail: float = DEFAULT_TAIL,
 ) -> Calibration:
     """Mechanism parameters meeting (epsilon, delta) after ``query_budget`` queries.
 
@@ -126,12 +130,14 @@ def calibrate(
     check_alpha(alpha)
     if not (isinstance(lam_max, (int, float)) and 0.0 < lam_max <= 1.0):
         raise ConfigError("lam_max", f"must lie in (0, 1], got {lam_max!r}")
+    if not (isinstance(tail, (int, float)) and math.isfinite(tail) and tail >= 1.0):
+        raise ConfigError("tail", f"must be a number >= 1, got {tail!r}")
     if sample_rate >= 1.0 and lam_max >= 1.0:
         raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
     candidates = [int(alpha)] if alpha is not None else list(AUTO_ALPHAS)
     best: MechanismParams | None = None
     for a in candidates:
-        params = _params_at(a, epsilon, delta, query_budget, ensemble_size, sample_rate, lam_max)
+        params = _params_at(a, epsilon, delta, query_budget, ensemble_size, sample_rate, lam_max, tail)
         if params is not None and (best is None or scale_of(params) > scale_of(best)):
             best = params
     if best is None:
