@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pmixed.errors import BudgetExhausted
-from pmixed.mechanism.divergence import as_distribution
+from pmixed.mechanism.divergence import check_distribution_rows
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.subsample import sample_token
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
@@ -63,7 +63,11 @@ class EnsembleRuntime:
         """Next-token probabilities [B, T, V] float32 for rows ``adapter_ids`` over ``input_ids`` [B, T]."""
         ids = torch.as_tensor(list(adapter_ids), dtype=torch.long)
         out = self.stacked(input_ids, ids, use_cache=False)
-        return torch.softmax(out.logits.float(), dim=-1)
+        x = out.logits if out.logits.dtype == torch.float32 else out.logits.float()  # [B, T, V]
+        del out
+        # softmax in place: no second [B, T, V] buffer
+        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+        return x.div_(x.sum(dim=-1, keepdim=True))
 
     @torch.no_grad()
     def block_stats(
@@ -85,8 +89,9 @@ class EnsembleRuntime:
         n = self.n_members if members is None else members
         inputs, targets = block[None, :-1], block[1:]  # [1, T], [T]
         T = targets.shape[0]
-        public = as_distribution(self.probs(inputs, [PUBLIC])[0], "public")  # [T, V]
-        public_target = public.gather(1, targets[:, None]).squeeze(1)
+        public = self.probs(inputs, [PUBLIC])[0]  # [T, V] float32, kept in float32
+        public_total = check_distribution_rows(public, "public")  # [T, 1] float64
+        public_target = public.gather(1, targets[:, None]).squeeze(1).double() / public_total.squeeze(1)
         extra_target = {}
         for name in extras:
             p = self.probs(inputs, [self.extra_index[name]])[0].double()
@@ -97,7 +102,7 @@ class EnsembleRuntime:
             ids = list(range(s, min(n, s + chunk)))
             rows = self.probs(inputs.expand(len(ids), -1), ids)  # [c, T, V]
             need = None if needed is None else needed[:, s : s + len(ids)]
-            mom, mt = member_stats(public, rows, targets, max_order, need)
+            mom, mt = member_stats(public, rows, targets, max_order, need, public_total)
             moments[:, s : s + len(ids)] = mom
             member_target[:, s : s + len(ids)] = mt
             del rows

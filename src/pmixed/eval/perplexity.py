@@ -84,13 +84,22 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def _draws(setup: Setup, run: int, B: int, T: int, n_total: int, seed: int) -> torch.Tensor:
-    """The run's Poisson draws over the first ``queries`` positions: bool [B, T, n_total]."""
+def _draws(setup: Setup, run: int, B: int, T: int, n_total: int, seed: int, scored: int) -> torch.Tensor:
+    """The run's Poisson draws over the first ``scored`` positions: bool [B, T, n_total]."""
     g = torch.Generator().manual_seed(_seed(seed, setup.name, run))
     flat = torch.zeros(B * T, n_total, dtype=torch.bool)
-    u = torch.rand(setup.queries, setup.members, generator=g, dtype=torch.float64)
-    flat[: setup.queries, : setup.members] = u < setup.sample_rate
+    u = torch.rand(scored, setup.members, generator=g, dtype=torch.float64)
+    flat[:scored, : setup.members] = u < setup.sample_rate
     return flat.reshape(B, T, n_total)
+
+
+def _fresh_ledger(ledger_dir: Path | None, name: str, s: Setup) -> Ledger:
+    if ledger_dir is None:
+        return Ledger(":memory:", epsilon=s.epsilon, delta=s.delta)
+    path = ledger_dir / f"{name}.ledger"
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    return Ledger(path, epsilon=s.epsilon, delta=s.delta)
 
 
 def _ppl(nll_sum: float, count: int) -> float:
@@ -138,7 +147,8 @@ def run_evaluation(
                             f"hold {Q} scored positions ({B} blocks x {T})")
         if s.members > N:
             raise DataError(f"setup {s.name!r} needs {s.members} members; the ensemble has {N}")
-    masks = {(s.name, r): _draws(s, r, B, T, N, seed) for s in setups for r in range(s.runs)}
+    scored = max([s.queries for s in setups], default=Q)
+    masks = {(s.name, r): _draws(s, r, B, T, N, seed, scored) for s in setups for r in range(s.runs)}
     needed = torch.zeros(B, T, N, dtype=torch.bool)
     for m in masks.values():
         needed |= m
@@ -160,7 +170,6 @@ def run_evaluation(
             logp[e].append(torch.log(p))
     t_forward = time.perf_counter() - t0
 
-    scored = max([s.queries for s in setups], default=Q)
     flat = {name: torch.cat(v)[:scored] for name, v in logp.items()}
     models = {name: {"ppl": _ppl(-float(v.sum()), scored), "positions": scored} for name, v in flat.items()}
     t1 = time.perf_counter()
@@ -171,36 +180,35 @@ def run_evaluation(
     for s in tqdm(setups, desc="PMixED runs", disable=not progress or len(setups) < 2):
         ppls, lam_means, empty, binding = [], [], [], {}
         spent = []
+        # every setup is scored on the same `scored` positions; a setup whose budget T is smaller
+        # covers them in consecutive windows of T queries, each window a fresh budget (a session)
+        windows = math.ceil(scored / s.queries)
         for r in range(s.runs):
-            # a fresh budget per run (the paper's protocol): a new ledger, charged before release
-            if ledger_dir is not None:
-                path = ledger_dir / f"{_safe(s.name)}-run{r:03d}.ledger"
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(path) + suffix).unlink(missing_ok=True)
-                ledger = Ledger(path, epsilon=s.epsilon, delta=s.delta)
-            else:
-                ledger = Ledger(":memory:", epsilon=s.epsilon, delta=s.delta)
-            with ledger:
-                charge = RdpCharge.for_queries(s.params, count=s.queries, orders=ledger.orders, label=s.name)
-                receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
-                spent.append(receipt.epsilon_spent)
+            for w in range(windows):
+                count = min(s.queries, scored - w * s.queries)
+                # a fresh budget per run (the paper's protocol): a new ledger, charged before release
+                name = f"{_safe(s.name)}-run{r:03d}" + (f"-w{w:03d}" if windows > 1 else "")
+                with _fresh_ledger(ledger_dir, name, s) as ledger:
+                    charge = RdpCharge.for_queries(s.params, count=count, orders=ledger.orders, label=s.name)
+                    receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
+                    spent.append(receipt.epsilon_spent)
             total, lam_sum, lam_n, n_empty = 0.0, 0.0, 0, 0
             for b in range(B):
-                mask = masks[(s.name, r)][b, :, : s.members]  # [T, n]
-                scored = min(T, max(0, s.queries - b * T))
-                if scored == 0:
+                n_b = min(T, max(0, scored - b * T))  # scored positions in this block
+                if n_b == 0:
                     break
-                probs, lam = released_target_probs(stats[b], mask, s.params)
-                total -= float(torch.log(probs[:scored]).sum())
-                drawn = ~torch.isnan(lam[:scored])
-                lam_sum += float(lam[:scored][drawn].sum())
+                mask = masks[(s.name, r)][b, :n_b, : s.members]  # [n_b, n]
+                probs, lam = released_target_probs(stats[b], masks[(s.name, r)][b, :, : s.members], s.params)
+                total -= float(torch.log(probs[:n_b]).sum())
+                drawn = ~torch.isnan(lam[:n_b])
+                lam_sum += float(lam[:n_b][drawn].sum())
                 lam_n += int(drawn.sum())
-                n_empty += int((~mask[:scored].any(dim=1)).sum())
-                for k, c in zip(*torch.unique(binding_order(stats[b], mask[:scored], s.params), return_counts=True)):
+                n_empty += int((~mask.any(dim=1)).sum())
+                for k, c in zip(*torch.unique(binding_order(stats[b], mask, s.params), return_counts=True)):
                     binding[int(k)] = binding.get(int(k), 0) + int(c)
-            ppls.append(_ppl(total, s.queries))
+            ppls.append(_ppl(total, scored))
             lam_means.append(lam_sum / lam_n if lam_n else float("nan"))
-            empty.append(n_empty / s.queries)
+            empty.append(n_empty / scored)
         mean = sum(ppls) / len(ppls)
         std = math.sqrt(sum((p - mean) ** 2 for p in ppls) / (len(ppls) - 1)) if len(ppls) > 1 else 0.0
         out.append({
@@ -220,7 +228,8 @@ def run_evaluation(
             "ppl_mean": mean,
             "ppl_std": std,
             "ppl_runs": ppls,
-            "public_ppl_same_positions": _ppl(-float(flat["public"][: s.queries].sum()), s.queries),
+            "positions": scored,
+            "sessions_per_run": windows,
             "epsilon_spent": max(spent),
             "mean_lambda": sum(lam_means) / len(lam_means),
             "empty_draw_fraction": sum(empty) / len(empty),

@@ -15,6 +15,16 @@ import torch
 EPS_NORMALISE = 0.0
 
 
+def check_distribution_rows(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
+    """Validate probabilities without copying them; returns the float64 row sums [..., 1]."""
+    total = p.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    if p.numel() and (not bool((p.amin(dim=-1) >= 0).all()) or not bool(torch.isfinite(total).all())):
+        raise ValueError(f"{name} must hold finite, non-negative probabilities")
+    if bool((total <= 0).any()):
+        raise ValueError(f"{name} has a row with zero total mass")
+    return total
+
+
 def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
     """Validate probabilities (any float dtype) and renormalise them in float64 along the last dim.
 
@@ -27,12 +37,8 @@ def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor
         raise TypeError(f"{name} must be a floating-point tensor of probabilities, got {p.dtype}")
     if not p.numel():
         return p.to(torch.float64)
-    total = p.sum(dim=-1, keepdim=True, dtype=torch.float64)
     # amin propagates nan; +inf shows in the (float64) total; -inf and negatives in the min
-    if not bool((p.amin(dim=-1) >= 0).all()) or not bool(torch.isfinite(total).all()):
-        raise ValueError(f"{name} must hold finite, non-negative probabilities")
-    if bool((total <= 0).any()):
-        raise ValueError(f"{name} has a row with zero total mass")
+    total = check_distribution_rows(p, name)
     # one float64 copy, then an in-place division (a mixed-dtype division is ~3x slower on CPU);
     # float32 -> float64 is exact, so this is p.double() / p.double().sum(-1)
     out = p.to(torch.float64, copy=True)

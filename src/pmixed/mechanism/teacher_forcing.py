@@ -41,14 +41,22 @@ class BlockStats:
         return self.moments.shape[-1] + 1
 
 
+def public_rows(public: torch.Tensor, public_total: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``pos`` of the public distribution, renormalised in float64 [t, V]."""
+    rows = public[pos].to(torch.float64, copy=True)
+    return rows.div_(public_total[pos]) if public_total is not None else rows
+
+
 def member_stats(
     public: torch.Tensor, members: torch.Tensor, targets: torch.Tensor, max_order: int,
-    needed: torch.Tensor | None = None,
+    needed: torch.Tensor | None = None, public_total: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments and target probabilities of a chunk of members over one block.
 
-    public [T, V] (float64, normalised), members [c, T, V] (any float), targets [T] long,
-    needed [T, c] bool (pairs whose moments are wanted; default all).
+    public [T, V]: float64 and normalised, or (with ``public_total`` [T, 1] float64, its row sums)
+    the raw probabilities in any float dtype — only the rows in use are then converted, so a
+    float32 [T, V] is never copied whole to float64. members [c, T, V] (any float), targets [T]
+    long, needed [T, c] bool (pairs whose moments are wanted; default all).
     Returns moments [T, c, K-1] (nan where not needed) and member_target [T, c].
     """
     c, T, V = members.shape
@@ -65,7 +73,7 @@ def member_stats(
         pos = needed[:, j].nonzero().flatten() if needed is not None else torch.arange(T)
         if pos.numel():
             pj = as_distribution(members[j, pos], "members")  # [t, V] float64
-            moments[pos, j] = abs_moments(public[pos], pj, max_order)
+            moments[pos, j] = abs_moments(public_rows(public, public_total, pos), pj, max_order)
             member_target[pos, j] = pj.gather(1, targets[pos, None]).squeeze(1)
     return moments, member_target
 
