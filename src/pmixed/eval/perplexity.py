@@ -179,6 +179,7 @@ def run_evaluation(
         ledger_dir.mkdir(parents=True, exist_ok=True)
     for s in tqdm(setups, desc="PMixED runs", disable=not progress or len(setups) < 2):
         ppls, lam_means, empty, binding = [], [], [], {}
+        lam_hist = torch.zeros(20, dtype=torch.long)  # lambda of every drawn pair, 20 bins on [0, 1]
         spent = []
         # every setup is scored on the same `scored` positions; a setup whose budget T is smaller
         # covers them in consecutive windows of T queries, each window a fresh budget (a session)
@@ -202,6 +203,7 @@ def run_evaluation(
                 total -= float(torch.log(probs[:n_b]).sum())
                 drawn = ~torch.isnan(lam[:n_b])
                 lam_sum += float(lam[:n_b][drawn].sum())
+                lam_hist += torch.histc(lam[:n_b][drawn].float(), bins=20, min=0.0, max=1.0).long()
                 lam_n += int(drawn.sum())
                 n_empty += int((~mask.any(dim=1)).sum())
                 for k, c in zip(*torch.unique(binding_order(stats[b], mask, s.params), return_counts=True)):
@@ -233,6 +235,7 @@ def run_evaluation(
             "epsilon_spent": max(spent),
             "mean_lambda": sum(lam_means) / len(lam_means),
             "empty_draw_fraction": sum(empty) / len(empty),
+            "lambda_histogram": lam_hist.tolist(),
             "binding_constraint": {("lam_max" if k == 1 else f"order {k}"): v for k, v in sorted(binding.items())},
         })
     t_mech = time.perf_counter() - t1

@@ -28,7 +28,7 @@ def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> li
         if key in models:
             label = LABELS[key]
             if key == "dpsgd" and dpsgd_epsilon is not None:
-                label += f" eps={dpsgd_epsilon:g}"
+                label += f" eps={dpsgd_epsilon:.3g}"
             rows.append({"model": label, "ppl": models[key]["ppl"], "std": None, "key": key})
     for s in result["pmixed"]:
         label = f"PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, T={s['queries']})"
@@ -70,7 +70,41 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "eval",
                         "" if r["gain_kept"] is None else r["gain_kept"]])
     paths["md"].write_text(markdown_table(rows))
     bar_chart(rows, paths["png"])
+    if result.get("pmixed"):
+        paths["lambda_png"] = out_dir / f"{stem}-lambda.png"
+        lambda_chart(result["pmixed"][0], paths["lambda_png"])
     return paths
+
+
+def lambda_chart(s: dict[str, Any], path: Path) -> None:
+    """Which bound binds: the mixing weights lambda of the drawn members, the constraint that set
+    each one, and the radius per order (docs/privacy.md eq. (B2), (K1))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    hist = s.get("lambda_histogram") or []
+    if hist:
+        edges = [i / len(hist) for i in range(len(hist))]
+        axes[0].bar(edges, hist, width=1 / len(hist), align="edge", color="tab:red")
+    axes[0].axvline(s["lam_max"], color="k", linestyle="--", label=f"lam_max = {s['lam_max']:g}")
+    axes[0].set_xlabel("mixing weight lambda of a drawn member")
+    axes[0].set_ylabel("drawn (position, member) pairs")
+    axes[0].legend(fontsize=8)
+    bind = s.get("binding_constraint", {})
+    axes[1].bar(list(bind), list(bind.values()), color="tab:blue")
+    axes[1].set_title("constraint that set lambda")
+    orders = list(range(2, 2 + len(s["radii"])))
+    axes[2].semilogy(orders, s["radii"], marker="o")
+    axes[2].set_xticks(orders)
+    axes[2].set_xlabel("order k")
+    axes[2].set_ylabel("tau_k (moment radius)")
+    axes[2].set_title(f"radius per order (alpha={s['alpha']}, N={s['members']}, q={s['sample_rate']:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
