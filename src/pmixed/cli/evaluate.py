@@ -156,7 +156,7 @@ def demo_cmd(
     con.print(Path(res["outputs"]["md"]).read_text())
     con.print(f"plot: {res['outputs']['png']}")
     _, runtime = load_runtime(cfg, progress=False)
-    g = step("generate", lambda: generate(cfg, prompt, 40, 1.0, cfg.output_dir / "ledgers" / "demo-generate.ledger",
+    g = step("generate", lambda: generate(cfg, prompt, 40, 0.7, cfg.output_dir / "ledgers" / "demo-generate.ledger",
                                           None, runtime))
     con.print(f"[bold]private continuation[/bold] (each token one PMixED query, epsilon spent "
               f"{g.epsilon_spent:.3f}):\n[bold]{g.prompt}[/bold]{g.text}")
