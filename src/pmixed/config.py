@@ -17,17 +17,13 @@ import hashlib
 import json
 import math
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pmixed.errors import ConfigError
-
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 __all__ = [
     "RunSection",
@@ -469,6 +465,12 @@ def config_from_dict(data: Mapping[str, Any], *, source_path: str | None = None)
             raise ConfigError(key, f"unknown table; allowed tables: {', '.join(_SECTIONS)}")
     sections = {name: _build_section(name, data[name]) for name in _SECTIONS if name in data}
     return RunConfig(**sections, source_path=source_path)
+
+
+def load_run_config(path: str | os.PathLike[str], output_dir: str | os.PathLike[str] | None = None) -> RunConfig:
+    """:func:`load_config`, with ``run.output_dir`` overridden when ``output_dir`` is given (CLI -o)."""
+    cfg = load_config(path)
+    return cfg if output_dir is None else cfg.replace(run__output_dir=str(output_dir))
 
 
 def load_config(path: str | os.PathLike[str]) -> RunConfig:

@@ -49,11 +49,12 @@ def test_reference_betas_pinned():
     st.floats(0.005, 1.0),
     st.one_of(st.none(), st.integers(2, 12)),
     st.floats(0.1, 0.95),
+    st.floats(1.0, 30.0),
 )
-def test_never_overshoots(eps, delta, T, N, q, alpha, lam_max):
+def test_never_overshoots(eps, delta, T, N, q, alpha, lam_max, tail):
     try:
         cal = calibrate(epsilon=eps, delta=delta, query_budget=T, ensemble_size=N, sample_rate=q,
-                        alpha=alpha, lam_max=lam_max)
+                        alpha=alpha, lam_max=lam_max, tail=tail)
     except ConfigError:
         return  # infeasible at that order: refused, not miscalibrated
     assert epsilon_after(cal.params, T, delta) <= eps
@@ -74,6 +75,7 @@ def test_never_overshoots(eps, delta, T, N, q, alpha, lam_max):
         (dict(alpha=1.0), "alpha"),
         (dict(query_budget=0), "query_budget"),
         (dict(sample_rate=1.0, lam_max=1.0), "lam_max"),
+        (dict(tail=0.5), "tail"),
     ],
 )
 def test_invalid_inputs_name_the_field(kwargs, field):

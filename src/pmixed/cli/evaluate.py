@@ -8,17 +8,10 @@ from pathlib import Path
 
 import typer
 
+from pmixed.config import load_run_config
+
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run configuration (TOML).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-
-
-def _load(config: Path, output_dir: Path | None = None):
-    from pmixed.config import load_config
-
-    cfg = load_config(config)
-    if output_dir is not None:
-        cfg = cfg.replace(run__output_dir=str(output_dir))
-    return cfg
 
 
 def _console():
@@ -35,7 +28,7 @@ def eval_cmd(
     """Teacher-forced perplexity: public, fine-tuned, DP-SGD, ensemble average and PMixED."""
     from pmixed.eval.runner import evaluate_config
 
-    cfg = _load(config, output_dir)
+    cfg = load_run_config(config, output_dir)
     res = evaluate_config(cfg, progress=not quiet)
     con = _console()
     con.print(Path(res["outputs"]["md"]).read_text())
@@ -60,7 +53,7 @@ def sweep_cmd(
     from pmixed.errors import ConfigError
     from pmixed.eval.runner import sweep_config
 
-    cfg = _load(config, output_dir)
+    cfg = load_run_config(config, output_dir)
     vals = None
     if values is not None:
         if len(param) != 1:
@@ -86,7 +79,7 @@ def generate_cmd(
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o"),
 ) -> None:
     """Generate privately: every token is one PMixED query, charged to the durable ledger first."""
-    res = generate(_load(config, output_dir), prompt, max_new_tokens, temperature, ledger, seed)
+    res = generate(load_run_config(config, output_dir), prompt, max_new_tokens, temperature, ledger, seed)
     con = _console()
     con.print(f"[bold]{res.prompt}[/bold]{res.text}")
     con.print(f"({len(res.token_ids)} tokens, stopped: {res.stopped}; ledger epsilon spent {res.epsilon_spent:.4f})")
@@ -130,7 +123,7 @@ def demo_cmd(
 
     con = _console()
     t0 = time.perf_counter()
-    cfg = _load(config)
+    cfg = load_run_config(config)
     needed = {"builtin:sotu": "sotu", "builtin:spam-ham": "spam-assassin", "builtin:brown": "brown"}
     names = sorted({needed[s] for s in (cfg.data.source, cfg.public_pretrain.corpus) if s in needed}
                    | ({"smollm2-135m"} if cfg.model.base == "builtin:smollm2-135m" else set()))

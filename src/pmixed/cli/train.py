@@ -13,20 +13,13 @@ from pathlib import Path
 
 import typer
 
+from pmixed.config import load_run_config
+
 app = typer.Typer(no_args_is_help=True)
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="Run configuration (TOML).", exists=False)
 OutOpt = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir.")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-
-
-def _load(config: Path, output_dir: Path | None):
-    from pmixed.config import load_config
-
-    cfg = load_config(config)
-    if output_dir is not None:
-        cfg = cfg.replace(run__output_dir=str(output_dir))
-    return cfg
 
 
 def _say(msg: str) -> None:
@@ -40,7 +33,7 @@ def ensemble(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = 
     """Fine-tune one LoRA adapter per part of the private data (resumable)."""
     from pmixed.train.ensemble import train_ensemble
 
-    cfg = _load(config, output_dir)
+    cfg = load_run_config(config, output_dir)
     res = train_ensemble(cfg, progress=not quiet)
     if res.manifest is not None:
         losses = [m["final_train_loss"] for m in res.manifest["members"]]
@@ -56,7 +49,7 @@ def finetune(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = 
     """Non-private baseline: one LoRA adapter on all parts together (saved to finetune/)."""
     from pmixed.train.finetune import train_finetune
 
-    cfg = _load(config, output_dir)
+    cfg = load_run_config(config, output_dir)
     rec = train_finetune(cfg, progress=not quiet)
     _say(
         f"[bold]finetune[/bold] {rec['steps']} steps, train loss {rec['first_train_loss']:.3f} -> "
@@ -69,7 +62,7 @@ def dpsgd(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = Qui
     """DP-SGD baseline with Opacus (saved to dpsgd/ with dpsgd.json)."""
     from pmixed.train.dpsgd import train_dpsgd
 
-    cfg = _load(config, output_dir)
+    cfg = load_run_config(config, output_dir)
     rec = train_dpsgd(cfg, progress=not quiet)
     _say(
         f"[bold]dp-sgd[/bold] epsilon={rec['epsilon']:.3f} (target {rec['target_epsilon']}), "
@@ -84,7 +77,7 @@ def pretrain(config: Path = ConfigOpt, quiet: bool = QuietOpt) -> None:
     """Build (or find cached) the builtin:tiny-gpt2 base from [public_pretrain]."""
     from pmixed.models.tiny_gpt2 import ensure_tiny_gpt2
 
-    cfg = _load(config, None)
+    cfg = load_run_config(config, None)
     t0 = time.perf_counter()
     path = ensure_tiny_gpt2(cfg.public_pretrain, progress=not quiet)
     metrics = json.loads((path / "pretrain.json").read_text())

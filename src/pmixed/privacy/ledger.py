@@ -611,7 +611,7 @@ def _create_schema(conn: sqlite3.Connection, epsilon: float, delta: float, order
                 epsilon,
                 delta,
                 json.dumps(list(orders)),
-                _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
                 _package_version(),
             ),
         )
