@@ -25,6 +25,13 @@ def check_distribution_rows(p: torch.Tensor, name: str = "distribution") -> torc
     return total
 
 
+def normalised_rows(p: torch.Tensor, total: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
+    """Rows ``pos`` of ``p`` divided by their float64 totals ([..., 1], from
+    :func:`check_distribution_rows`; None when ``p`` is already normalised) -> [t, V] float64."""
+    rows = p[pos].to(torch.float64, copy=True)
+    return rows.div_(total[pos]) if total is not None else rows
+
+
 def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
     """Validate probabilities (any float dtype) and renormalise them in float64 along the last dim.
 

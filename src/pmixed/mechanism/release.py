@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from pmixed.mechanism.divergence import as_distribution
+from pmixed.mechanism.divergence import as_distribution, check_distribution_rows, normalised_rows
 from pmixed.mechanism.projection import mixing_weights, project
 from pmixed.privacy.params import MechanismParams
 
@@ -56,11 +56,7 @@ def release_rows(
     if not public.is_floating_point():
         raise TypeError(f"public must be a floating-point tensor of probabilities, got {public.dtype}")
     # validate and take totals in the input dtype; never materialise a float64 [P, V] copy
-    tot0 = public.sum(dim=-1, keepdim=True, dtype=torch.float64)  # [P, 1]
-    if P and (not bool((public.amin(dim=-1) >= 0).all()) or not bool(torch.isfinite(tot0).all())):
-        raise ValueError("public must hold finite, non-negative probabilities")
-    if bool((tot0 <= 0).any()):
-        raise ValueError("public has a row with zero total mass")
+    tot0 = check_distribution_rows(public, "public")  # [P, 1] float64
     R = member_rows.shape[0]
     counts = torch.bincount(row_position, minlength=P).to(torch.float64)  # [P]
     lam = torch.empty(R, dtype=torch.float64, device=dev)
@@ -73,7 +69,7 @@ def release_rows(
         rows = slice(s, min(R, s + ROW_CHUNK))
         pos = row_position[rows]  # [r]
         pm = as_distribution(member_rows[rows], "members")  # [r, V]
-        base = torch.div(public[pos], tot0[pos])  # [r, V] float64, = as_distribution(public)[pos]
+        base = normalised_rows(public, tot0, pos)  # [r, V] float64, = as_distribution(public)[pos]
         lam_c = mixing_weights(base, pm, params)  # [r]
         lam[rows] = lam_c
         if targets is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pmixed.mechanism.divergence import abs_moments, as_distribution
+from pmixed.mechanism.divergence import abs_moments, as_distribution, normalised_rows
 from pmixed.mechanism.projection import lambdas_from_moments
 from pmixed.privacy.params import MechanismParams
 
@@ -39,12 +39,6 @@ class BlockStats:
     @property
     def max_order(self) -> int:
         return self.moments.shape[-1] + 1
-
-
-def public_rows(public: torch.Tensor, public_total: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-    """Rows ``pos`` of the public distribution, renormalised in float64 [t, V]."""
-    rows = public[pos].to(torch.float64, copy=True)
-    return rows.div_(public_total[pos]) if public_total is not None else rows
 
 
 def member_stats(
@@ -73,7 +67,7 @@ def member_stats(
         pos = needed[:, j].nonzero().flatten() if needed is not None else torch.arange(T)
         if pos.numel():
             pj = as_distribution(members[j, pos], "members")  # [t, V] float64
-            moments[pos, j] = abs_moments(public_rows(public, public_total, pos), pj, max_order)
+            moments[pos, j] = abs_moments(normalised_rows(public, public_total, pos), pj, max_order)
             member_target[pos, j] = pj.gather(1, targets[pos, None]).squeeze(1)
     return moments, member_target
 
