@@ -94,20 +94,55 @@ class EnsembleRuntime:
         public_target = public.gather(1, targets[:, None]).squeeze(1).double() / public_total.squeeze(1)
         extra_target = {}
         for name in extras:
-            p = self.probs(inputs, [self.extra_index[name]])[0].double()
-            extra_target[name] = p.gather(1, targets[:, None]).squeeze(1) / p.sum(-1)
+            p = self.probs(inputs, [self.extra_index[name]])[0]  # [T, V] float32
+            extra_target[name] = p.gather(1, targets[:, None]).squeeze(1).double() / p.sum(-1, dtype=torch.float64)
+            del p
         moments = torch.empty(T, n, max_order - 1, dtype=torch.float64)
         member_target = torch.empty(T, n, dtype=torch.float64)
         for s in range(0, n, chunk):
             ids = list(range(s, min(n, s + chunk)))
-            rows = self.probs(inputs.expand(len(ids), -1), ids)  # [c, T, V]
             need = None if needed is None else needed[:, s : s + len(ids)]
-            mom, mt = member_stats(public, rows, targets, max_order, need, public_total)
+            mom, mt = self._member_stats(inputs, ids, targets, public, public_total, need, max_order)
             moments[:, s : s + len(ids)] = mom
             member_target[:, s : s + len(ids)] = mt
-            del rows
         stats = BlockStats(moments, member_target, public_target)
         return stats, extra_target, member_target.mean(dim=1)
+
+    def _split_head(self):
+        """(backbone, head) when the logits are exactly head(backbone(x)[0]); None otherwise
+        (models with logit soft-capping or scaling use the whole forward)."""
+        cfg = getattr(self.model, "config", None)
+        if any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")):
+            return None
+        backbone = getattr(self.model, "base_model", None)
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        if backbone is None or backbone is self.model or head is None:
+            return None
+        return backbone, head
+
+    def _member_stats(self, inputs, ids, targets, public, public_total, need, max_order, positions: int = 64):
+        """Moments and target probabilities of members ``ids`` over one block. The LM head runs
+        on ``positions`` positions at a time, so a member's [T, V] distribution is never held."""
+        c, T = len(ids), targets.shape[0]
+        split = self._split_head()
+        if split is None:
+            rows = self.probs(inputs.expand(c, -1), ids)  # [c, T, V]
+            return member_stats(public, rows, targets, max_order, need, public_total)
+        backbone, head = split
+        moments = torch.empty(T, c, max_order - 1, dtype=torch.float64)
+        member_target = torch.empty(T, c, dtype=torch.float64)
+        with self.stacked.rows(torch.as_tensor(ids, dtype=torch.long)):
+            hidden = backbone(input_ids=inputs.expand(c, -1), use_cache=False)[0]  # [c, T, H]
+            for a in range(0, T, positions):
+                sl = slice(a, min(T, a + positions))
+                x = head(hidden[:, sl]).float()  # [c, t, V]
+                x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+                x.div_(x.sum(dim=-1, keepdim=True))
+                mom, mt = member_stats(public[sl], x, targets[sl], max_order,
+                                       None if need is None else need[sl], public_total[sl])
+                moments[sl], member_target[sl] = mom, mt
+        return moments, member_target
 
 
 @dataclass
