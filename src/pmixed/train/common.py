@@ -203,6 +203,17 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+def publish_folder(tmp: Path, out: Path, record_name: str, record: dict[str, Any]) -> None:
+    """Write ``record`` into the staged folder ``tmp``, then move it into place as ``out`` (an
+    interrupted run never leaves a half-written adapter where a finished one is expected)."""
+    import shutil
+
+    atomic_write_json(tmp / record_name, record)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)

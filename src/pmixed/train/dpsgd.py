@@ -27,12 +27,12 @@ import torch
 from pmixed.config import RunConfig
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
-    atomic_write_json,
     derive_seed,
     load_base,
     make_lora_config,
     package_versions,
     prepare_data,
+    publish_folder,
     set_threads,
     sha256_file,
     write_partition_files,
@@ -204,9 +204,6 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
         "seconds": round(time.perf_counter() - t0, 2),
         "versions": package_versions(),
     }
-    atomic_write_json(tmp / "dpsgd.json", record)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    publish_folder(tmp, out, "dpsgd.json", record)
     peft_model.unload()
     return record

@@ -17,12 +17,12 @@ import torch
 from pmixed.config import RunConfig
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
-    atomic_write_json,
     derive_seed,
     load_base,
     make_lora_config,
     package_versions,
     prepare_data,
+    publish_folder,
     set_threads,
     sha256_file,
     write_partition_files,
@@ -106,10 +106,7 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
             "seconds": round(time.perf_counter() - t0, 2),
             "versions": package_versions(),
         }
-        atomic_write_json(tmp / "finetune.json", record)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        publish_folder(tmp, out, "finetune.json", record)
         return record
     finally:
         model.unload()
