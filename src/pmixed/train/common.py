@@ -175,6 +175,40 @@ def make_lora_config(cfg: RunConfig, model) -> Any:
     )
 
 
+def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | None,
+             desc: str, progress: bool = True):
+    """Wrap ``base_model`` in a fresh LoRA adapter (initialised from ``seed``) and fit it on
+    ``blocks`` with the ``[train]`` schedule. Returns ``(peft_model, FitResult)``; the caller
+    saves and then unloads the adapter (the base weights are never modified)."""
+    import torch
+    from peft import get_peft_model
+
+    from pmixed.models.lm import fit_causal_lm
+
+    torch.manual_seed(seed)  # LoRA init (A: kaiming-uniform, B: zeros) and LoRA dropout
+    model = get_peft_model(base_model, make_lora_config(cfg, base_model))
+    t = cfg.train
+    try:
+        fit = fit_causal_lm(
+            model,
+            blocks,
+            epochs=t.epochs,
+            lr=t.lr,
+            batch_size=t.batch_size,
+            weight_decay=t.weight_decay,
+            max_steps=max_steps,
+            warmup_steps=t.warmup_steps,
+            grad_clip=t.grad_clip,
+            seed=seed,
+            progress=progress,
+            desc=desc,
+        )
+    except BaseException:
+        model.unload()  # leave the base untouched when training fails
+        raise
+    return model, fit
+
+
 def sha256_file(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -41,8 +41,8 @@ from pmixed.train.common import (
     BaseInfo,
     atomic_write_json,
     derive_seed,
+    fit_lora,
     load_base,
-    make_lora_config,
     package_versions,
     prepare_data,
     read_json,
@@ -203,32 +203,11 @@ def _train_member(
     dist_info: _Dist,
     progress: bool,
 ) -> dict[str, Any]:
-    import torch
-    from peft import get_peft_model
-
-    from pmixed.models.lm import fit_causal_lm
-
     seed = derive_seed(cfg.run.seed, "member", index)
-    torch.manual_seed(seed)  # LoRA init (A: kaiming-uniform, B: zeros) and LoRA dropout
-    peft_model = get_peft_model(base.model, make_lora_config(cfg, base.model))
+    desc = f"{member_name(index)} (rank {dist_info.rank})" if dist_info.active else member_name(index)
+    peft_model, fit = fit_lora(cfg, base.model, blocks, seed=seed, max_steps=cfg.train.max_steps,
+                               desc=desc, progress=progress)
     try:
-        t = cfg.train
-        fit = fit_causal_lm(
-            peft_model,
-            blocks,
-            epochs=t.epochs,
-            lr=t.lr,
-            batch_size=t.batch_size,
-            weight_decay=t.weight_decay,
-            max_steps=t.max_steps,
-            warmup_steps=t.warmup_steps,
-            grad_clip=t.grad_clip,
-            seed=seed,
-            progress=progress,
-            desc=f"{member_name(index)} (rank {dist_info.rank})"
-            if dist_info.active
-            else member_name(index),
-        )
         members = out / "members"
         members.mkdir(parents=True, exist_ok=True)
         final = members / member_name(index)

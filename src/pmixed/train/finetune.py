@@ -12,14 +12,12 @@ import shutil
 import time
 from typing import Any
 
-import torch
-
 from pmixed.config import RunConfig
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
     derive_seed,
+    fit_lora,
     load_base,
-    make_lora_config,
     package_versions,
     prepare_data,
     publish_folder,
@@ -33,9 +31,7 @@ __all__ = ["train_finetune"]
 
 def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dict[str, Any]:
     """Train the non-private LoRA baseline into ``<output_dir>/finetune/``; returns its record."""
-    from peft import get_peft_model
 
-    from pmixed.models.lm import fit_causal_lm
     from pmixed.train.dpsgd import all_blocks
 
     t0 = time.perf_counter()
@@ -58,25 +54,11 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
     ppl = {"train_sample_ppl_before": perplexity(base.model, probe_train)}
     if probe_eval.size(0):
         ppl["eval_ppl_before"] = perplexity(base.model, probe_eval)
-    torch.manual_seed(seed)
-    model = get_peft_model(base.model, make_lora_config(cfg, base.model))
+    # the same number of passes over all the data as each member makes over its part
+    t = cfg.train
+    model, fit = fit_lora(cfg, base.model, blocks, seed=seed, desc="finetune", progress=progress,
+                          max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts)
     try:
-        t = cfg.train
-        fit = fit_causal_lm(
-            model,
-            blocks,
-            epochs=t.epochs,
-            lr=t.lr,
-            batch_size=t.batch_size,
-            weight_decay=t.weight_decay,
-            # the same number of passes over all the data as each member makes over its part
-            max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts,
-            warmup_steps=t.warmup_steps,
-            grad_clip=t.grad_clip,
-            seed=seed,
-            progress=progress,
-            desc="finetune",
-        )
         ppl["train_sample_ppl_after"] = perplexity(model, probe_train)
         if probe_eval.size(0):
             ppl["eval_ppl_after"] = perplexity(model, probe_eval)
