@@ -17,14 +17,17 @@ Timed, with the same inputs and the same Poisson draws for both sides:
     (c) ours, one block:      PMixED.release_rows over P positions with targets (teacher forcing),
                               rows = the (position, member) pairs of PMixED.draw_block
     (c') ours, evaluation path: what EnsembleRuntime.block_stats does after the forwards
-                              (as_distribution(public), member_stats over all N members in chunks
+                              (row_totals(public), member_stats over all N members in chunks
                               of 4 [4, P, V] with needed = the draw mask) + released_target_probs.
                               The [4, P, V] chunk is ONE synthetic template reused for every chunk
                               (the data do not change the cost; 80 x 512 x V would not fit)
     (d) naive, one block:     P separate naive_release calls (timed on a subset of positions and
                               scaled linearly when --naive-positions < P; the output says so)
-    (e) floors:               one float64 pass over [m, V] (members.double().sum()), the same over
-                              the block's rows + public, and the public-only release (m = 0)
+    (e) floors:               one read of the inputs (members [m, V] + public [V], summed in their
+                              own dtype), the same over the block's rows + public, and the
+                              public-only release (m = 0). naive / floor is the largest speedup
+                              ANY implementation that reads its inputs once could show; where it
+                              is below a target, the target cannot be met on this machine.
 
 The naive side is the ORIGINAL code's style (scipy bisect for beta per query and for lam per drawn
 member, float64 casts inside every divergence, .item() per step; see naive_reference.py), at
@@ -54,7 +57,7 @@ except ImportError:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from naive_reference import ALPHA, naive_block, naive_release, rdp_budget  # noqa: E402
-from pmixed.mechanism.divergence import as_distribution  # noqa: E402
+from pmixed.mechanism.pairs import row_totals  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats, released_target_probs  # noqa: E402
 
@@ -185,13 +188,13 @@ def eval_path(mech: PMixED, public: torch.Tensor, template: torch.Tensor, target
     K = mech.params.max_order
     P, N = mask.shape
     c = template.shape[0]
-    pub = as_distribution(public, "public")  # [P, V] float64, as block_stats does
-    pub_t = pub.gather(1, targets[:, None]).squeeze(1)
+    tot = row_totals(public, "public")  # [P] float64, as block_stats does (public stays float32)
+    pub_t = public.gather(1, targets[:, None]).squeeze(1).double() / tot
     moments = torch.empty(P, N, K - 1, dtype=torch.float64)
     member_target = torch.empty(P, N, dtype=torch.float64)
     for s in range(0, N, c):
         e = min(N, s + c)
-        mom, mt = member_stats(pub, template[: e - s], targets, K, mask[:, s:e])
+        mom, mt = member_stats(public, template[: e - s], targets, K, mask[:, s:e], tot)
         moments[:, s:e] = mom
         member_target[:, s:e] = mt
     return released_target_probs(BlockStats(moments, member_target, pub_t), mask, mech.params)
@@ -224,7 +227,7 @@ def run_regime(args, regime: str, device: torch.device, mech: PMixED, nv: dict) 
             "naive_token": lambda: naive_release(public, fixed, **nv),
             "ours_poisson": ours_poisson,
             "naive_poisson": naive_poisson,
-            "floor_pass": lambda: fixed.double().sum(),
+            "floor_pass": lambda: (fixed.sum(), public.sum()),
             "ours_public_only": lambda: mech.release(public, empty),
         },
         args.repeats,
@@ -253,7 +256,7 @@ def run_regime(args, regime: str, device: torch.device, mech: PMixED, nv: dict) 
         "naive_block_subset": lambda: naive_block(
             bpub, rows, row_position, **nv, targets=targets, positions=sub
         ),
-        "floor_block_pass": lambda: (rows.double().sum(), bpub.double().sum()),
+        "floor_block_pass": lambda: (rows.sum(), bpub.sum()),
     }
     if template is not None:
         fns["ours_eval_path"] = lambda: eval_path(mech, bpub, template, targets, mask)
@@ -297,6 +300,8 @@ def run_regime(args, regime: str, device: torch.device, mech: PMixED, nv: dict) 
         "speedup_block": block["naive_block"] / block["ours_block"],
         "ours_over_floor_token": token["ours_token"] / token["floor_pass"],
         "ours_over_floor_block": block["ours_block"] / block["floor_block_pass"],
+        "ceiling_token": token["naive_token"] / token["floor_pass"],
+        "ceiling_block": block["naive_block"] / block["floor_block_pass"],
         "checks": {
             "ours_sum": float(ours_d.sum()),
             "naive_sum": float(naive_d.sum()),
@@ -417,9 +422,9 @@ def main(argv=None) -> dict:
                 ms["naive_block"],
                 ms["naive_block_per_token"],
             ),
-            ("(e) floor: float64 pass [m,V]", ms["floor_pass_mV"], ms["floor_pass_mV"]),
+            ("(e) floor: one read of [m,V] + [V]", ms["floor_pass_mV"], ms["floor_pass_mV"]),
             (
-                "(e) floor: float64 pass block",
+                "(e) floor: one read of the block",
                 ms["floor_block_pass"],
                 ms["floor_block_pass"] / args.positions,
             ),
@@ -445,6 +450,7 @@ def main(argv=None) -> dict:
             )
         print(
             f"{r['regime']:6} ours / floor: token {r['ours_over_floor_token']:.1f}x, block {r['ours_over_floor_block']:.1f}x;"
+            f" ceiling (naive / floor): token {r['ceiling_token']:.1f}x, block {r['ceiling_block']:.1f}x;"
             f" checks {r['checks']}"
         )
         print(

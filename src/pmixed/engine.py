@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pmixed.errors import BudgetExhausted
-from pmixed.mechanism.divergence import check_distribution_rows
+from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.subsample import sample_token
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
@@ -90,8 +90,8 @@ class EnsembleRuntime:
         inputs, targets = block[None, :-1], block[1:]  # [1, T], [T]
         T = targets.shape[0]
         public = self.probs(inputs, [PUBLIC])[0]  # [T, V] float32, kept in float32
-        public_total = check_distribution_rows(public, "public")  # [T, 1] float64
-        public_target = public.gather(1, targets[:, None]).squeeze(1).double() / public_total.squeeze(1)
+        public_total = row_totals(public, "public")  # [T] float64
+        public_target = public.gather(1, targets[:, None]).squeeze(1).double() / public_total
         extra_target = {}
         for name in extras:
             p = self.probs(inputs, [self.extra_index[name]])[0]  # [T, V] float32

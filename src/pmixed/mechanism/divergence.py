@@ -89,7 +89,7 @@ def abs_moments(public: torch.Tensor, members: torch.Tensor, max_order: int) -> 
         cols = [torch.linalg.vecdot(w, ad)]
         for _ in range(3, max_order + 1):
             cols.append(torch.linalg.vecdot(w.mul_(ad), ad))  # E p_0 |d|^k
-        return torch.nan_to_num(torch.stack(cols, dim=-1), nan=torch.inf)
+        return torch.nan_to_num(torch.stack(cols, dim=-1), nan=torch.inf, posinf=torch.inf)
     pos = public > 0
     ratio = torch.where(pos, members / torch.where(pos, public, torch.ones_like(public)), 0.0)
     d = ratio.sub_(1.0)  # [..., V]; entries with p_0 == 0 are masked below
@@ -103,4 +103,4 @@ def abs_moments(public: torch.Tensor, members: torch.Tensor, max_order: int) -> 
     out = torch.stack(cols, dim=-1)  # [..., K-1]
     escaped = ((~pos) & (members > 0)).any(dim=-1, keepdim=True)  # [..., 1]
     out = torch.where(escaped, torch.full_like(out, torch.inf), out)
-    return torch.nan_to_num(out, nan=torch.inf)
+    return torch.nan_to_num(out, nan=torch.inf, posinf=torch.inf)

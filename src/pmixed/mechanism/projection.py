@@ -11,8 +11,10 @@ relative margin (1e-9) shrinks lam against the rounding of a_k in float64 (charg
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from pmixed.mechanism import fused
 from pmixed.mechanism.divergence import abs_moments
 from pmixed.privacy.params import MechanismParams
 
@@ -24,6 +26,12 @@ def lambdas_from_moments(moments: torch.Tensor, params: MechanismParams) -> torc
     K = params.max_order
     if moments.shape[-1] != K - 1:
         raise ValueError(f"expected {K - 1} moments (orders 2..{K}), got {moments.shape[-1]}")
+    if moments.device.type == "cpu" and fused.enabled():  # the same rules in one compiled loop
+        flat = moments.reshape(-1, K - 1).to(torch.float64).contiguous().numpy()
+        out = np.empty(flat.shape[0], dtype=np.float64)
+        fused.lambdas(flat, np.log(np.asarray(params.radii, dtype=np.float64)),
+                      params.lam_max * (1.0 - MARGIN), MARGIN, out)
+        return torch.from_numpy(out).reshape(moments.shape[:-1])
     taus = torch.tensor(params.radii, dtype=torch.float64, device=moments.device)  # [K-1]
     ks = torch.arange(2, K + 1, dtype=torch.float64, device=moments.device)  # [K-1]
     a = moments * (1.0 + MARGIN)

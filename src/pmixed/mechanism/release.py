@@ -9,29 +9,48 @@ float64 and deterministic given the inputs.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from pmixed.mechanism.divergence import as_distribution, check_distribution_rows, normalised_rows
-from pmixed.mechanism.projection import mixing_weights, project
+from pmixed.mechanism import fused
+from pmixed.mechanism.divergence import as_distribution
+from pmixed.mechanism.pairs import ROW_CHUNK, mix, pair_moments, raise_status, row_totals, use_fused
+from pmixed.mechanism.projection import MARGIN, lambdas_from_moments, project
 from pmixed.privacy.params import MechanismParams
-
-ROW_CHUNK = 4  # member rows handled at once: [4, V] float64 temporaries stay in cache (16 was 2.6x slower per row)
 
 
 def release(public: torch.Tensor, members: torch.Tensor, params: MechanismParams) -> torch.Tensor:
     """public [V], members [m, V] (the drawn members; m may be 0) -> [V] float64."""
-    p0 = as_distribution(public, "public")
-    if p0.dim() != 1:
-        raise ValueError(f"public must be [V], got shape {tuple(public.shape)}")
-    if members.dim() != 2 or members.shape[-1] != p0.shape[-1]:
-        raise ValueError(f"members must be [m, V] with V={p0.shape[-1]}, got {tuple(members.shape)}")
+    if not torch.is_tensor(public) or public.dim() != 1:
+        raise ValueError(f"public must be a [V] tensor, got {getattr(public, 'shape', type(public))}")
+    if members.dim() != 2 or members.shape[-1] != public.shape[-1]:
+        raise ValueError(f"members must be [m, V] with V={public.shape[-1]}, got {tuple(members.shape)}")
+    if not members.is_floating_point() and members.shape[0]:
+        raise TypeError(f"members must be a floating-point tensor of probabilities, got {members.dtype}")
+    if use_fused(public, members):  # one compiled call: validation, moments, lam, mix
+        return _release_fused(public, members, params)
     if members.shape[0] == 0:
-        return p0
-    pm = as_distribution(members, "members")  # [m, V]
-    lam = mixing_weights(p0.unsqueeze(0), pm, params)  # [m]
-    m = pm.shape[0]
-    # mean_i (lam_i p_i + (1 - lam_i) p_0) = sum_i (lam_i / m) p_i + (1 - mean(lam)) p_0: one matvec
-    return torch.addcmul((lam / m) @ pm, p0, 1.0 - lam.mean())
+        return as_distribution(public, "public")
+    pub = public[None]  # [1, V]
+    tot0 = row_totals(pub, "public")  # [1]
+    m = members.shape[0]
+    rows = torch.arange(m, device=members.device)
+    moments, tot = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, params.max_order)
+    lam = lambdas_from_moments(moments, params)  # [m]
+    return mix(public, tot0, members, tot, lam)
+
+
+def _release_fused(public: torch.Tensor, members: torch.Tensor, params: MechanismParams) -> torch.Tensor:
+    m, V = members.shape
+    out = np.empty(V, dtype=np.float64)
+    mstatus = np.zeros(m, dtype=np.int64)
+    lam = np.empty(m, dtype=np.float64)
+    log_taus = np.log(np.asarray(params.radii, dtype=np.float64))
+    pstatus = fused.release_one(public.detach().contiguous().numpy(), members.detach().contiguous().numpy(),
+                                log_taus, params.lam_max * (1.0 - MARGIN), MARGIN, out, mstatus, lam)
+    raise_status(np.asarray([pstatus]), "public")
+    raise_status(mstatus, "members")
+    return torch.from_numpy(out)
 
 
 def release_rows(
@@ -53,34 +72,26 @@ def release_rows(
     """
     P, V = public.shape
     dev = public.device
-    if not public.is_floating_point():
-        raise TypeError(f"public must be a floating-point tensor of probabilities, got {public.dtype}")
-    # validate and take totals in the input dtype; never materialise a float64 [P, V] copy
-    tot0 = check_distribution_rows(public, "public")  # [P, 1] float64
+    tot0 = row_totals(public, "public")  # [P] float64; no float64 copy of public
     R = member_rows.shape[0]
+    rows = torch.arange(R, device=member_rows.device)
+    moments, tot = pair_moments(public, tot0, member_rows, row_position, rows, params.max_order)
+    lam = lambdas_from_moments(moments, params)  # [R]
     counts = torch.bincount(row_position, minlength=P).to(torch.float64)  # [P]
-    lam = torch.empty(R, dtype=torch.float64, device=dev)
-    if targets is None:
-        acc = torch.zeros(P, V, dtype=torch.float64, device=dev)
-    else:
-        acc = torch.zeros(P, dtype=torch.float64, device=dev)
-        p0_t = torch.div(public.gather(1, targets[:, None]), tot0).squeeze(1)  # [P] float64
-    for s in range(0, R, ROW_CHUNK):
-        rows = slice(s, min(R, s + ROW_CHUNK))
-        pos = row_position[rows]  # [r]
-        pm = as_distribution(member_rows[rows], "members")  # [r, V]
-        base = normalised_rows(public, tot0, pos)  # [r, V] float64, = as_distribution(public)[pos]
-        lam_c = mixing_weights(base, pm, params)  # [r]
-        lam[rows] = lam_c
-        if targets is None:
-            acc.index_add_(0, pos, project(base, pm, lam_c))
-        else:
-            t = targets[pos]
-            picked = lam_c * pm.gather(1, t[:, None]).squeeze(1) + (1 - lam_c) * p0_t[pos]
-            acc.index_add_(0, pos, picked)
     drawn = counts > 0
-    if targets is None:
-        out = torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], torch.div(public, tot0))
-    else:
-        out = torch.where(drawn, acc / counts.clamp(min=1), p0_t)
-    return out, lam
+    if targets is not None:
+        p0_t = public.gather(1, targets[:, None]).squeeze(1).to(torch.float64) / tot0  # [P]
+        t = targets[row_position]  # [R]
+        pt = member_rows.gather(1, t[:, None]).squeeze(1).to(torch.float64) / tot  # [R]
+        picked = lam * pt + (1 - lam) * p0_t[row_position]  # [R]
+        acc = torch.zeros(P, dtype=torch.float64, device=dev).index_add_(0, row_position, picked)
+        return torch.where(drawn, acc / counts.clamp(min=1), p0_t), lam
+    acc = torch.zeros(P, V, dtype=torch.float64, device=dev)
+    for s in range(0, R, ROW_CHUNK):
+        c = slice(s, min(R, s + ROW_CHUNK))
+        pos = row_position[c]  # [r]
+        pm = member_rows[c].to(torch.float64).div_(tot[c, None])  # [r, V]
+        base = public[pos].to(torch.float64).div_(tot0[pos, None])  # [r, V]
+        acc.index_add_(0, pos, project(base, pm, lam[c]))
+    p0 = public.to(torch.float64).div_(tot0[:, None])
+    return torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], p0), lam

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pmixed.mechanism.divergence import abs_moments, as_distribution, normalised_rows
+from pmixed.mechanism.pairs import pair_moments, row_totals
 from pmixed.mechanism.projection import lambdas_from_moments
 from pmixed.privacy.params import MechanismParams
 
@@ -47,29 +47,27 @@ def member_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Moments and target probabilities of a chunk of members over one block.
 
-    public [T, V]: float64 and normalised, or (with ``public_total`` [T, 1] float64, its row sums)
-    the raw probabilities in any float dtype — only the rows in use are then converted, so a
-    float32 [T, V] is never copied whole to float64. members [c, T, V] (any float), targets [T]
-    long, needed [T, c] bool (pairs whose moments are wanted; default all).
-    Returns moments [T, c, K-1] (nan where not needed) and member_target [T, c].
+    public [T, V]: the public probabilities in any float dtype (never copied whole to float64);
+    public_total [T, 1] or [T] float64 its validated row sums (computed here when None).
+    members [c, T, V] (any float), targets [T] long, needed [T, c] bool (pairs whose moments are
+    wanted; default all).
+    Returns moments [T, c, K-1] (nan where not needed) and member_target [T, c]: every pair's
+    renormalised target probability p_i(y_t) = x_i(y_t) / T_i (the non-private ensemble average
+    uses them all), from the same validated float64 totals the mechanism uses.
     """
     c, T, V = members.shape
+    ptot = row_totals(public, "public") if public_total is None else public_total.reshape(-1)
+    flat = members.reshape(c * T, V)  # row j*T + t = member j at position t
+    tot = row_totals(flat, "members")  # [c*T]
+    t_idx = targets.repeat(c)  # [c*T]
+    member_target = (flat.gather(1, t_idx[:, None]).squeeze(1).to(torch.float64) / tot).reshape(c, T).T
+    if needed is None:
+        needed = torch.ones(T, c, dtype=torch.bool)
+    pos, mem = needed.nonzero(as_tuple=True)  # sorted by position
     moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64)
-    member_target = torch.empty(T, c, dtype=torch.float64)
-    for j in range(c):
-        # every pair's target probability (the non-private ensemble average uses them all): a
-        # float32 gather and a float64 row sum, no float64 copy of the member; the drawn pairs are
-        # overwritten below from the exact float64 renormalisation the mechanism uses
-        member_target[:, j] = (
-            members[j].gather(1, targets[:, None]).squeeze(1).double()
-            / members[j].sum(-1, dtype=torch.float64)
-        )
-        pos = needed[:, j].nonzero().flatten() if needed is not None else torch.arange(T)
-        if pos.numel():
-            pj = as_distribution(members[j, pos], "members")  # [t, V] float64
-            moments[pos, j] = abs_moments(normalised_rows(public, public_total, pos), pj, max_order)
-            member_target[pos, j] = pj.gather(1, targets[pos, None]).squeeze(1)
-    return moments, member_target
+    mom, _ = pair_moments(public, ptot, flat, pos, mem * T + pos, max_order, member_total=tot)
+    moments[pos, mem] = mom
+    return moments, member_target.contiguous()
 
 
 def released_target_probs(
