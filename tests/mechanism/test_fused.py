@@ -165,3 +165,17 @@ def test_bad_rows_are_refused(bad, message, kernels, monkeypatch):
     bad_pub = mem[1].clone()
     with pytest.raises(ValueError, match=message):
         release(bad_pub, mem[:1], params())
+
+
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_out_of_range_positions_are_refused(kernels, monkeypatch):
+    """The compiled kernels do not bounds-check; the wrapper must."""
+    monkeypatch.setenv("PMIXED_KERNELS", kernels)
+    pub = torch.softmax(torch.randn(3, 10), -1)
+    mem = torch.softmax(torch.randn(2, 10), -1)
+    with pytest.raises(IndexError):
+        release_rows(pub, mem, torch.tensor([0, 3]), params())
+    with pytest.raises(IndexError):
+        release_rows(pub, mem, torch.tensor([-1, 0]), params())
+    with pytest.raises(IndexError):
+        pair_moments(pub, row_totals(pub, "public"), mem, torch.tensor([0, 1]), torch.tensor([0, 2]), 4)

@@ -131,7 +131,7 @@ if AVAILABLE:
         """Moments of (position, member row) pairs.
 
         public [P, V] (any float), ptot [P] float64 its row sums, members [M, V] (any float),
-        pos [R] int64, rows [R] int64 (row of ``members`` paired with ``pos``), mtot [R] float64
+        pos [R] int64 (any order), rows [R] int64 (row of ``members`` paired with ``pos``), mtot [R] float64
         the members' row sums (from ``rows_check``) -> out [R, K-1] float64 (inf: no finite ball).
         """
         K1 = out.shape[1]

@@ -26,6 +26,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def check_index(idx: torch.Tensor, size: int, name: str) -> None:
+    """The compiled kernels do not bounds-check: every index must lie in [0, size)."""
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise IndexError(f"{name} holds an index outside [0, {size})")
+
+
 def raise_status(status: np.ndarray, name: str) -> None:
     if (status == fused.BAD_VALUES).any():
         raise ValueError(f"{name} must hold finite, non-negative probabilities")
@@ -42,6 +48,8 @@ def row_totals(p: torch.Tensor, name: str, idx: torch.Tensor | None = None) -> t
     if not use_fused(p):
         rows = p if idx is None else p[idx]
         return check_distribution_rows(rows, name).reshape(-1)
+    if idx is not None:
+        check_index(idx, p.shape[0], "row index")
     ix = np.arange(p.shape[0], dtype=np.int64) if idx is None else _np(idx.to(torch.int64))
     tot = np.empty(ix.shape[0], dtype=np.float64)
     status = np.empty(ix.shape[0], dtype=np.int64)
@@ -62,7 +70,7 @@ def pair_moments(
     """a_2..a_K of member row ``rows[r]`` against public row ``pos[r]``, both renormalised.
 
     public [P, V] (any float), public_total [P] float64 (from ``row_totals``), members [M, V],
-    pos [R], rows [R] long, member_total [M] float64 (optional: the members' row totals; the
+    pos [R] long (any order), rows [R] long, member_total [M] float64 (optional: the members' row totals; the
     used rows are validated here otherwise).
     Returns (moments [R, K-1] float64, inf where no finite ball holds the member; totals [R]).
     """
@@ -76,19 +84,12 @@ def pair_moments(
         return torch.empty(0, max_order - 1, dtype=torch.float64), mt
     ptot = public_total.reshape(-1).to(torch.float64)
     if use_fused(public, members):
-        order = None
-        if R > 1 and not bool((pos[1:] >= pos[:-1]).all()):
-            order = torch.argsort(pos, stable=True)
-            pos, rows, mt_sorted = pos[order], rows[order], mt[order]
-        else:
-            mt_sorted = mt
+        check_index(pos, public.shape[0], "position index")
+        check_index(rows, members.shape[0], "member row index")
         out = np.empty((R, max_order - 1), dtype=np.float64)
         fused.pair_moments(_np(public), _np(ptot), _np(members), _np(pos.to(torch.int64)),
-                           _np(rows.to(torch.int64)), _np(mt_sorted), out)
-        moments = torch.from_numpy(out)
-        if order is not None:
-            moments = torch.empty_like(moments).index_copy_(0, order, moments)
-        return moments, mt
+                           _np(rows.to(torch.int64)), _np(mt), out)
+        return torch.from_numpy(out), mt
     moments = torch.empty(R, max_order - 1, dtype=torch.float64, device=public.device)
     for s in range(0, R, ROW_CHUNK):
         c = slice(s, min(R, s + ROW_CHUNK))

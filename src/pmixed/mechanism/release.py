@@ -14,7 +14,15 @@ import torch
 
 from pmixed.mechanism import fused
 from pmixed.mechanism.divergence import as_distribution
-from pmixed.mechanism.pairs import ROW_CHUNK, mix, pair_moments, raise_status, row_totals, use_fused
+from pmixed.mechanism.pairs import (
+    ROW_CHUNK,
+    check_index,
+    mix,
+    pair_moments,
+    raise_status,
+    row_totals,
+    use_fused,
+)
 from pmixed.mechanism.projection import MARGIN, lambdas_from_moments, project
 from pmixed.privacy.params import MechanismParams
 
@@ -72,8 +80,12 @@ def release_rows(
     """
     P, V = public.shape
     dev = public.device
-    tot0 = row_totals(public, "public")  # [P] float64; no float64 copy of public
     R = member_rows.shape[0]
+    if member_rows.dim() != 2 or member_rows.shape[-1] != V or row_position.shape != (R,):
+        raise ValueError(f"member_rows must be [R, {V}] and row_position [R], got "
+                         f"{tuple(member_rows.shape)} and {tuple(row_position.shape)}")
+    check_index(row_position, P, "row_position")
+    tot0 = row_totals(public, "public")  # [P] float64; no float64 copy of public
     rows = torch.arange(R, device=member_rows.device)
     moments, tot = pair_moments(public, tot0, member_rows, row_position, rows, params.max_order)
     lam = lambdas_from_moments(moments, params)  # [R]
