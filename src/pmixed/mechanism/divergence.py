@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 import torch
 
-EPS_NORMALISE = 0.0
-
 
 def check_distribution_rows(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
     """Validate probabilities without copying them; returns the float64 row sums [..., 1]."""
@@ -23,13 +21,6 @@ def check_distribution_rows(p: torch.Tensor, name: str = "distribution") -> torc
     if bool((total <= 0).any()):
         raise ValueError(f"{name} has a row with zero total mass")
     return total
-
-
-def normalised_rows(p: torch.Tensor, total: torch.Tensor | None, pos: torch.Tensor) -> torch.Tensor:
-    """Rows ``pos`` of ``p`` divided by their float64 totals ([..., 1], from
-    :func:`check_distribution_rows`; None when ``p`` is already normalised) -> [t, V] float64."""
-    rows = p[pos].to(torch.float64, copy=True)
-    return rows.div_(total[pos]) if total is not None else rows
 
 
 def as_distribution(p: torch.Tensor, name: str = "distribution") -> torch.Tensor:
