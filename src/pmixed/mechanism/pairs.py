@@ -83,9 +83,9 @@ def pair_moments(
     if R == 0:
         return torch.empty(0, max_order - 1, dtype=torch.float64), mt
     ptot = public_total.reshape(-1).to(torch.float64)
+    check_index(pos, public.shape[0], "position index")  # both paths: no negative wrap-around
+    check_index(rows, members.shape[0], "member row index")
     if use_fused(public, members):
-        check_index(pos, public.shape[0], "position index")
-        check_index(rows, members.shape[0], "member row index")
         out = np.empty((R, max_order - 1), dtype=np.float64)
         fused.pair_moments(_np(public), _np(ptot), _np(members), _np(pos.to(torch.int64)),
                            _np(rows.to(torch.int64)), _np(mt), out)
