@@ -16,7 +16,6 @@ from pmixed.mechanism import fused
 from pmixed.mechanism.divergence import as_distribution
 from pmixed.mechanism.pairs import (
     ROW_CHUNK,
-    check_index,
     mix,
     pair_moments,
     raise_status,
@@ -84,7 +83,6 @@ def release_rows(
     if member_rows.dim() != 2 or member_rows.shape[-1] != V or row_position.shape != (R,):
         raise ValueError(f"member_rows must be [R, {V}] and row_position [R], got "
                          f"{tuple(member_rows.shape)} and {tuple(row_position.shape)}")
-    check_index(row_position, P, "row_position")
     tot0 = row_totals(public, "public")  # [P] float64; no float64 copy of public
     rows = torch.arange(R, device=member_rows.device)
     moments, tot = pair_moments(public, tot0, member_rows, row_position, rows, params.max_order)
