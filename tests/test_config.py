@@ -56,6 +56,7 @@ def test_paper_config_matches_reference_section_3():
         ("lora", {"target_modules": []}, "lora.target_modules"),
         ("lora", {"target_modules": "c_attn"}, "lora.target_modules"),
         ("train", {"lr": -1.0}, "train.lr"),
+        ("train", {"finetune_lr": 0}, "train.finetune_lr"),
         ("train", {"batch_size": 2.5}, "train.batch_size"),
         ("train", {"max_steps": 0}, "train.max_steps"),
         ("data", {"n_parts": 0}, "data.n_parts"),

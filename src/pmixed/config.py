@@ -261,6 +261,7 @@ class TrainConfig:
     warmup_steps: int = 0
     grad_clip: float | None = 1.0
     log_every: int = 10
+    finetune_lr: float | None = None  # the fine-tune baseline's learning rate; None: ``lr``
 
     def __post_init__(self) -> None:
         _num("train.epochs", self.epochs, gt=0)
@@ -273,6 +274,8 @@ class TrainConfig:
         if self.grad_clip is not None:
             _num("train.grad_clip", self.grad_clip, gt=0)
         _int("train.log_every", self.log_every, lo=1)
+        if self.finetune_lr is not None:
+            _num("train.finetune_lr", self.finetune_lr, gt=0)
 
 
 @dataclass(frozen=True)

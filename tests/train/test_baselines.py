@@ -19,13 +19,14 @@ def _run_cli(args):
 
 
 def test_finetune_cli_trains_and_lowers_loss(tiny_base, tiny_records, tmp_path):
+    from pmixed.config import load_config
+    from pmixed.train.common import baseline_mismatch
+
     out = tmp_path / "run"
-    cfg = write_toml(
-        tiny_config_dict(
-            tiny_base, tiny_records, out, train__max_steps=30, train__lr=2e-2, train__epochs=10
-        ),
-        tmp_path / "c.toml",
-    )
+    # the members' rate is too small to move anything: the fit below is finetune_lr's doing
+    settings = dict(train__max_steps=30, train__lr=1e-9, train__finetune_lr=2e-2, train__epochs=10)
+    cfg = write_toml(tiny_config_dict(tiny_base, tiny_records, out, **settings), tmp_path / "c.toml")
+    assert baseline_mismatch(load_config(cfg), "finetune") == ["not trained yet"]
     _run_cli(["train", "finetune", "--config", str(cfg), "--quiet"])
     rec = json.loads((out / "finetune" / "finetune.json").read_text())
     assert (out / "finetune" / "adapter_model.safetensors").is_file()
@@ -35,6 +36,18 @@ def test_finetune_cli_trains_and_lowers_loss(tiny_base, tiny_records, tmp_path):
     assert rec["train_sample_ppl_after"] < 0.95 * rec["train_sample_ppl_before"]
     assert rec["final_train_loss"] < rec["first_train_loss"]
     assert rec["eval_ppl_before"] > 0 and rec["eval_ppl_after"] > 0
+    assert rec["train"]["finetune_lr"] == 2e-2
+
+    # the demo reuses it only while the config still describes it
+    assert baseline_mismatch(load_config(cfg), "finetune") == []
+    other = write_toml(tiny_config_dict(tiny_base, tiny_records, out, **(settings | {"train__finetune_lr": 1e-2})),
+                       tmp_path / "other.toml")
+    assert baseline_mismatch(load_config(other), "finetune") == ["[train] differs (finetune_lr)"]
+    other = write_toml(tiny_config_dict(tiny_base, tiny_records, out, lora__r=3, **settings), tmp_path / "r.toml")
+    assert baseline_mismatch(load_config(other), "finetune") == ["[lora] differs"]
+    weights = out / "finetune" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    assert baseline_mismatch(load_config(cfg), "finetune") == ["adapter weights do not match their record"]
 
 
 def test_dpsgd_cli_reports_opacus_epsilon(tiny_base, tiny_records, tmp_path):
@@ -49,6 +62,13 @@ def test_dpsgd_cli_reports_opacus_epsilon(tiny_base, tiny_records, tmp_path):
     # calibrated for exactly the steps taken: Opacus' reported epsilon is at (or just under) target
     assert 0.8 * rec["target_epsilon"] <= rec["epsilon"] <= rec["target_epsilon"] * 1.01
     assert rec["delta"] == 1e-5 and 0 < rec["sample_rate"] <= 1
+
+    from pmixed.config import load_config
+    from pmixed.train.common import baseline_mismatch
+
+    assert baseline_mismatch(load_config(cfg), "dpsgd") == []
+    other = write_toml(tiny_config_dict(tiny_base, tiny_records, out, dpsgd__max_steps=4), tmp_path / "o.toml")
+    assert baseline_mismatch(load_config(other), "dpsgd") == ["[dpsgd] differs (max_steps)"]
 
 
 def test_dp_step_on_an_empty_poisson_batch_adds_noise_only(tiny_base):

@@ -101,6 +101,9 @@ def test_changed_settings_refuse_to_resume(trained):
     cfg, _ = trained
     with pytest.raises(EnsembleMismatch, match="other settings"):
         train_ensemble(cfg.replace(lora__r=3), progress=False)
+    # the fine-tune baseline's own rate does not touch a member: everything is reused
+    res = train_ensemble(cfg.replace(train__finetune_lr=1e-4), progress=False)
+    assert res.trained == [] and len(res.skipped) == cfg.data.n_parts
 
 
 def test_load_ensemble_verifies(trained, tiny_base, tmp_path):

@@ -37,6 +37,9 @@ def eval_cmd(
               f"{s['epsilon_spent']:.4f} <= {s['epsilon']}, mean lambda {s['mean_lambda']:.3f}, "
               f"empty draws {100 * s['empty_draw_fraction']:.1f}%, binding {s['binding_constraint']}")
     con.print(f"outputs: {res['outputs']['md']} {res['outputs']['png']} ({res['seconds']['total']:.1f}s)")
+    for name, why in res["baseline_warnings"].items():
+        con.print(f"warning: the {name} baseline does not match this config "
+                  f"({'; '.join(why)}): retrain it with `pmixed train {name}`", markup=False)
 
 
 def sweep_cmd(
@@ -117,6 +120,7 @@ def demo_cmd(
     privately generated continuation. Finished steps are reused on a second run."""
     from pmixed.assets import fetch_assets
     from pmixed.eval.runner import evaluate_config, load_runtime
+    from pmixed.train.common import baseline_mismatch
     from pmixed.train.dpsgd import train_dpsgd
     from pmixed.train.ensemble import train_ensemble
     from pmixed.train.finetune import train_finetune
@@ -139,11 +143,13 @@ def demo_cmd(
     step("assets", lambda: fetch_assets(names))
     step("ensemble", lambda: train_ensemble(cfg, progress=not quiet))
     for name, fn in (("finetune", train_finetune), ("dpsgd", train_dpsgd)):
-        record = cfg.output_dir / name / f"{name}.json"
-        if record.is_file():
-            con.print(f"{name}: reusing {record.parent}")
+        stale = baseline_mismatch(cfg, name)
+        if not stale:
+            con.print(f"{name}: reusing {cfg.output_dir / name}")
             steps[name] = 0.0
         else:
+            if stale != ["not trained yet"]:
+                con.print(f"{name}: retraining ({'; '.join(stale)})", markup=False)
             step(name, lambda fn=fn: fn(cfg, progress=not quiet))
     res = step("evaluate", lambda: evaluate_config(cfg, progress=not quiet))
     con.print(Path(res["outputs"]["md"]).read_text())

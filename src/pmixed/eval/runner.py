@@ -98,6 +98,7 @@ def _dpsgd_epsilon(cfg: Any) -> float | None:
 def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """`pmixed eval`: the table of the paper's comparison for this config."""
     from pmixed.eval.report import write_outputs
+    from pmixed.train.common import baseline_mismatch
 
     t0 = time.perf_counter()
     ens, runtime = load_runtime(cfg, progress=progress)
@@ -109,6 +110,8 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
         ledger_dir=cfg.output_dir / "ledgers" / "eval", progress=progress,
     ).to_dict()
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
+    res["baseline_warnings"] = {name: why for name in runtime.extra_index
+                                if (why := baseline_mismatch(cfg, name))}
     res["config"] = cfg.source_path
     res["machine"] = machine()
     res["seconds"]["total"] = time.perf_counter() - t0

@@ -176,9 +176,9 @@ def make_lora_config(cfg: RunConfig, model) -> Any:
 
 
 def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | None,
-             desc: str, progress: bool = True):
+             desc: str, progress: bool = True, lr: float | None = None):
     """Wrap ``base_model`` in a fresh LoRA adapter (initialised from ``seed``) and fit it on
-    ``blocks`` with the ``[train]`` schedule. Returns ``(peft_model, FitResult)``; the caller
+    ``blocks`` with the ``[train]`` schedule (``lr`` overrides ``[train] lr``). Returns ``(peft_model, FitResult)``; the caller
     saves and then unloads the adapter (the base weights are never modified)."""
     import torch
     from peft import get_peft_model
@@ -193,7 +193,7 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
             model,
             blocks,
             epochs=t.epochs,
-            lr=t.lr,
+            lr=t.lr if lr is None else lr,
             batch_size=t.batch_size,
             weight_decay=t.weight_decay,
             max_steps=max_steps,
@@ -207,6 +207,45 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
         model.unload()  # leave the base untouched when training fails
         raise
     return model, fit
+
+
+def baseline_mismatch(cfg: RunConfig, name: str) -> list[str]:
+    """Why the saved baseline ``<output_dir>/<name>/`` (``finetune`` or ``dpsgd``) does not match
+    ``cfg``: missing, or trained with other LoRA / training settings, another base model or
+    another partition than the ensemble in the same folder. Empty when it can be reused."""
+    folder = cfg.output_dir / name
+    rec_path, weights = folder / f"{name}.json", folder / ADAPTER_WEIGHTS
+    if not (rec_path.is_file() and weights.is_file()):
+        return ["not trained yet"]
+    try:
+        rec = read_json(rec_path)
+    except (OSError, ValueError) as err:
+        return [f"unreadable record {rec_path} ({err})"]
+    now = cfg.to_dict()
+    section = "train" if name == "finetune" else "dpsgd"
+    reasons = []
+    saved = dict(rec.get(section) or {})
+    if section == "train":
+        saved.setdefault("finetune_lr", None)  # records written before the field existed
+    if saved != now[section]:
+        changed = sorted(k for k in set(saved) | set(now[section]) if saved.get(k) != now[section].get(k))
+        reasons.append(f"[{section}] differs ({', '.join(changed)})")
+    if rec.get("lora") != now["lora"]:
+        reasons.append("[lora] differs")
+    manifest = folder.parent / "ensemble.json"
+    if manifest.is_file():
+        try:
+            ens = read_json(manifest)
+        except (OSError, ValueError):
+            ens = {}
+        if rec.get("partition", {}).get("sha256") != ens.get("partition", {}).get("sha256"):
+            reasons.append("trained on another partition than the ensemble")
+        if (rec.get("base_model", {}).get("weights_sha256")
+                != ens.get("base_model", {}).get("weights_sha256")):
+            reasons.append("trained on another base model than the ensemble")
+    if sha256_file(weights) != rec.get("adapter_sha256"):
+        reasons.append("adapter weights do not match their record")
+    return reasons
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -164,7 +164,8 @@ def _settings(cfg: RunConfig, base: BaseInfo, partition_sha: str) -> dict[str, A
         "partition_sha256": partition_sha,
         "block_size": cfg.data.block_size,
         "lora": dataclasses.asdict(cfg.lora) | {"target_modules": list(cfg.lora.target_modules)},
-        "train": dataclasses.asdict(cfg.train),
+        # finetune_lr only shapes the fine-tune baseline, not a member
+        "train": {k: v for k, v in dataclasses.asdict(cfg.train).items() if k != "finetune_lr"},
         "seed": cfg.run.seed,
     }
 

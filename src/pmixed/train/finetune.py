@@ -1,7 +1,8 @@
 """The non-private baseline: one LoRA adapter fine-tuned on all parts together.
 
 Same base, partition (held-out units excluded), LoRA shape and ``[train]`` settings as the
-ensemble members; saved as a PEFT adapter folder ``<output_dir>/finetune/`` with
+ensemble members (``[train] finetune_lr``, when set, replaces ``lr``: one model trained on all
+the data for N x the member step cap wants a lower rate than a member's few steps); saved as a PEFT adapter folder ``<output_dir>/finetune/`` with
 ``finetune.json`` (losses, hashes, settings). Not private: it is the upper reference line.
 """
 
@@ -57,7 +58,8 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
     # the same number of passes over all the data as each member makes over its part
     t = cfg.train
     model, fit = fit_lora(cfg, base.model, blocks, seed=seed, desc="finetune", progress=progress,
-                          max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts)
+                          max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts,
+                          lr=t.lr if t.finetune_lr is None else t.finetune_lr)
     try:
         ppl["train_sample_ppl_after"] = perplexity(model, probe_train)
         if probe_eval.size(0):
