@@ -33,6 +33,7 @@ __all__ = [
     "LoraSettings",
     "TrainConfig",
     "DPSGDConfig",
+    "DPSGDUnitConfig",
     "PrivacyConfig",
     "EvalConfig",
     "RunConfig",
@@ -314,6 +315,41 @@ class DPSGDConfig:
 
 
 @dataclass(frozen=True)
+class DPSGDUnitConfig:
+    """``[dpsgd_unit]``: DP-SGD at the privacy unit (user-level DP-SGD, McMahan et al. 2018).
+
+    Off unless ``enabled``. Each step Poisson-samples *units* (a speech, a sender: the
+    ``[data] unit``) at rate ``units_per_step / n_units``; each drawn unit contributes one
+    gradient (its mean loss over up to ``blocks_per_unit`` of its blocks) clipped to
+    ``max_grad_norm``; Gaussian noise; Opacus' accountant. The same unit as PMixED's parts.
+    """
+
+    enabled: bool = False
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    units_per_step: float = 8.0  # expected number of units drawn per step
+    blocks_per_unit: int = 4
+    max_grad_norm: float = 1.0
+    steps: int = 10
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError("dpsgd_unit.enabled", f"must be true or false, got {self.enabled!r}")
+        _num("dpsgd_unit.epsilon", self.epsilon, gt=0)
+        _num("dpsgd_unit.delta", self.delta, gt=0, lt=1)
+        _num("dpsgd_unit.units_per_step", self.units_per_step, gt=0)
+        _int("dpsgd_unit.blocks_per_unit", self.blocks_per_unit, lo=1)
+        _num("dpsgd_unit.max_grad_norm", self.max_grad_norm, gt=0)
+        _int("dpsgd_unit.steps", self.steps, lo=1)
+        _num("dpsgd_unit.lr", self.lr, gt=0)
+        _num("dpsgd_unit.weight_decay", self.weight_decay, ge=0)
+        _choice("dpsgd_unit.accountant", self.accountant, ("rdp", "prv", "gdp"))
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """``[privacy]``: the prediction-time budget of PMixED.
 
@@ -375,6 +411,7 @@ _SECTIONS: dict[str, type] = {
     "lora": LoraSettings,
     "train": TrainConfig,
     "dpsgd": DPSGDConfig,
+    "dpsgd_unit": DPSGDUnitConfig,
     "privacy": PrivacyConfig,
     "eval": EvalConfig,
 }
@@ -391,6 +428,7 @@ class RunConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     dpsgd: DPSGDConfig = field(default_factory=DPSGDConfig)
+    dpsgd_unit: DPSGDUnitConfig = field(default_factory=DPSGDUnitConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     source_path: str | None = field(default=None, compare=False)

@@ -33,9 +33,13 @@ def test_demo_reuses_matching_baselines_and_retrains_stale_ones(trained_run, tmp
     assert "Fine-tuned (non-private)" in text and "private continuation" in text
     before = (out / "finetune" / "finetune.json").read_text()
 
-    text = _demo(config("ft.toml", train__finetune_lr=3e-3))
+    text = _demo(config("ft.toml", train__finetune_lr=3e-3, dpsgd_unit__enabled=True,
+                        dpsgd_unit__units_per_step=2.0, dpsgd_unit__steps=2))
     assert "finetune: retraining ([train] differs (finetune_lr))" in text
     assert "dpsgd: reusing" in text
+    # the unit-level DP-SGD baseline is trained when enabled and gets its row in the table
+    assert (out / "dpsgd_unit" / "dpsgd_unit.json").is_file()
+    assert "| DP-SGD per user eps=" in text
     assert (out / "finetune" / "finetune.json").read_text() != before
 
     # `pmixed eval` does not retrain, but says when a baseline no longer matches the config
@@ -43,5 +47,6 @@ def test_demo_reuses_matching_baselines_and_retrains_stale_ones(trained_run, tmp
 
     result = CliRunner().invoke(app, ["eval", "--config", str(config("dp.toml", dpsgd__max_steps=2)), "--quiet"])
     assert result.exit_code == 0, (result.output, result.exception)
-    assert "warning: the dpsgd baseline does not match this config ([dpsgd] differs (max_steps))" in " ".join(
-        result.output.split())
+    said = " ".join(result.output.split())
+    assert "warning: the dpsgd baseline does not match this config ([dpsgd] differs (max_steps))" in said
+    assert "DP-SGD per user" not in said and "dpsgd_unit" not in said  # not enabled: not evaluated

@@ -122,6 +122,7 @@ def demo_cmd(
     from pmixed.eval.runner import evaluate_config, load_runtime
     from pmixed.train.common import baseline_mismatch
     from pmixed.train.dpsgd import train_dpsgd
+    from pmixed.train.dpsgd_unit import train_dpsgd_unit
     from pmixed.train.ensemble import train_ensemble
     from pmixed.train.finetune import train_finetune
 
@@ -142,7 +143,10 @@ def demo_cmd(
 
     step("assets", lambda: fetch_assets(names))
     step("ensemble", lambda: train_ensemble(cfg, progress=not quiet))
-    for name, fn in (("finetune", train_finetune), ("dpsgd", train_dpsgd)):
+    baselines = [("finetune", train_finetune), ("dpsgd", train_dpsgd)]
+    if cfg.dpsgd_unit.enabled:
+        baselines.append(("dpsgd_unit", train_dpsgd_unit))
+    for name, fn in baselines:
         stale = baseline_mismatch(cfg, name)
         if not stale:
             con.print(f"{name}: reusing {cfg.output_dir / name}")

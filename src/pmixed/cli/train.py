@@ -1,4 +1,4 @@
-"""`pmixed train ...` commands: the ensemble (Phase I) and the two baselines.
+"""`pmixed train ...` commands: the ensemble (Phase I) and the baselines.
 
 Heavy imports (torch, transformers, peft, opacus) happen inside the commands.
 Distributed ensemble training: ``torchrun --nproc_per_node=K -m pmixed.train.ensemble_main
@@ -69,6 +69,22 @@ def dpsgd(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = Qui
         f"delta={rec['delta']:g}, noise multiplier {rec['noise_multiplier']:.3f}, "
         f"{rec['steps']} steps, train loss {rec['final_train_loss']:.3f} "
         f"({rec['seconds']:.1f}s) -> {cfg.output_dir / 'dpsgd'}"
+    )
+
+
+@app.command("dpsgd-unit")
+def dpsgd_unit(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool = QuietOpt) -> None:
+    """DP-SGD at the privacy unit (one clipped gradient per unit per step; saved to dpsgd_unit/)."""
+    from pmixed.train.dpsgd_unit import train_dpsgd_unit
+
+    cfg = load_run_config(config, output_dir)
+    rec = train_dpsgd_unit(cfg, progress=not quiet)
+    loss = "n/a" if rec["final_train_loss"] is None else f"{rec['final_train_loss']:.3f}"
+    _say(
+        f"[bold]dp-sgd per unit[/bold] epsilon={rec['epsilon']:.3f} (target {rec['target_epsilon']}), "
+        f"delta={rec['delta']:g}, {rec['n_units']} units, q={rec['sample_rate']:.4f}, noise multiplier "
+        f"{rec['noise_multiplier']:.3f}, {rec['steps']} steps, train loss {loss} "
+        f"({rec['seconds']:.1f}s) -> {cfg.output_dir / 'dpsgd_unit'}"
     )
 
 

@@ -11,6 +11,7 @@ LABELS = {
     "public": "Pre-trained (public)",
     "finetune": "Fine-tuned (non-private)",
     "dpsgd": "DP-SGD",
+    "dpsgd_unit": "DP-SGD per unit",
     "ensemble_avg": "Ensemble average (non-private)",
 }
 
@@ -23,12 +24,16 @@ def gain_kept(public: float, private: float, finetuned: float) -> float:
 
 def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> list[dict[str, Any]]:
     models = result["models"]
+    eps = {"dpsgd": dpsgd_epsilon, **{k: v for k, v in (result.get("baseline_epsilon") or {}).items()
+                                       if v is not None}}
     rows = []
-    for key in ("public", "finetune", "dpsgd", "ensemble_avg"):
+    for key in ("public", "finetune", "dpsgd", "dpsgd_unit", "ensemble_avg"):
         if key in models:
             label = LABELS[key]
-            if key == "dpsgd" and dpsgd_epsilon is not None:
-                label += f" eps={dpsgd_epsilon:.3g}"
+            if key == "dpsgd_unit" and result.get("unit_name"):
+                label = f"DP-SGD per {result['unit_name']}"
+            if eps.get(key) is not None:
+                label += f" eps={eps[key]:.3g}"
             rows.append({"model": label, "ppl": models[key]["ppl"], "std": None, "key": key})
     for s in result["pmixed"]:
         label = f"PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, T={s['queries']})"
@@ -159,10 +164,10 @@ def sweep_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "sweep")
         fig, ax = plt.subplots(figsize=(5.5, 4))
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
                     marker="o", color="tab:red", label="PMixED")
-        for key, style in (("public", "--"), ("finetune", ":"), ("dpsgd", "-.")):
+        for key, style, color in (("public", "--", "k"), ("finetune", ":", "k"), ("dpsgd", "-.", "tab:blue"),
+                                  ("dpsgd_unit", "-.", "tab:green")):
             if key in models:
-                ax.axhline(models[key]["ppl"], linestyle=style, color="k" if key != "dpsgd" else "tab:blue",
-                           label=LABELS[key])
+                ax.axhline(models[key]["ppl"], linestyle=style, color=color, label=LABELS[key])
         ax.set_xlabel(param)
         ax.set_ylabel("test perplexity")
         if param in ("queries", "members") or (param == "sample_rate" and max(p[0] for p in pts) / min(p[0] for p in pts) > 8):

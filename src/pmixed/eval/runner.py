@@ -45,7 +45,9 @@ def load_runtime(cfg: Any, *, progress: bool = True):
         raise EnsembleMismatch(f"no ensemble in {out}: run `pmixed train ensemble --config ...` first")
     ens = load_ensemble(out, progress=progress)
     extras = {}
-    for name in ("finetune", "dpsgd"):
+    for name in BASELINES:
+        if name == "dpsgd_unit" and not cfg.dpsgd_unit.enabled:
+            continue
         folder = out / name
         if (folder / "adapter_model.safetensors").is_file():
             extras[name] = folder
@@ -88,8 +90,12 @@ def main_setup(cfg: Any, queries: int) -> Setup:
     )
 
 
-def _dpsgd_epsilon(cfg: Any) -> float | None:
-    path = cfg.output_dir / "dpsgd" / "dpsgd.json"
+# adapters evaluated next to PMixED when trained (dpsgd_unit: when [dpsgd_unit] enabled, too)
+BASELINES = ("finetune", "dpsgd", "dpsgd_unit")
+
+
+def _dpsgd_epsilon(cfg: Any, name: str = "dpsgd") -> float | None:
+    path = cfg.output_dir / name / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text()).get("epsilon")
     return None
@@ -110,6 +116,8 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
         ledger_dir=cfg.output_dir / "ledgers" / "eval", progress=progress,
     ).to_dict()
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
+    res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
+    res["unit_name"] = cfg.data.unit
     res["baseline_warnings"] = {name: why for name in runtime.extra_index
                                 if (why := baseline_mismatch(cfg, name))}
     res["config"] = cfg.source_path

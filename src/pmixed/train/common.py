@@ -210,7 +210,7 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
 
 
 def baseline_mismatch(cfg: RunConfig, name: str) -> list[str]:
-    """Why the saved baseline ``<output_dir>/<name>/`` (``finetune`` or ``dpsgd``) does not match
+    """Why the saved baseline ``<output_dir>/<name>/`` (``finetune``, ``dpsgd``, ``dpsgd_unit``) does not match
     ``cfg``: missing, or trained with other LoRA / training settings, another base model or
     another partition than the ensemble in the same folder. Empty when it can be reused."""
     folder = cfg.output_dir / name
@@ -222,7 +222,7 @@ def baseline_mismatch(cfg: RunConfig, name: str) -> list[str]:
     except (OSError, ValueError) as err:
         return [f"unreadable record {rec_path} ({err})"]
     now = cfg.to_dict()
-    section = "train" if name == "finetune" else "dpsgd"
+    section = {"finetune": "train"}.get(name, name)  # dpsgd, dpsgd_unit: their own tables
     reasons = []
     saved = dict(rec.get(section) or {})
     if section == "train":
