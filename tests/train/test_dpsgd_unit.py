@@ -159,6 +159,7 @@ def test_cli_trains_the_unit_level_baseline(tiny_base, tiny_records, tmp_path):
     assert rec["steps"] == 4 and len(rec["units_drawn_per_step"]) == 4
     assert rec["epsilon"] <= rec["target_epsilon"] and rec["noise_multiplier"] > 0
     assert rec["privacy_unit"].startswith("user")
+    assert rec["eval_ppl_before"] > 0 and rec["eval_ppl_after"] > 0
     weights = load_file(out / "dpsgd_unit" / "adapter_model.safetensors")
     assert any(float(t.abs().max()) > 0 for k, t in weights.items() if "lora_B" in k)  # it moved
 

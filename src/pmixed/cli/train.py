@@ -83,7 +83,8 @@ def dpsgd_unit(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool 
     _say(
         f"[bold]dp-sgd per unit[/bold] epsilon={rec['epsilon']:.3f} (target {rec['target_epsilon']}), "
         f"delta={rec['delta']:g}, {rec['n_units']} units, q={rec['sample_rate']:.4f}, noise multiplier "
-        f"{rec['noise_multiplier']:.3f}, {rec['steps']} steps, train loss {loss} "
+        f"{rec['noise_multiplier']:.3f}, {rec['steps']} steps, train loss {loss}, held-out PPL "
+        f"{rec.get('eval_ppl_before', float('nan')):.2f} -> {rec.get('eval_ppl_after', float('nan')):.2f} "
         f"({rec['seconds']:.1f}s) -> {cfg.output_dir / 'dpsgd_unit'}"
     )
 

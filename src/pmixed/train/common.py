@@ -175,6 +175,16 @@ def make_lora_config(cfg: RunConfig, model) -> Any:
     )
 
 
+def eval_probe(cfg: RunConfig, prepared, tokenizer, n: int = 64):
+    """Up to ``n`` fixed blocks of the held-out units' texts (``[n, T]``; may be empty): the
+    baselines record their perplexity on them before and after training."""
+    from pmixed.data.blocks import tokenize_blocks
+    from pmixed.models.lm import fixed_sample
+
+    texts = [r.text for r in prepared.partition.eval_records]
+    return fixed_sample(tokenize_blocks(texts, tokenizer, cfg.data.block_size, drop_last=True), n)
+
+
 def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | None,
              desc: str, progress: bool = True, lr: float | None = None):
     """Wrap ``base_model`` in a fresh LoRA adapter (initialised from ``seed``) and fit it on

@@ -35,6 +35,7 @@ from pmixed.config import RunConfig
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
     derive_seed,
+    eval_probe,
     load_base,
     make_lora_config,
     package_versions,
@@ -147,6 +148,11 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
     q = d.units_per_step / n_units
     sigma = noise_multiplier(cfg, q)
 
+    from pmixed.models.lm import perplexity
+
+    probe = eval_probe(cfg, prepared, base.tokenizer)
+    ppl = {"eval_ppl_before": perplexity(base.model, probe)} if probe.size(0) else {}
+
     seed = derive_seed(cfg.run.seed, "dpsgd_unit")
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -181,6 +187,8 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
     finally:
         bar.close()
     epsilon = unit_epsilon(sigma, q, d.steps, d.delta, d.accountant)
+    if probe.size(0):
+        ppl["eval_ppl_after"] = perplexity(model, probe)
 
     out = out_root / "dpsgd_unit"
     tmp = out_root / f".dpsgd_unit.tmp-{os.getpid()}"
@@ -206,6 +214,7 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
         "block_size": cfg.data.block_size,
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": sum(tail) / len(tail),
+        **ppl,
         "base_model": base.manifest_entry(cfg),
         "tokenizer_sha256": base.tokenizer_sha256,
         "partition": partition_entry,

@@ -17,6 +17,7 @@ from pmixed.config import RunConfig
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
     derive_seed,
+    eval_probe,
     fit_lora,
     load_base,
     package_versions,
@@ -43,15 +44,11 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
     partition_entry = write_partition_files(prepared, out_root)
     blocks = all_blocks(cfg, prepared, base.tokenizer)
 
-    from pmixed.data.blocks import tokenize_blocks
     from pmixed.models.lm import fixed_sample, perplexity
 
     seed = derive_seed(cfg.run.seed, "finetune")
     probe_train = fixed_sample(blocks, 64, seed=seed)
-    eval_texts = [r.text for r in prepared.partition.eval_records]
-    probe_eval = fixed_sample(
-        tokenize_blocks(eval_texts, base.tokenizer, cfg.data.block_size, drop_last=True), 64
-    )
+    probe_eval = eval_probe(cfg, prepared, base.tokenizer)
     ppl = {"train_sample_ppl_before": perplexity(base.model, probe_train)}
     if probe_eval.size(0):
         ppl["eval_ppl_before"] = perplexity(base.model, probe_eval)
