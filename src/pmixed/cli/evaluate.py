@@ -39,7 +39,7 @@ def eval_cmd(
     con.print(f"outputs: {res['outputs']['md']} {res['outputs']['png']} ({res['seconds']['total']:.1f}s)")
     for name, why in res["baseline_warnings"].items():
         con.print(f"warning: the {name} baseline does not match this config "
-                  f"({'; '.join(why)}): retrain it with `pmixed train {name}`", markup=False)
+                  f"({'; '.join(why)}): retrain it with `pmixed train {name.replace('_', '-')}`", markup=False)
 
 
 def sweep_cmd(
