@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -217,6 +218,24 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
         model.unload()  # leave the base untouched when training fails
         raise
     return model, fit
+
+
+def baseline_provenance(cfg: RunConfig, base, partition_entry: dict[str, Any], section: str, seed: int,
+                        adapter_dir: Path, t0: float) -> dict[str, Any]:
+    """The fields every baseline record ends with: what it was trained from and with (checked by
+    :func:`baseline_mismatch`), the saved adapter's hash, the seconds since ``t0`` and versions."""
+    settings = cfg.to_dict()
+    return {
+        "base_model": base.manifest_entry(cfg),
+        "tokenizer_sha256": base.tokenizer_sha256,
+        "partition": partition_entry,
+        "lora": settings["lora"],
+        section: settings[section],
+        "seed": seed,
+        "adapter_sha256": sha256_file(adapter_dir / ADAPTER_WEIGHTS),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "versions": package_versions(),
+    }
 
 
 def baseline_mismatch(cfg: RunConfig, name: str) -> list[str]:

@@ -26,15 +26,13 @@ import torch
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
-    ADAPTER_WEIGHTS,
+    baseline_provenance,
     derive_seed,
     load_base,
     make_lora_config,
-    package_versions,
     prepare_data,
     publish_folder,
     set_threads,
-    sha256_file,
     write_partition_files,
 )
 
@@ -194,15 +192,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
         "block_size": cfg.data.block_size,
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": sum(tail) / len(tail),
-        "base_model": base.manifest_entry(cfg),
-        "tokenizer_sha256": base.tokenizer_sha256,
-        "partition": partition_entry,
-        "lora": cfg.to_dict()["lora"],
-        "dpsgd": cfg.to_dict()["dpsgd"],
-        "seed": seed,
-        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "versions": package_versions(),
+        **baseline_provenance(cfg, base, partition_entry, "dpsgd", seed, tmp, t0),
     }
     publish_folder(tmp, out, "dpsgd.json", record)
     peft_model.unload()

@@ -33,16 +33,14 @@ import torch
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
-    ADAPTER_WEIGHTS,
+    baseline_provenance,
     derive_seed,
     eval_probe,
     load_base,
     make_lora_config,
-    package_versions,
     prepare_data,
     publish_folder,
     set_threads,
-    sha256_file,
     write_partition_files,
 )
 
@@ -215,15 +213,7 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
         "first_train_loss": losses[0] if losses else None,
         "final_train_loss": sum(tail) / len(tail),
         **ppl,
-        "base_model": base.manifest_entry(cfg),
-        "tokenizer_sha256": base.tokenizer_sha256,
-        "partition": partition_entry,
-        "lora": cfg.to_dict()["lora"],
-        "dpsgd_unit": cfg.to_dict()["dpsgd_unit"],
-        "seed": seed,
-        "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
-        "seconds": round(time.perf_counter() - t0, 2),
-        "versions": package_versions(),
+        **baseline_provenance(cfg, base, partition_entry, "dpsgd_unit", seed, tmp, t0),
     }
     if math.isnan(record["final_train_loss"]):
         record["final_train_loss"] = None

@@ -15,16 +15,14 @@ from typing import Any
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
-    ADAPTER_WEIGHTS,
+    baseline_provenance,
     derive_seed,
     eval_probe,
     fit_lora,
     load_base,
-    package_versions,
     prepare_data,
     publish_folder,
     set_threads,
-    sha256_file,
     write_partition_files,
 )
 
@@ -77,15 +75,7 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
             "train_seconds": round(fit.seconds, 3),
             **ppl,
             "n_eval_blocks": int(probe_eval.size(0)),
-            "base_model": base.manifest_entry(cfg),
-            "tokenizer_sha256": base.tokenizer_sha256,
-            "partition": partition_entry,
-            "lora": cfg.to_dict()["lora"],
-            "train": cfg.to_dict()["train"],
-            "seed": seed,
-            "adapter_sha256": sha256_file(tmp / ADAPTER_WEIGHTS),
-            "seconds": round(time.perf_counter() - t0, 2),
-            "versions": package_versions(),
+            **baseline_provenance(cfg, base, partition_entry, "train", seed, tmp, t0),
         }
         publish_folder(tmp, out, "finetune.json", record)
         return record
