@@ -220,6 +220,26 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
     return model, fit
 
 
+def baseline_inputs(cfg: RunConfig, *, progress: bool, cache_dir=None):
+    """What every baseline starts from: ``(base, prepared, partition_entry)`` — the shared base,
+    the private data split by unit, and the partition files written into ``output_dir``."""
+    set_threads()
+    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
+    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    return base, prepared, write_partition_files(prepared, cfg.output_dir)
+
+
+def stage_adapter(model, cfg: RunConfig, name: str) -> Path:
+    """Save ``model``'s adapter into a fresh staging folder next to ``<output_dir>/<name>/`` (for
+    :func:`publish_folder`) and return it."""
+    import shutil
+
+    tmp = cfg.output_dir / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    return tmp
+
+
 def baseline_provenance(cfg: RunConfig, base, partition_entry: dict[str, Any], section: str, seed: int,
                         adapter_dir: Path, t0: float) -> dict[str, Any]:
     """The fields every baseline record ends with: what it was trained from and with (checked by

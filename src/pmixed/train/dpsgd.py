@@ -16,8 +16,6 @@ test suite checks that a zero-noise, no-clipping DP step equals a plain SGD step
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 import warnings
 from typing import Any
@@ -26,14 +24,12 @@ import torch
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
+    baseline_inputs,
     baseline_provenance,
     derive_seed,
-    load_base,
     make_lora_config,
-    prepare_data,
     publish_folder,
-    set_threads,
-    write_partition_files,
+    stage_adapter,
 )
 
 __all__ = ["dp_step", "all_blocks", "train_dpsgd"]
@@ -85,12 +81,9 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
-    set_threads()
     d = cfg.dpsgd
-    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
-    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    base, prepared, partition_entry = baseline_inputs(cfg, progress=progress, cache_dir=cache_dir)
     out_root = cfg.output_dir
-    partition_entry = write_partition_files(prepared, out_root)
     blocks = all_blocks(cfg, prepared, base.tokenizer)
     n = blocks.size(0)
 
@@ -168,9 +161,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     # Save the adapter (unwrap Opacus' GradSampleModule first).
     peft_model = model._module if hasattr(model, "_module") else model
     out = out_root / "dpsgd"
-    tmp = out_root / f".dpsgd.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
+    tmp = stage_adapter(peft_model, cfg, "dpsgd")
     tail = losses[-min(len(losses), 20) :] or [float("nan")]
     record = {
         "kind": "dpsgd",

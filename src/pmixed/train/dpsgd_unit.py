@@ -21,9 +21,6 @@ Adjacency: add/remove one unit (docs/privacy.md section 9). The noise comes from
 
 from __future__ import annotations
 
-import math
-import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -33,15 +30,13 @@ import torch
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
+    baseline_inputs,
     baseline_provenance,
     derive_seed,
     eval_probe,
-    load_base,
     make_lora_config,
-    prepare_data,
     publish_folder,
-    set_threads,
-    write_partition_files,
+    stage_adapter,
 )
 
 __all__ = ["UnitStep", "unit_blocks", "unit_dp_gradient", "noise_multiplier", "unit_epsilon",
@@ -132,12 +127,9 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
     from pmixed.errors import ConfigError
 
     t0 = time.perf_counter()
-    set_threads()
     d = cfg.dpsgd_unit
-    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
-    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    base, prepared, partition_entry = baseline_inputs(cfg, progress=progress, cache_dir=cache_dir)
     out_root = cfg.output_dir
-    partition_entry = write_partition_files(prepared, out_root)
     units = unit_blocks(cfg, prepared, base.tokenizer)
     n_units = len(units)
     if d.units_per_step > n_units:
@@ -189,10 +181,8 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
         ppl["eval_ppl_after"] = perplexity(model, probe)
 
     out = out_root / "dpsgd_unit"
-    tmp = out_root / f".dpsgd_unit.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tail = losses[-min(len(losses), 20):] or [float("nan")]
+    tmp = stage_adapter(model, cfg, "dpsgd_unit")
+    tail = losses[-20:]
     record = {
         "kind": "dpsgd_unit",
         "privacy_unit": f"{cfg.data.unit or 'unit'} (user-level DP-SGD: one clipped gradient per unit per step)",
@@ -211,12 +201,10 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
         "steps": d.steps,
         "block_size": cfg.data.block_size,
         "first_train_loss": losses[0] if losses else None,
-        "final_train_loss": sum(tail) / len(tail),
+        "final_train_loss": sum(tail) / len(tail) if tail else None,
         **ppl,
         **baseline_provenance(cfg, base, partition_entry, "dpsgd_unit", seed, tmp, t0),
     }
-    if math.isnan(record["final_train_loss"]):
-        record["final_train_loss"] = None
     publish_folder(tmp, out, "dpsgd_unit.json", record)
     model.unload()
     return record

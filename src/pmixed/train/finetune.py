@@ -8,22 +8,18 @@ the data for N x the member step cap wants a lower rate than a member's few step
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from typing import Any
 
 from pmixed.config import RunConfig
 from pmixed.train.common import (
+    baseline_inputs,
     baseline_provenance,
     derive_seed,
     eval_probe,
     fit_lora,
-    load_base,
-    prepare_data,
     publish_folder,
-    set_threads,
-    write_partition_files,
+    stage_adapter,
 )
 
 __all__ = ["train_finetune"]
@@ -35,11 +31,8 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
     from pmixed.train.dpsgd import all_blocks
 
     t0 = time.perf_counter()
-    set_threads()
-    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
-    prepared = prepare_data(cfg, cache_dir=cache_dir)
+    base, prepared, partition_entry = baseline_inputs(cfg, progress=progress, cache_dir=cache_dir)
     out_root = cfg.output_dir
-    partition_entry = write_partition_files(prepared, out_root)
     blocks = all_blocks(cfg, prepared, base.tokenizer)
 
     from pmixed.models.lm import fixed_sample, perplexity
@@ -54,15 +47,13 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
     t = cfg.train
     model, fit = fit_lora(cfg, base.model, blocks, seed=seed, desc="finetune", progress=progress,
                           max_steps=None if t.max_steps is None else t.max_steps * cfg.data.n_parts,
-                          lr=t.lr if t.finetune_lr is None else t.finetune_lr)
+                          lr=t.finetune_lr)  # None: [train] lr
     try:
         ppl["train_sample_ppl_after"] = perplexity(model, probe_train)
         if probe_eval.size(0):
             ppl["eval_ppl_after"] = perplexity(model, probe_eval)
         out = out_root / "finetune"
-        tmp = out_root / f".finetune.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        tmp = stage_adapter(model, cfg, "finetune")
         record = {
             "kind": "finetune",
             "private": False,
