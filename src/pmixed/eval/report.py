@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,17 @@ def gain_kept(public: float, private: float, finetuned: float) -> float:
     return (public - private) / denom if denom else float("nan")
 
 
+def epsilon_label(epsilon: float, digits: int = 3) -> str:
+    """``epsilon`` to ``digits`` significant figures, rounded *up*: a baseline's printed epsilon
+    never understates what its accountant reported (8.0014 prints as 8.01, not 8; values within
+    1e-12 relative of a printed figure print as that figure)."""
+    if not math.isfinite(epsilon) or epsilon <= 0:
+        return f"{epsilon:g}"
+    scale = 10.0 ** (digits - 1 - math.floor(math.log10(epsilon)))
+    up = math.ceil(epsilon * scale * (1 - 1e-12)) / scale  # 1e-12: 7.99 stays 7.99 despite binary noise
+    return f"{up:.{digits}g}"
+
+
 def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> list[dict[str, Any]]:
     models = result["models"]
     eps = {"dpsgd": dpsgd_epsilon, **{k: v for k, v in (result.get("baseline_epsilon") or {}).items()
@@ -33,7 +45,7 @@ def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> li
             if key == "dpsgd_unit" and result.get("unit_name"):
                 label = f"DP-SGD per {result['unit_name']}"
             if eps.get(key) is not None:
-                label += f" eps={eps[key]:.3g}"
+                label += f" eps={epsilon_label(eps[key])}"
             rows.append({"model": label, "ppl": models[key]["ppl"], "std": None, "key": key})
     for s in result["pmixed"]:
         label = f"PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, T={s['queries']})"

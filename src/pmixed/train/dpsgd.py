@@ -157,6 +157,14 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     finally:
         bar.close()
     epsilon = float(engine.get_epsilon(d.delta))
+    # What the accountant charged, step by step: (noise multiplier, sample rate, steps) entries.
+    history = [[float(h[0]), float(h[1]), int(h[2])] for h in getattr(engine.accountant, "history", [])]
+    accounted = sum(h[2] for h in history)
+    if epsilon > d.epsilon * (1 + 1e-9) or accounted != steps:
+        warnings.warn(
+            f"DP-SGD: Opacus' accountant reports epsilon {epsilon:.6g} for {accounted} accounted steps"
+            f" (target {d.epsilon:g}, {steps} steps taken, {planned} planned); the table shows the"
+            " reported epsilon, rounded up", stacklevel=2)
 
     # Save the adapter (unwrap Opacus' GradSampleModule first).
     peft_model = model._module if hasattr(model, "_module") else model
@@ -178,6 +186,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
         "planned_steps": planned,
         "epochs": steps / steps_per_epoch,
         "accountant": d.accountant,
+        "accountant_history": history,
         "grad_sample_mode": d.grad_sample_mode,
         "n_blocks": int(n),
         "block_size": cfg.data.block_size,
