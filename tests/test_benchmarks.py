@@ -140,3 +140,5 @@ def test_eval_speed_runs_tiny(capsys):
     assert out["P_over_F"] > 0 and out["R_over_P"] > 0 and out["mem_ratio"] > 0
     assert out["naive_mix_scaled"] is True
     assert out["max_abs_diff_engine_vs_peft"] < 1e-5  # the engine's members are PEFT's members
+    assert out["P_vs_PA_max_rel_diff"] < 1e-6  # drawn pairs only = every pair, on the released probs
+    assert out["R_over_PA"] > 0 and "(PA) PMixED + ensemble average" in text

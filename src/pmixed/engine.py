@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from pmixed.errors import BudgetExhausted
-from pmixed.mechanism.pairs import row_totals
+from pmixed.mechanism.pairs import pair_moments, row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.subsample import sample_token
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
@@ -79,13 +79,23 @@ class EnsembleRuntime:
         members: int | None = None,
         extras: Sequence[str] = (),
         chunk: int = 1,
-    ) -> tuple[BlockStats, dict[str, torch.Tensor], torch.Tensor]:
+        average: bool = True,
+    ) -> tuple[BlockStats, dict[str, torch.Tensor], torch.Tensor | None]:
         """One teacher-forced block [L] -> statistics of its L-1 queries.
 
         Returns (stats over the first ``members`` members, {extra name: target prob [T]},
         ensemble-average target prob [T] (non-private baseline)). ``needed`` [T, members] limits
         the moment computation to the drawn pairs (default: all).
+
+        ``average=False`` (with ``needed``) computes only what the mechanism reads: a member runs
+        only if it is drawn somewhere in the block, only up to the last position it is drawn at
+        (causal: the earlier positions' states do not depend on later tokens), and its LM head
+        and softmax only at its drawn positions; member_target is nan at the other pairs and the
+        ensemble average is not computed (None). The original ran every member over every
+        position although about qN are drawn per token (REFERENCE.md section 4, item 6).
         """
+        if not average and needed is None:
+            raise ValueError("average=False needs `needed`: the drawn pairs to compute")
         n = self.n_members if members is None else members
         inputs, targets = block[None, :-1], block[1:]  # [1, T], [T]
         T = targets.shape[0]
@@ -102,11 +112,14 @@ class EnsembleRuntime:
         for s in range(0, n, chunk):
             ids = list(range(s, min(n, s + chunk)))
             need = None if needed is None else needed[:, s : s + len(ids)]
-            mom, mt = self._member_stats(inputs, ids, targets, public, public_total, need, max_order)
+            if average:
+                mom, mt = self._member_stats(inputs, ids, targets, public, public_total, need, max_order)
+            else:
+                mom, mt = self._drawn_stats(inputs, ids, targets, public, public_total, need, max_order)
             moments[:, s : s + len(ids)] = mom
             member_target[:, s : s + len(ids)] = mt
         stats = BlockStats(moments, member_target, public_target)
-        return stats, extra_target, member_target.mean(dim=1)
+        return stats, extra_target, (member_target.mean(dim=1) if average else None)
 
     def _split_head(self):
         """(backbone, head) when the logits are exactly head(backbone(x)[0]); None otherwise
@@ -142,6 +155,44 @@ class EnsembleRuntime:
                 mom, mt = member_stats(public[sl], x, targets[sl], max_order,
                                        None if need is None else need[sl], public_total[sl])
                 moments[sl], member_target[sl] = mom, mt
+        return moments, member_target
+
+
+    def _drawn_stats(self, inputs, ids, targets, public, public_total, need, max_order, rows: int = 64):
+        """Moments and target probabilities of members ``ids`` at their drawn pairs only.
+
+        need [T, c] bool. Returns moments [T, c, K-1] and member_target [T, c] float64, nan where
+        not drawn. The backbone runs on the members drawn somewhere in the block, over positions
+        0..(last drawn position); the LM head on ``rows`` drawn (position, member) pairs at a time.
+        """
+        c, T = len(ids), targets.shape[0]
+        moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64)
+        member_target = torch.full((T, c), float("nan"), dtype=torch.float64)
+        active = need.any(dim=0).nonzero().flatten()  # [a] chunk columns drawn somewhere
+        if active.numel() == 0:
+            return moments, member_target
+        sub = need[:, active]  # [T, a]
+        pos, col = sub.nonzero(as_tuple=True)  # [R] drawn pairs, by position
+        last = int(pos.max()) + 1
+        split = self._split_head()
+        adapters = torch.as_tensor(ids, dtype=torch.long)[active]
+        with self.stacked.rows(adapters):
+            x_in = inputs[:, :last].expand(len(adapters), -1)  # [a, last]
+            if split is None:
+                hidden, head = self.model(input_ids=x_in, use_cache=False).logits, None  # [a, last, V]
+            else:
+                backbone, head = split
+                hidden = backbone(input_ids=x_in, use_cache=False)[0]  # [a, last, H]
+            for r in range(0, pos.shape[0], rows):
+                p, j = pos[r : r + rows], col[r : r + rows]  # [n]
+                x = hidden[j, p] if head is None else head(hidden[j, p])  # [n, V]
+                x = x.float()
+                x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+                x.div_(x.sum(dim=-1, keepdim=True))
+                mom, tot = pair_moments(public, public_total, x, p, torch.arange(p.shape[0]), max_order)
+                m = active[j]  # chunk columns
+                moments[p, m] = mom
+                member_target[p, m] = x.gather(1, targets[p][:, None]).squeeze(1).double() / tot
         return moments, member_target
 
 

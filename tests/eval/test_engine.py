@@ -42,6 +42,33 @@ def test_batched_members_equal_separate_peft_forwards(runtime):
     assert set(extras) == {"finetune", "dpsgd"}
 
 
+@pytest.mark.parametrize("split_head", [True, False])
+def test_drawn_only_stats_equal_the_full_ones_at_the_drawn_pairs(runtime, monkeypatch, split_head):
+    from pmixed.mechanism.teacher_forcing import released_target_probs
+
+    cfg, ens, rt = runtime
+    if not split_head:  # models whose logits are not head(backbone(x)): the whole forward
+        monkeypatch.setattr(rt, "_split_head", lambda: None)
+    block = torch.randint(0, len(ens.tokenizer), (30,), generator=torch.Generator().manual_seed(3))
+    n = rt.n_members
+    needed = torch.rand(29, n, generator=torch.Generator().manual_seed(4)) < 0.3  # [T, N]
+    needed[20:, 0] = False  # member 0 stops early: its forward is cut at its last draw
+    needed[:, 1] = False  # member 1 is never drawn: it does not run at all
+    full, _, avg = rt.block_stats(block, max_order=3, needed=needed, chunk=2)
+    drawn, _, none = rt.block_stats(block, max_order=3, needed=needed, chunk=2, average=False)
+    assert avg is not None and none is None
+    assert torch.equal(drawn.public_target, full.public_target)
+    assert torch.allclose(drawn.moments[needed], full.moments[needed], rtol=1e-6)
+    assert torch.allclose(drawn.member_target[needed], full.member_target[needed], rtol=1e-6, atol=1e-12)
+    assert drawn.member_target[~needed].isnan().all() and drawn.moments[~needed].isnan().all()
+    mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=29, ensemble_size=n, sample_rate=0.3, alpha=3)
+    released_full, lam_full = released_target_probs(full, needed, mech.params)
+    released_drawn, lam_drawn = released_target_probs(drawn, needed, mech.params)
+    assert torch.allclose(released_drawn, released_full, rtol=1e-6)
+    with pytest.raises(ValueError, match="needed"):
+        rt.block_stats(block, max_order=3, average=False)
+
+
 def test_score_block_charges_before_release(runtime, tmp_path):
     from pmixed.engine import PrivatePredictor
 
