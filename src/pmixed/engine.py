@@ -33,6 +33,12 @@ from pmixed.privacy.ledger import Ledger
 PUBLIC = -1
 
 
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in place (no second [..., V] buffer); returns ``x``."""
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    return x.div_(x.sum(dim=-1, keepdim=True))
+
+
 class EnsembleRuntime:
     """Base model + N stacked members (+ named extra adapters) on one copy of the weights."""
 
@@ -65,9 +71,7 @@ class EnsembleRuntime:
         out = self.stacked(input_ids, ids, use_cache=False)
         x = out.logits if out.logits.dtype == torch.float32 else out.logits.float()  # [B, T, V]
         del out
-        # softmax in place: no second [B, T, V] buffer
-        x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-        return x.div_(x.sum(dim=-1, keepdim=True))
+        return softmax_(x)
 
     @torch.no_grad()
     def block_stats(
@@ -149,14 +153,11 @@ class EnsembleRuntime:
             hidden = backbone(input_ids=inputs.expand(c, -1), use_cache=False)[0]  # [c, T, H]
             for a in range(0, T, positions):
                 sl = slice(a, min(T, a + positions))
-                x = head(hidden[:, sl]).float()  # [c, t, V]
-                x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-                x.div_(x.sum(dim=-1, keepdim=True))
+                x = softmax_(head(hidden[:, sl]).float())  # [c, t, V]
                 mom, mt = member_stats(public[sl], x, targets[sl], max_order,
                                        None if need is None else need[sl], public_total[sl])
                 moments[sl], member_target[sl] = mom, mt
         return moments, member_target
-
 
     def _drawn_stats(self, inputs, ids, targets, public, public_total, need, max_order, rows: int = 64):
         """Moments and target probabilities of members ``ids`` at their drawn pairs only.
@@ -185,10 +186,7 @@ class EnsembleRuntime:
                 hidden = backbone(input_ids=x_in, use_cache=False)[0]  # [a, last, H]
             for r in range(0, pos.shape[0], rows):
                 p, j = pos[r : r + rows], col[r : r + rows]  # [n]
-                x = hidden[j, p] if head is None else head(hidden[j, p])  # [n, V]
-                x = x.float()
-                x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
-                x.div_(x.sum(dim=-1, keepdim=True))
+                x = softmax_((hidden[j, p] if head is None else head(hidden[j, p])).float())  # [n, V]
                 mom, tot = pair_moments(public, public_total, x, p, torch.arange(p.shape[0]), max_order)
                 m = active[j]  # chunk columns
                 moments[p, m] = mom
