@@ -30,7 +30,8 @@ Timed in ONE run, the three variants interleaved round by round (rotating order)
 
 Memory (``--measure-memory``): peak RSS (VmHWM) of two fresh subprocesses on the same block,
     (i) ``--only public``:  the base model alone, forward + softmax over the block;
-    (ii) ``--only stacked``: EnsembleRuntime with the N adapters, PMixED evaluation of the block.
+    (ii) ``--only stacked``: EnsembleRuntime with the N adapters, PMixED evaluation of the block
+         on the all-pairs path (PA, what ``pmixed eval`` runs; the drawn-pairs path holds less).
 
     python benchmarks/eval_speed.py --model tiny --measure-memory
     python benchmarks/eval_speed.py --model gpt2-small-random --members 80 --seq 256 --blocks 1 --measure-memory
@@ -229,7 +230,8 @@ def run_only(args) -> dict:
         rss_model = current_rss()
         mech = make_mech(args)
         mask = make_masks(mech, 1, T, args.seed)[0]
-        pmixed_block(rt, block, mask, mech, args.pmixed_chunk)
+        # the all-pairs path (PA), what `pmixed eval` runs: the larger of the two footprints
+        pmixed_block(rt, block, mask, mech, args.pmixed_chunk, average=True)
     out = {
         "only": args.only,
         "peak_rss": peak_rss(),
