@@ -69,6 +69,7 @@ def test_paper_config_matches_reference_section_3():
         ("privacy", {"alpha": 1}, "privacy.alpha"),
         ("privacy", {"queries": 0}, "privacy.queries"),
         ("eval", {"runs": 0}, "eval.runs"),
+        ("eval", {"ensemble_average": "no"}, "eval.ensemble_average"),
         ("model", {"dtype": "float8"}, "model.dtype"),
         ("model", {"base": "builtin:nope"}, "model.base"),
         ("public_pretrain", {"n_embd": 30, "n_head": 4}, "public_pretrain.n_embd"),

@@ -386,14 +386,21 @@ class EvalConfig:
     ``runs`` repetitions (different mechanism seeds), each over ``n_blocks`` blocks of
     ``block_size`` tokens (each position is one query: ``n_blocks * block_size`` should match
     ``privacy.queries`` for the paper's protocol).
+
+    ``ensemble_average = false`` drops the non-private ensemble-average row: the members then run
+    only where some run draws them (``EnsembleRuntime.block_stats(average=False)``), which is
+    faster when q * runs is small (e.g. the paper's q = 0.03).
     """
 
     runs: int = 32
     n_blocks: int = 2
     block_size: int = 512
     seed: int = 0
+    ensemble_average: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ensemble_average, bool):
+            raise ConfigError("eval.ensemble_average", f"must be true or false, got {self.ensemble_average!r}")
         _int("eval.runs", self.runs, lo=1)
         _int("eval.n_blocks", self.n_blocks, lo=1)
         _int("eval.block_size", self.block_size, lo=2)

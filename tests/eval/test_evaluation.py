@@ -29,6 +29,23 @@ def test_eval_writes_table_plot_and_charges_each_run(trained_run):
     assert "PMixED" in md and "Fine-tuned" in md
 
 
+def test_eval_without_the_ensemble_average_gives_the_same_pmixed_numbers(trained_run, tmp_path):
+    import dataclasses
+
+    from pmixed.eval.runner import evaluate_config
+
+    cfg, _ = trained_run
+    full = evaluate_config(cfg, out_dir=tmp_path / "full", progress=False)
+    fast_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, ensemble_average=False))
+    fast = evaluate_config(fast_cfg, out_dir=tmp_path / "fast", progress=False)
+    assert "ensemble_avg" in full["models"] and "ensemble_avg" not in fast["models"]
+    assert fast["models"]["public"] == full["models"]["public"]
+    a, b = full["pmixed"][0], fast["pmixed"][0]
+    for x, y in zip(a["ppl_runs"], b["ppl_runs"], strict=True):  # the same draws, the same releases
+        assert math.isclose(x, y, rel_tol=1e-6)
+    assert "Ensemble average" not in (tmp_path / "fast" / "eval.md").read_text()
+
+
 def test_sweep_cli(trained_run):
     cfg, cfg_path = trained_run
     out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path),

@@ -132,9 +132,11 @@ def run_evaluation(
     ledger_dir: str | Path | None = None,
     progress: bool = True,
     chunk: int = 1,
+    average: bool = True,
 ) -> EvalResult:
     """Score ``blocks`` [B, L] with the public model, the extra adapters, the non-private
-    ensemble average and every PMixED setup (``runs`` runs each, fresh ledger per run)."""
+    ensemble average (unless ``average=False``: then only the drawn member pairs are computed)
+    and every PMixED setup (``runs`` runs each, fresh ledger per run)."""
     from tqdm.auto import tqdm
 
     B, L = blocks.shape
@@ -158,14 +160,16 @@ def run_evaluation(
     stats = []
     # per-position log-probabilities of the baselines [B, T]: every PPL is taken over the same
     # positions as the PMixED queries it is compared with
-    logp: dict[str, list[torch.Tensor]] = {"public": [], "ensemble_avg": [], **{e: [] for e in extras}}
+    logp: dict[str, list[torch.Tensor]] = {"public": [], **({"ensemble_avg": []} if average else {}),
+                                           **{e: [] for e in extras}}
     for b in tqdm(range(B), desc="forward (public + members)", disable=not progress):
         st, extra_t, ens_t = runtime.block_stats(
-            blocks[b], max_order=k_max, needed=needed[b], extras=extras, chunk=chunk
+            blocks[b], max_order=k_max, needed=needed[b], extras=extras, chunk=chunk, average=average
         )
         stats.append(st)
         logp["public"].append(torch.log(st.public_target))
-        logp["ensemble_avg"].append(torch.log(ens_t))
+        if average:
+            logp["ensemble_avg"].append(torch.log(ens_t))
         for e, p in extra_t.items():
             logp[e].append(torch.log(p))
     t_forward = time.perf_counter() - t0

@@ -114,6 +114,7 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     res = run_evaluation(
         runtime, blocks, [setup], extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
         ledger_dir=cfg.output_dir / "ledgers" / "eval", progress=progress,
+        average=cfg.eval.ensemble_average,
     ).to_dict()
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
     res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
@@ -171,6 +172,7 @@ def sweep_config(cfg: Any, params: list[str], *, values: dict[str, list] | None 
     res = run_evaluation(
         runtime, blocks, setups, extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
         ledger_dir=cfg.output_dir / "ledgers" / "sweep", progress=progress,
+        average=cfg.eval.ensemble_average,
     ).to_dict()
     res["config"] = cfg.source_path
     res["machine"] = machine()
