@@ -170,7 +170,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     peft_model = model._module if hasattr(model, "_module") else model
     out = out_root / "dpsgd"
     tmp = stage_adapter(peft_model, cfg, "dpsgd")
-    tail = losses[-min(len(losses), 20) :] or [float("nan")]
+    tail = losses[-20:] or [float("nan")]
     record = {
         "kind": "dpsgd",
         "privacy_unit": "block (example-level DP-SGD, as in the paper)",
