@@ -62,7 +62,7 @@ def test_dpsgd_cli_reports_opacus_epsilon(tiny_base, tiny_records, tmp_path):
     # calibrated for exactly the steps taken: Opacus' reported epsilon is at (or just under) target,
     # and its accountant charged exactly the steps taken, at the calibrated noise and sample rate
     assert 0.8 * rec["target_epsilon"] <= rec["epsilon"] <= rec["target_epsilon"]
-    assert rec["accountant_history"] == [[rec["noise_multiplier"], rec["sample_rate"], 3]]
+    assert rec["accountant_history"] == [[rec["noise_multiplier"], rec["accountant_sample_rate"], 3]]
     assert rec["delta"] == 1e-5 and 0 < rec["sample_rate"] <= 1
 
     from pmixed.config import load_config
@@ -71,6 +71,34 @@ def test_dpsgd_cli_reports_opacus_epsilon(tiny_base, tiny_records, tmp_path):
     assert baseline_mismatch(load_config(cfg), "dpsgd") == []
     other = write_toml(tiny_config_dict(tiny_base, tiny_records, out, dpsgd__max_steps=4), tmp_path / "o.toml")
     assert baseline_mismatch(load_config(other), "dpsgd") == ["[dpsgd] differs (max_steps)"]
+
+
+def test_dpsgd_calibrates_at_the_rate_the_accountant_charges(tiny_base, tiny_records, tmp_path, monkeypatch):
+    """93 logical batches: Opacus samples at q = 1/93 but its DPDataLoader has int(1 / q) = 92
+    batches and its accountant charges 1/92 per step. Calibrating at 1/93 (the old code, and
+    make_private_with_epsilon) ends above the target; found as an 8.0014 for a target of 8."""
+    import pmixed.train.dpsgd as dpsgd
+    from pmixed.config import load_config
+
+    assert int(1 / (1 / 93)) == 92  # the float rounding this test is about
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(dpsgd, "all_blocks", lambda *a: torch.randint(0, 300, (186, 8), generator=gen))
+    cfg = write_toml(tiny_config_dict(tiny_base, tiny_records, tmp_path / "run", dpsgd__max_steps=3,
+                                      dpsgd__batch_size=2, dpsgd__physical_batch_size=2), tmp_path / "c.toml")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "epsilon above target" warning either
+        warnings.filterwarnings("ignore", message="(?!DP-SGD)")
+        rec = dpsgd.train_dpsgd(load_config(cfg), progress=False)
+    assert rec["sample_rate"] == 1 / 93 and rec["accountant_sample_rate"] == 1 / 92
+    assert rec["accountant_history"] == [[rec["noise_multiplier"], 1 / 92, 3]]
+    assert 0.99 * rec["target_epsilon"] <= rec["epsilon"] <= rec["target_epsilon"]
+    # sigma calibrated at 1/93 would give more than the target under the accountant's 1/92
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from pmixed.train.dpsgd_unit import unit_epsilon
+
+    old = get_noise_multiplier(target_epsilon=8.0, target_delta=1e-5, sample_rate=1 / 93, steps=3)
+    assert unit_epsilon(old, 1 / 92, 3, 1e-5, "rdp") > rec["target_epsilon"]
 
 
 def test_dp_step_on_an_empty_poisson_batch_adds_noise_only(tiny_base):

@@ -4,10 +4,14 @@ As in the paper, the privacy unit of this baseline is one training *block* (exam
 which is weaker than PMixED's unit (a whole part, e.g. a user). The epsilon written to
 ``dpsgd/dpsgd.json`` is the one Opacus' accountant reports after training.
 
-Noise is calibrated by Opacus (``make_private_with_epsilon`` when training runs whole epochs;
-``get_noise_multiplier`` for the exact number of planned steps when ``max_steps`` caps them),
-with Poisson sampling and per-sample clipping at ``max_grad_norm``. A physical batch smaller than
-the logical one goes through ``BatchMemoryManager``.
+Noise is calibrated with Opacus' ``get_noise_multiplier`` for exactly the planned steps at the
+sample rate Opacus' *accountant* charges, with Poisson sampling and per-sample clipping at
+``max_grad_norm``. That rate is ``1 / len(DPDataLoader)``, and the DPDataLoader's length is
+``int(1 / q)`` for the rate ``q = 1 / len(loader)`` it samples with, which float rounding can
+make one short (``int(1 / (1 / 234)) == 233``): calibrating at ``q`` (as
+``make_private_with_epsilon`` does) then ends above the target (8.0014 for a target of 8 at 25
+steps). The accountant's rate is at least ``q``, so the charge stays an upper bound. A physical
+batch smaller than the logical one goes through ``BatchMemoryManager``.
 
 Hazard (Opacus issue 820): some Opacus + PEFT combinations silently corrupted LoRA updates; the
 test suite checks that a zero-noise, no-clipping DP step equals a plain SGD step.
@@ -103,35 +107,25 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     engine = PrivacyEngine(accountant=d.accountant)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        if d.max_steps is None and float(d.epochs).is_integer():
-            model, optimizer, loader = engine.make_private_with_epsilon(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                target_epsilon=d.epsilon,
-                target_delta=d.delta,
-                epochs=int(d.epochs),
-                max_grad_norm=d.max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode=d.grad_sample_mode,
-            )
-        else:
-            noise = get_noise_multiplier(
-                target_epsilon=d.epsilon,
-                target_delta=d.delta,
-                sample_rate=sample_rate,
-                steps=planned,
-                accountant=d.accountant,
-            )
-            model, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise,
-                max_grad_norm=d.max_grad_norm,
-                poisson_sampling=True,
-                grad_sample_mode=d.grad_sample_mode,
-            )
+        model, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=1.0,  # replaced below, before any step, once the rate is known
+            max_grad_norm=d.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=d.grad_sample_mode,
+        )
+    # The rate make_private handed the accountant's step hook (opacus PrivacyEngine.make_private:
+    # 1 / len(data_loader) of the DPDataLoader it returns); >= sample_rate, which Poisson draws with.
+    accountant_rate = 1.0 / len(loader)
+    sample_rate = float(getattr(loader, "sample_rate", sample_rate))  # what Poisson draws with
+    if accountant_rate < sample_rate:  # would under-charge: refuse rather than report too little
+        raise RuntimeError(f"Opacus' accountant would charge rate {accountant_rate} < the sampling "
+                           f"rate {sample_rate}; this Opacus version is not supported")
+    optimizer.noise_multiplier = float(get_noise_multiplier(
+        target_epsilon=d.epsilon, target_delta=d.delta, sample_rate=accountant_rate,
+        steps=planned, accountant=d.accountant))
     noise_multiplier = float(optimizer.noise_multiplier)
 
     steps, losses = 0, []
@@ -180,6 +174,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
         "noise_multiplier": noise_multiplier,
         "max_grad_norm": d.max_grad_norm,
         "sample_rate": sample_rate,
+        "accountant_sample_rate": accountant_rate,
         "expected_batch_size": sample_rate * n,
         "physical_batch_size": d.physical_batch_size,
         "steps": steps,
