@@ -32,6 +32,11 @@ Memory (``--measure-memory``): peak RSS (VmHWM) of two fresh subprocesses on the
     (i) ``--only public``:  the base model alone, forward + softmax over the block;
     (ii) ``--only stacked``: EnsembleRuntime with the N adapters, PMixED evaluation of the block
          on the all-pairs path (PA, what ``pmixed eval`` runs; the drawn-pairs path holds less).
+    On a GPU (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` instead.
+
+``--device cuda`` (or ``auto``) runs the models on the GPU; every timed call ends with
+``torch.cuda.synchronize()``. The mechanism's per-pair statistics come back to the CPU, as in
+``pmixed eval``.
 
     python benchmarks/eval_speed.py --model tiny --measure-memory
     python benchmarks/eval_speed.py --model gpt2-small-random --members 80 --seq 256 --blocks 1 --measure-memory
@@ -92,11 +97,27 @@ def gpt2_config(name: str):
     raise SystemExit(f"unknown --model {name!r}")
 
 
+DEVICE = torch.device("cpu")  # set by main() / run_only() from --device
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so a timer around a call measures the call."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+def set_device(spec: str) -> None:
+    global DEVICE
+    from pmixed.models.device import resolve_device
+
+    DEVICE = resolve_device(spec)
+
+
 def build_base(cfg):
     from transformers import GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(cfg).eval()
+    return GPT2LMHeadModel(cfg).eval().to(DEVICE)
 
 
 def member_names(n: int) -> list[str]:
@@ -122,7 +143,7 @@ def build_peft(base, n: int, rank: int, alpha: float, seed: int = 0):
                     a.copy_(torch.randn(a.shape, generator=gen) / a.shape[1] ** 0.5)
                     b.copy_(torch.randn(b.shape, generator=gen) * 0.02)  # non-zero
     pm.eval()
-    return pm, names
+    return pm.to(DEVICE), names
 
 
 def make_blocks(cfg, n_blocks: int, seq: int, seed: int) -> list[torch.Tensor]:
@@ -161,10 +182,10 @@ def pmixed_block(rt: EnsembleRuntime, block, mask, mech: PMixED, chunk: int = 4,
 @torch.no_grad()
 def reference_forwards(pm, names: list[str], block: torch.Tensor) -> torch.Tensor:
     """(R, part 1) public + one adapter at a time: all N+1 distributions [N+1, T, V] float32."""
-    inputs = block[None, :-1]
+    inputs = block[None, :-1].to(DEVICE)
     T = inputs.shape[1]
     V = pm.get_base_model().config.vocab_size
-    dists = torch.empty(len(names) + 1, T, V)
+    dists = torch.empty(len(names) + 1, T, V, device=DEVICE)
     with pm.disable_adapter():
         dists[0] = torch.softmax(pm(input_ids=inputs).logits[0].float(), dim=-1)
     for i, name in enumerate(names):
@@ -175,7 +196,8 @@ def reference_forwards(pm, names: list[str], block: torch.Tensor) -> torch.Tenso
 
 def reference_mixing(dists, block, mask, nv: dict, positions: range) -> torch.Tensor:
     """(R, part 2) per position: the original's per-token mixing on the same draws."""
-    targets = block[1:]
+    targets = block[1:].to(dists.device)
+    mask = mask.to(dists.device)
     out = []
     for t in positions:
         drawn = mask[t].nonzero().flatten()
@@ -211,7 +233,9 @@ def current_rss() -> int:
 
 
 def run_only(args) -> dict:
-    """Child process: one variant over one block; prints a JSON line with its RSS."""
+    """Child process: one variant over one block; prints a JSON line with its RSS (and, on a
+    GPU, its peak allocated GPU memory)."""
+    set_device(args.device)
     cfg = gpt2_config(args.model)
     rss_start = current_rss()
     base = build_base(cfg)
@@ -222,7 +246,7 @@ def run_only(args) -> dict:
 
         rss_model = current_rss()
         with torch.no_grad():
-            p = log_probs(base, block[None, :-1]).exp_()
+            p = log_probs(base, block[None, :-1].to(DEVICE)).exp_()
             del p
     else:
         dirs = [Path(args.adapter_dir) / nm for nm in member_names(args.members)]
@@ -232,8 +256,11 @@ def run_only(args) -> dict:
         mask = make_masks(mech, 1, T, args.seed)[0]
         # the all-pairs path (PA), what `pmixed eval` runs: the larger of the two footprints
         pmixed_block(rt, block, mask, mech, args.pmixed_chunk, average=True)
+    sync()
     out = {
         "only": args.only,
+        "device": str(DEVICE),
+        "peak_cuda": torch.cuda.max_memory_allocated(DEVICE) if DEVICE.type == "cuda" else None,
         "peak_rss": peak_rss(),
         "rss_start": rss_start,
         "rss_model": rss_model,
@@ -248,7 +275,8 @@ def measure_memory(args, adapter_dir: str) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--only", only, "--model", args.model,
                "--members", str(args.members), "--seq", str(args.seq), "--seed", str(args.seed),
                "--rate", str(args.rate), "--threads", str(args.threads), "--adapter-dir", adapter_dir,
-               "--chunk", str(args.chunk), "--pmixed-chunk", str(args.pmixed_chunk)]  # fmt: skip
+               "--chunk", str(args.chunk), "--pmixed-chunk", str(args.pmixed_chunk),
+               "--device", args.device]  # fmt: skip
         cp = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [ln for ln in cp.stdout.splitlines() if ln.startswith("MEM ")]
         if cp.returncode != 0 or not line:
@@ -297,6 +325,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", choices=["public", "stacked"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--adapter-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto (GPU if any)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     members, seq = DEFAULTS[args.model]
@@ -308,6 +337,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.only:
         return run_only(args)
+    set_device(args.device)
     if args.memory_only:
         return memory_only(args)
 
@@ -333,7 +363,7 @@ def main(argv=None) -> dict:
     # correctness (not timed): the engine's members == PEFT's members; released probs in [0, 1]
     with torch.no_grad():
         inputs = blocks[0][None, :-1]
-        ref = reference_forwards(pm, names[:2], blocks[0])
+        ref = reference_forwards(pm, names[:2], blocks[0])  # on DEVICE, as the engine's rows
         ours = rt.probs(inputs.expand(3, -1), [PUBLIC, 0, 1])
         max_abs_diff = float((ref - ours).abs().max())
     probs0 = pmixed_block(rt, blocks[0], masks[0], mech, args.pmixed_chunk)
@@ -360,8 +390,10 @@ def main(argv=None) -> dict:
         for b, m in zip(blocks, masks, strict=True):
             t0 = time.perf_counter()
             dists = reference_forwards(pm, names, b)
+            sync()
             t1 = time.perf_counter()
             reference_mixing(dists, b, m, nv, range(n_mix))
+            sync()
             t2 = time.perf_counter()
             fwd += t1 - t0
             mix += (t2 - t1) * mix_scale
@@ -385,8 +417,10 @@ def main(argv=None) -> dict:
     for r in range(args.repeats):
         order = names_order[r % len(fns) :] + names_order[: r % len(fns)]
         for k in order:
+            sync()
             t0 = time.perf_counter()
             ret = fns[k]()
+            sync()
             dt = time.perf_counter() - t0
             samples[k].append(ret if k == "R" else dt)  # R: forwards + scaled mixing
     med = {k: statistics.median(v) for k, v in samples.items()}
@@ -402,7 +436,8 @@ def main(argv=None) -> dict:
     print(
         f"# eval_speed: model={args.model} N={args.members} q={args.rate} K={K} blocks={args.blocks} "
         f"seq={args.seq} (T={T} queries/block) chunk={args.chunk} pmixed_chunk={args.pmixed_chunk} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats} (medians, interleaved) setup={t_setup:.1f}s"
+        f"repeats={args.repeats} (medians, interleaved) setup={t_setup:.1f}s device={DEVICE}"
+        + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else "")
     )
     print(f"{'variant':58} {'s (all blocks)':>14} {'ms/token':>10}")
     rows = [
@@ -442,6 +477,7 @@ def main(argv=None) -> dict:
         "blocks": args.blocks,
         "seq": args.seq,
         "threads": torch.get_num_threads(),
+        "device": str(DEVICE),
         "s": {"F": med["F"], "P": med["P"], "PA": med["PA"], "R": med["R"], "R_fwd": r_fwd, "R_mix": r_mix},
         "samples": samples,
         "naive_positions_timed": n_mix,
@@ -478,6 +514,13 @@ def memory_only(args) -> dict:
 def print_memory(args, mem: dict) -> dict:
     out = {}
     pub, st = mem["public"], mem["stacked"]
+    if pub.get("peak_cuda"):  # on a GPU: the models and activations live in GPU memory
+        ratio = st["peak_cuda"] / pub["peak_cuda"]
+        ok = "ok" if ratio <= TARGET_MEM else "MISS"
+        print(f"GPU memory (fresh subprocesses, one block of {args.seq}): peak allocated public alone "
+              f"{pub['peak_cuda'] / 2**20:.1f} MiB, EnsembleRuntime N={args.members} + PMixED eval "
+              f"{st['peak_cuda'] / 2**20:.1f} MiB: {ratio:.3f}x [{ok}, target <= {TARGET_MEM}]")
+        out["mem_ratio_cuda"] = ratio
     ratio_mem = st["peak_rss"] / pub["peak_rss"]
     net_pub = pub["peak_rss"] - pub["rss_start"]
     net_st = st["peak_rss"] - st["rss_start"]

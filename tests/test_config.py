@@ -70,6 +70,8 @@ def test_paper_config_matches_reference_section_3():
         ("privacy", {"queries": 0}, "privacy.queries"),
         ("eval", {"runs": 0}, "eval.runs"),
         ("eval", {"ensemble_average": "no"}, "eval.ensemble_average"),
+        ("eval", {"member_chunk": -1}, "eval.member_chunk"),
+        ("run", {"device": "gpu"}, "run.device"),
         ("model", {"dtype": "float8"}, "model.dtype"),
         ("model", {"base": "builtin:nope"}, "model.base"),
         ("public_pretrain", {"n_embd": 30, "n_head": 4}, "public_pretrain.n_embd"),
@@ -134,3 +136,10 @@ def test_pretrain_fingerprint_tracks_settings():
     a = config_from_dict({}).public_pretrain
     b = config_from_dict({"public_pretrain": {"steps": 7}}).public_pretrain
     assert a.fingerprint() != b.fingerprint() and a.fingerprint() == type(a)().fingerprint()
+
+
+def test_member_chunk_is_automatic_per_device_unless_set():
+    from pmixed.config import EvalConfig
+
+    assert EvalConfig().chunk_for("cpu") == 1 and EvalConfig().chunk_for("cuda") == 16
+    assert EvalConfig(member_chunk=5).chunk_for("cpu") == 5 == EvalConfig(member_chunk=5).chunk_for("cuda")

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -103,14 +104,23 @@ def _choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class RunSection:
-    """``[run]``: where artefacts go and the master seed."""
+    """``[run]``: where artefacts go, the master seed and the device.
+
+    ``device``: ``auto`` (a GPU when CUDA is available, under torchrun the rank's own; else the
+    CPU), ``cpu``, ``cuda`` or ``cuda:<i>`` (resolved by :mod:`pmixed.models.device`). Where a run
+    computes changes no setting that a saved ensemble or baseline is matched on.
+    """
 
     output_dir: str = "runs/default"
     seed: int = 0
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         _str("run.output_dir", self.output_dir)
         _int("run.seed", self.seed, lo=0)
+        _str("run.device", self.device)
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise ConfigError("run.device", f"unknown device {self.device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<i>'")
 
 
 @dataclass(frozen=True)
@@ -390,6 +400,9 @@ class EvalConfig:
     ``ensemble_average = false`` drops the non-private ensemble-average row: the members then run
     only where some run draws them (``EnsembleRuntime.block_stats(average=False)``), which is
     faster when q * runs is small (e.g. the paper's q = 0.03).
+
+    ``member_chunk``: members per batched forward (0: automatic, 1 on the CPU, where batching
+    does not pay, and 16 on a GPU). Only speed and memory depend on it, not a number.
     """
 
     runs: int = 32
@@ -397,6 +410,7 @@ class EvalConfig:
     block_size: int = 512
     seed: int = 0
     ensemble_average: bool = True
+    member_chunk: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.ensemble_average, bool):
@@ -405,6 +419,11 @@ class EvalConfig:
         _int("eval.n_blocks", self.n_blocks, lo=1)
         _int("eval.block_size", self.block_size, lo=2)
         _int("eval.seed", self.seed, lo=0)
+        _int("eval.member_chunk", self.member_chunk, lo=0)
+
+    def chunk_for(self, device_type: str) -> int:
+        """Members per batched forward on a device of this type (``cpu``, ``cuda``)."""
+        return self.member_chunk or (1 if device_type == "cpu" else 16)
 
 
 # ----------------------------------------------------------------------------- the whole run

@@ -5,7 +5,9 @@ through :class:`pmixed.models.stacked_lora.StackedLoRA`; extra adapters (the fin
 DP-SGD baselines) ride on the same stack under their own names.
 
 - :class:`EnsembleRuntime` computes what the mechanism needs: next-token distributions of the
-  public model and of members, in chunks of rows so that no [N, T, V] tensor is ever held.
+  public model and of members, in chunks of rows so that no [N, T, V] tensor is ever held. It
+  computes on the base model's device (a GPU when the run has one) and hands the mechanism its
+  per-pair statistics ([T, N, K-1] float64, small) on the CPU.
 - :class:`PrivatePredictor` answers queries: teacher-forced blocks (evaluation) and
   token-by-token generation with per-member KV caches that catch up lazily on the tokens they
   missed. Every query is charged to a durable :class:`pmixed.privacy.ledger.Ledger` before its
@@ -27,6 +29,7 @@ from pmixed.mechanism.pairs import pair_moments, row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.subsample import sample_token
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
+from pmixed.models.device import module_device
 from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.ledger import Ledger
 
@@ -59,6 +62,7 @@ class EnsembleRuntime:
         self.model = base_model
         self.model.eval()
         self.stacked = StackedLoRA.from_peft_dirs(base_model, dirs)
+        self.device = module_device(base_model)
 
     @classmethod
     def from_ensemble(cls, ensemble: Any, extra_dirs: dict[str, Any] | None = None) -> EnsembleRuntime:
@@ -66,9 +70,10 @@ class EnsembleRuntime:
 
     @torch.no_grad()
     def probs(self, input_ids: torch.Tensor, adapter_ids: Sequence[int]) -> torch.Tensor:
-        """Next-token probabilities [B, T, V] float32 for rows ``adapter_ids`` over ``input_ids`` [B, T]."""
+        """Next-token probabilities [B, T, V] float32, on the runtime's device, for rows
+        ``adapter_ids`` over ``input_ids`` [B, T]."""
         ids = torch.as_tensor(list(adapter_ids), dtype=torch.long)
-        out = self.stacked(input_ids, ids, use_cache=False)
+        out = self.stacked(input_ids.to(self.device), ids, use_cache=False)
         x = out.logits if out.logits.dtype == torch.float32 else out.logits.float()  # [B, T, V]
         del out
         return softmax_(x)
@@ -88,8 +93,9 @@ class EnsembleRuntime:
         """One teacher-forced block [L] -> statistics of its L-1 queries.
 
         Returns (stats over the first ``members`` members, {extra name: target prob [T]},
-        ensemble-average target prob [T] (non-private baseline)). ``needed`` [T, members] limits
-        the moment computation to the drawn pairs (default: all).
+        ensemble-average target prob [T] (non-private baseline)), all on the CPU whatever the
+        runtime's device. ``needed`` [T, members] limits the moment computation to the drawn pairs
+        (default: all).
 
         ``average=False`` (with ``needed``) computes only what the mechanism reads: a member runs
         only if it is drawn somewhere in the block, only up to the last position it is drawn at
@@ -101,6 +107,9 @@ class EnsembleRuntime:
         if not average and needed is None:
             raise ValueError("average=False needs `needed`: the drawn pairs to compute")
         n = self.n_members if members is None else members
+        dev = self.device
+        block = block.to(dev)
+        needed = None if needed is None else needed.to(dev)
         inputs, targets = block[None, :-1], block[1:]  # [1, T], [T]
         T = targets.shape[0]
         public = self.probs(inputs, [PUBLIC])[0]  # [T, V] float32, kept in float32
@@ -111,8 +120,8 @@ class EnsembleRuntime:
             p = self.probs(inputs, [self.extra_index[name]])[0]  # [T, V] float32
             extra_target[name] = p.gather(1, targets[:, None]).squeeze(1).double() / p.sum(-1, dtype=torch.float64)
             del p
-        moments = torch.empty(T, n, max_order - 1, dtype=torch.float64)
-        member_target = torch.empty(T, n, dtype=torch.float64)
+        moments = torch.empty(T, n, max_order - 1, dtype=torch.float64, device=dev)
+        member_target = torch.empty(T, n, dtype=torch.float64, device=dev)
         for s in range(0, n, chunk):
             ids = list(range(s, min(n, s + chunk)))
             need = None if needed is None else needed[:, s : s + len(ids)]
@@ -122,8 +131,9 @@ class EnsembleRuntime:
                 mom, mt = self._drawn_stats(inputs, ids, targets, public, public_total, need, max_order)
             moments[:, s : s + len(ids)] = mom
             member_target[:, s : s + len(ids)] = mt
-        stats = BlockStats(moments, member_target, public_target)
-        return stats, extra_target, (member_target.mean(dim=1) if average else None)
+        stats = BlockStats(moments.cpu(), member_target.cpu(), public_target.cpu())
+        extra_target = {name: t.cpu() for name, t in extra_target.items()}
+        return stats, extra_target, (stats.member_target.mean(dim=1) if average else None)
 
     def _split_head(self):
         """(backbone, head) when the logits are exactly head(backbone(x)[0]); None otherwise
@@ -147,8 +157,8 @@ class EnsembleRuntime:
             rows = self.probs(inputs.expand(c, -1), ids)  # [c, T, V]
             return member_stats(public, rows, targets, max_order, need, public_total)
         backbone, head = split
-        moments = torch.empty(T, c, max_order - 1, dtype=torch.float64)
-        member_target = torch.empty(T, c, dtype=torch.float64)
+        moments = torch.empty(T, c, max_order - 1, dtype=torch.float64, device=self.device)
+        member_target = torch.empty(T, c, dtype=torch.float64, device=self.device)
         with self.stacked.rows(torch.as_tensor(ids, dtype=torch.long)):
             hidden = backbone(input_ids=inputs.expand(c, -1), use_cache=False)[0]  # [c, T, H]
             for a in range(0, T, positions):
@@ -162,13 +172,14 @@ class EnsembleRuntime:
     def _drawn_stats(self, inputs, ids, targets, public, public_total, need, max_order, rows: int = 64):
         """Moments and target probabilities of members ``ids`` at their drawn pairs only.
 
-        need [T, c] bool. Returns moments [T, c, K-1] and member_target [T, c] float64, nan where
-        not drawn. The backbone runs on the members drawn somewhere in the block, over positions
+        need [T, c] bool. Returns moments [T, c, K-1] and member_target [T, c] float64 (on the
+        runtime's device), nan where not drawn. The backbone runs on the members drawn somewhere in the block, over positions
         0..(last drawn position); the LM head on ``rows`` drawn (position, member) pairs at a time.
         """
         c, T = len(ids), targets.shape[0]
-        moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64)
-        member_target = torch.full((T, c), float("nan"), dtype=torch.float64)
+        dev = self.device
+        moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64, device=dev)
+        member_target = torch.full((T, c), float("nan"), dtype=torch.float64, device=dev)
         active = need.any(dim=0).nonzero().flatten()  # [a] chunk columns drawn somewhere
         if active.numel() == 0:
             return moments, member_target
@@ -176,7 +187,7 @@ class EnsembleRuntime:
         pos, col = sub.nonzero(as_tuple=True)  # [R] drawn pairs, by position
         last = int(pos.max()) + 1
         split = self._split_head()
-        adapters = torch.as_tensor(ids, dtype=torch.long)[active]
+        adapters = torch.as_tensor(ids, dtype=torch.long, device=dev)[active]
         with self.stacked.rows(adapters):
             x_in = inputs[:, :last].expand(len(adapters), -1)  # [a, last]
             if split is None:
@@ -187,7 +198,7 @@ class EnsembleRuntime:
             for r in range(0, pos.shape[0], rows):
                 p, j = pos[r : r + rows], col[r : r + rows]  # [n]
                 x = softmax_((hidden[j, p] if head is None else head(hidden[j, p])).float())  # [n, V]
-                mom, tot = pair_moments(public, public_total, x, p, torch.arange(p.shape[0]), max_order)
+                mom, tot = pair_moments(public, public_total, x, p, torch.arange(p.shape[0], device=dev), max_order)
                 m = active[j]  # chunk columns
                 moments[p, m] = mom
                 member_target[p, m] = x.gather(1, targets[p][:, None]).squeeze(1).double() / tot
@@ -279,10 +290,10 @@ class PrivatePredictor:
 
         def next_dist(row: int) -> torch.Tensor:
             cache, seen = caches.get(row, (None, 0))
-            new = torch.tensor([seq[seen:]], dtype=torch.long)
+            new = torch.tensor([seq[seen:]], dtype=torch.long, device=self.runtime.device)
             out = self.runtime.stacked(new, [row], past_key_values=cache, use_cache=True)
             caches[row] = (output_cache(out), len(seq))
-            return torch.softmax(out.logits[0, -1].double(), dim=-1)
+            return torch.softmax(out.logits[0, -1].double(), dim=-1).cpu()  # [V]: the mechanism on the CPU
 
         released_ids: list[int] = []
         drawn_log: list[list[int]] = []

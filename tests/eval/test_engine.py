@@ -69,6 +69,25 @@ def test_drawn_only_stats_equal_the_full_ones_at_the_drawn_pairs(runtime, monkey
         rt.block_stats(block, max_order=3, average=False)
 
 
+@pytest.mark.parametrize("average", [True, False])
+def test_members_per_forward_change_no_statistic(runtime, average):
+    """``[eval] member_chunk`` (1 on the CPU, 16 on a GPU) is speed only: one member per forward
+    and all of them batched give the same statistics, on the CPU, as the runtime's device."""
+    cfg, ens, rt = runtime
+    assert rt.device == torch.device("cpu")
+    block = torch.randint(0, len(ens.tokenizer), (25,), generator=torch.Generator().manual_seed(5))
+    needed = torch.rand(24, rt.n_members, generator=torch.Generator().manual_seed(6)) < 0.4
+    one, ex1, avg1 = rt.block_stats(block, max_order=3, needed=needed, extras=("finetune",), chunk=1, average=average)
+    alls, ex2, avg2 = rt.block_stats(block, max_order=3, needed=needed, extras=("finetune",),
+                                     chunk=rt.n_members, average=average)
+    for a, b in ((one.moments, alls.moments), (one.member_target, alls.member_target)):
+        assert a.device.type == "cpu" and a.dtype == torch.float64
+        assert torch.allclose(a.nan_to_num(-1.0), b.nan_to_num(-1.0), rtol=1e-5, atol=1e-12)
+    assert torch.equal(one.public_target, alls.public_target)
+    assert torch.equal(ex1["finetune"], ex2["finetune"])
+    assert (avg1 is None) == (avg2 is None) == (not average)
+
+
 def test_score_block_charges_before_release(runtime, tmp_path):
     from pmixed.engine import PrivatePredictor
 

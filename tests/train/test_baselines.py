@@ -125,3 +125,23 @@ def test_dp_step_on_an_empty_poisson_batch_adds_noise_only(tiny_base):
     assert dp_step(model, opt, torch.zeros((0, 16), dtype=torch.long)) is None
     assert any(not torch.equal(a, p) for a, p in zip(before, opt.params, strict=True))
     assert engine.accountant.history  # the step was accounted
+
+
+def test_a_gpu_run_on_a_machine_without_one_stops_before_any_work(tiny_base, tiny_records, tmp_path,
+                                                                 monkeypatch, capsys):
+    """``[run] device = "cuda"`` where CUDA is missing: exit code 2 and one line naming run.device,
+    before anything is written."""
+    import pytest
+
+    from pmixed.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "run"
+    cfg = write_toml(tiny_config_dict(tiny_base, tiny_records, out, run__device="cuda"), tmp_path / "c.toml")
+    for cmd in (["train", "ensemble"], ["train", "finetune"], ["train", "dpsgd"], ["eval"]):
+        with pytest.raises(SystemExit) as ex:
+            main([*cmd, "--config", str(cfg), "--quiet"])
+        err = capsys.readouterr().err
+        assert ex.value.code == 2, (cmd, err)
+        assert err.startswith("error: run.device: 'cuda' asked for, but CUDA is not available"), (cmd, err)
+    assert not out.exists() or not any(out.iterdir())

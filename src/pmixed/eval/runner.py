@@ -38,12 +38,14 @@ def machine() -> dict[str, Any]:
 def load_runtime(cfg: Any, *, progress: bool = True):
     """The trained ensemble + the baselines that exist, stacked on one base copy."""
     from pmixed.engine import EnsembleRuntime
+    from pmixed.models.device import resolve_device
     from pmixed.train.ensemble import load_ensemble
 
+    device = resolve_device(cfg.run.device)  # a configuration error first
     out = cfg.output_dir
     if not (out / "ensemble.json").is_file():
         raise EnsembleMismatch(f"no ensemble in {out}: run `pmixed train ensemble --config ...` first")
-    ens = load_ensemble(out, progress=progress)
+    ens = load_ensemble(out, device=device, progress=progress)
     extras = {}
     for name in BASELINES:
         if name == "dpsgd_unit" and not cfg.dpsgd_unit.enabled:
@@ -114,7 +116,7 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     res = run_evaluation(
         runtime, blocks, [setup], extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
         ledger_dir=cfg.output_dir / "ledgers" / "eval", progress=progress,
-        average=cfg.eval.ensemble_average,
+        average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
     ).to_dict()
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
     res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
@@ -172,7 +174,7 @@ def sweep_config(cfg: Any, params: list[str], *, values: dict[str, list] | None 
     res = run_evaluation(
         runtime, blocks, setups, extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
         ledger_dir=cfg.output_dir / "ledgers" / "sweep", progress=progress,
-        average=cfg.eval.ensemble_average,
+        average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
     ).to_dict()
     res["config"] = cfg.source_path
     res["machine"] = machine()

@@ -15,6 +15,7 @@ from pmixed.mechanism.divergence import abs_moments, check_distribution_rows
 
 FUSED_DTYPES = (torch.float32, torch.float64)
 ROW_CHUNK = 4  # torch reference: member rows at once ([4, V] float64 temporaries stay in cache)
+GPU_ROW_CHUNK = 256  # on an accelerator: fewer, larger kernels ([256, V] float64 temporaries)
 
 
 def use_fused(*tensors: torch.Tensor) -> bool:
@@ -91,8 +92,9 @@ def pair_moments(
                            _np(rows.to(torch.int64)), _np(mt), out)
         return torch.from_numpy(out), mt
     moments = torch.empty(R, max_order - 1, dtype=torch.float64, device=public.device)
-    for s in range(0, R, ROW_CHUNK):
-        c = slice(s, min(R, s + ROW_CHUNK))
+    step = ROW_CHUNK if public.device.type == "cpu" else GPU_ROW_CHUNK
+    for s in range(0, R, step):
+        c = slice(s, min(R, s + step))
         base = public[pos[c]].to(torch.float64).div_(ptot[pos[c], None])  # [r, V]
         pm = members[rows[c]].to(torch.float64).div_(mt[c, None])  # [r, V]
         moments[c] = abs_moments(base, pm, max_order)

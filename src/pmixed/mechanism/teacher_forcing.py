@@ -61,10 +61,10 @@ def member_stats(
     tot = row_totals(flat, "members")  # [c*T]
     t_idx = targets.repeat(c)  # [c*T]
     member_target = (flat.gather(1, t_idx[:, None]).squeeze(1).to(torch.float64) / tot).reshape(c, T).T
-    if needed is None:
-        needed = torch.ones(T, c, dtype=torch.bool)
+    dev = public.device  # everything below stays on the members' device
+    needed = torch.ones(T, c, dtype=torch.bool, device=dev) if needed is None else needed.to(dev)
     pos, mem = needed.nonzero(as_tuple=True)  # sorted by position
-    moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64)
+    moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64, device=dev)
     mom, _ = pair_moments(public, ptot, flat, pos, mem * T + pos, max_order, member_total=tot)
     moments[pos, mem] = mom
     return moments, member_target.contiguous()

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pmixed.models.device import module_device
+
 __all__ = [
     "per_sample_lm_loss",
     "lm_loss",
@@ -27,7 +29,8 @@ __all__ = [
 
 
 def per_sample_lm_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of each block: ``[B, T] -> [B]`` (float32)."""
+    """Mean next-token cross entropy of each block: ``[B, T] -> [B]`` (float32, on the model's device)."""
+    input_ids = input_ids.to(module_device(model))
     logits = model(input_ids=input_ids).logits  # [B, T, V]
     logits = logits[:, :-1, :].float()  # [B, T-1, V]
     targets = input_ids[:, 1:]  # [B, T-1]

@@ -71,7 +71,8 @@ class BaseInfo:
 
 
 def load_base(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> BaseInfo:
-    """Resolve (building ``builtin:tiny-gpt2`` if needed) and load the base once."""
+    """Resolve (building ``builtin:tiny-gpt2`` if needed) and load the base once, on ``[run] device``."""
+    from pmixed.models.device import resolve_device
     from pmixed.models.loading import (
         load_causal_lm,
         resolve_model_path,
@@ -86,6 +87,7 @@ def load_base(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> BaseI
         path,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
+        device=resolve_device(cfg.run.device),
         progress=progress,
     )
     for p in model.parameters():

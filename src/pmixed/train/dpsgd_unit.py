@@ -94,7 +94,8 @@ def unit_dp_gradient(model, params: list[torch.nn.Parameter], unit_batches: list
         norms.append(norm)
     for s, p in zip(summed, params, strict=True):
         if noise_std > 0:
-            s.add_(torch.normal(0.0, noise_std, size=s.shape, generator=generator, dtype=s.dtype))
+            # drawn by the (CPU) generator, then moved to the parameter's device
+            s.add_(torch.normal(0.0, noise_std, size=s.shape, generator=generator, dtype=s.dtype).to(s.device))
         s.div_(denominator)
         p.grad = s
     return UnitStep(drawn=len(unit_batches), losses=losses, norms=norms)
