@@ -236,6 +236,7 @@ def run_only(args) -> dict:
     """Child process: one variant over one block; prints a JSON line with its RSS (and, on a
     GPU, its peak allocated GPU memory)."""
     set_device(args.device)
+    args.pmixed_chunk = args.pmixed_chunk or (4 if DEVICE.type == "cpu" else 16)
     cfg = gpt2_config(args.model)
     rss_start = current_rss()
     base = build_base(cfg)
@@ -308,9 +309,10 @@ def main(argv=None) -> dict:
     )
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--lora-alpha", type=float, default=32.0)
-    ap.add_argument("--chunk", type=int, default=4, help="rows per forward in (F) (engine: 4)")
-    ap.add_argument("--pmixed-chunk", type=int, default=4,
-                    help="block_stats(chunk=...) in (P) and the memory child (engine default: 4)")  # fmt: skip
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="rows per forward in (F) (default 4; 16 on a GPU, as [eval] member_chunk)")
+    ap.add_argument("--pmixed-chunk", type=int, default=None,
+                    help="block_stats(chunk=...) in (P) and the memory child (default 4; 16 on a GPU)")  # fmt: skip
     ap.add_argument(
         "--memory-only", action="store_true", help="skip the timings (implies --measure-memory)"
     )
@@ -338,6 +340,9 @@ def main(argv=None) -> dict:
     if args.only:
         return run_only(args)
     set_device(args.device)
+    gpu = DEVICE.type != "cpu"
+    args.chunk = args.chunk or (16 if gpu else 4)
+    args.pmixed_chunk = args.pmixed_chunk or (16 if gpu else 4)
     if args.memory_only:
         return memory_only(args)
 
