@@ -173,8 +173,9 @@ class EnsembleRuntime:
         """Moments and target probabilities of members ``ids`` at their drawn pairs only.
 
         need [T, c] bool. Returns moments [T, c, K-1] and member_target [T, c] float64 (on the
-        runtime's device), nan where not drawn. The backbone runs on the members drawn somewhere in the block, over positions
-        0..(last drawn position); the LM head on ``rows`` drawn (position, member) pairs at a time.
+        runtime's device), nan where not drawn. The backbone runs on the members drawn somewhere
+        in the block, over positions 0..(last drawn position); the LM head on ``rows`` drawn
+        (position, member) pairs at a time.
         """
         c, T = len(ids), targets.shape[0]
         dev = self.device

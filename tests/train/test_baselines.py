@@ -145,3 +145,12 @@ def test_a_gpu_run_on_a_machine_without_one_stops_before_any_work(tiny_base, tin
         assert ex.value.code == 2, (cmd, err)
         assert err.startswith("error: run.device: 'cuda' asked for, but CUDA is not available"), (cmd, err)
     assert not out.exists() or not any(out.iterdir())
+    # before the builtin base is built too (that would pre-train a model, or fail on a missing corpus)
+    monkeypatch.setenv("PMIXED_CACHE", str(tmp_path / "empty-cache"))
+    data = tiny_config_dict(tiny_base, tiny_records, out, run__device="cuda", model__base="builtin:tiny-gpt2")
+    cfg = write_toml(data, tmp_path / "builtin.toml")
+    for cmd in (["train", "ensemble"], ["train", "finetune"]):
+        with pytest.raises(SystemExit) as ex:
+            main([*cmd, "--config", str(cfg), "--quiet"])
+        assert ex.value.code == 2 and "run.device" in capsys.readouterr().err
+    assert not (tmp_path / "empty-cache").exists() or not any((tmp_path / "empty-cache").rglob("*.safetensors"))

@@ -80,6 +80,7 @@ def load_base(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> BaseI
         weights_sha256,
     )
 
+    device = resolve_device(cfg.run.device)  # before any work (tiny-gpt2 pre-training included)
     path = resolve_model_path(
         cfg.model.base, cache_dir=cache_dir, pretrain=cfg.public_pretrain, progress=progress
     )
@@ -87,7 +88,7 @@ def load_base(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> BaseI
         path,
         dtype=cfg.model.dtype,
         attn_implementation=cfg.model.attn_implementation,
-        device=resolve_device(cfg.run.device),
+        device=device,
         progress=progress,
     )
     for p in model.parameters():

@@ -13,7 +13,8 @@ Each member folder is written under a temporary name and renamed into place only
 adapter *and* its record are complete, so an existing folder whose adapter hash matches its
 record (and the manifest entry, when there is one) is a finished member: reruns skip it.
 
-Under ``torchrun --nproc_per_node=K`` (gloo on CPU) rank ``r`` trains the members ``i`` with
+Under ``torchrun --nproc_per_node=K`` (gloo for the few collectives; each rank computes on its
+``[run] device``, with ``auto`` its own GPU when there are GPUs) rank ``r`` trains the members ``i`` with
 ``i % K == r``; each rank writes its members' records, and rank 0 assembles ``ensemble.json``
 after a barrier. Every member's LoRA init, dropout and data order come from a seed derived from
 ``(run.seed, member index)``, so the result does not depend on which rank trained it.
@@ -322,7 +323,10 @@ def train_ensemble(
     """
     from tqdm.auto import tqdm
 
+    from pmixed.models.device import resolve_device
+
     t0 = time.perf_counter()
+    resolve_device(cfg.run.device)  # a GPU asked for where there is none: stop before any work
     dist_info = _init_distributed()
     try:
         set_threads(dist_info.local_world_size)
