@@ -11,7 +11,9 @@ sample rate Opacus' *accountant* charges, with Poisson sampling and per-sample c
 make one short (``int(1 / (1 / 234)) == 233``): calibrating at ``q`` (as
 ``make_private_with_epsilon`` does) then ends above the target (8.0014 for a target of 8 at 25
 steps). The accountant's rate is at least ``q``, so the charge stays an upper bound. A physical
-batch smaller than the logical one goes through ``BatchMemoryManager``.
+batch smaller than the logical one goes through ``BatchMemoryManager``. Opacus runs without
+``secure_mode`` (noise and sampling from torch's generators, not a CSPRNG): fine for a baseline
+that is measured, not for a model that is released.
 
 Hazard (Opacus issue 820): some Opacus + PEFT combinations silently corrupted LoRA updates; the
 test suite checks that a zero-noise, no-clipping DP step equals a plain SGD step.
@@ -104,9 +106,9 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     planned = max(1, math.ceil(steps_per_epoch * d.epochs))
     if d.max_steps is not None:
         planned = min(planned, d.max_steps)
-    engine = PrivacyEngine(accountant=d.accountant)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # no secure_mode: see the module docstring
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=d.accountant)
         model, optimizer, loader = engine.make_private(
             module=model,
             optimizer=optimizer,
