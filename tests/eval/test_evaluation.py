@@ -57,6 +57,19 @@ def test_sweep_cli(trained_run):
     rows = (cfg.output_dir / "sweep" / "sweep.csv").read_text().splitlines()
     assert len(rows) == 3
 
+    # an alpha sweep: the CSV's alpha is the swept order (the projection's largest), and the
+    # order the conversion attains epsilon at has its own column
+    out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path),
+                          "--param", "alpha", "--values", "3,5", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    import csv
+
+    with (cfg.output_dir / "sweep" / "sweep.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert [(r["value"], r["alpha"]) for r in table] == [("3.0", "3"), ("5.0", "5")]
+    assert all(2 <= int(r["epsilon_order"]) <= int(r["alpha"]) for r in table)
+    assert all(float(r["lam_max"]) > 0 and float(r["tail"]) >= 1 for r in table)
+
 
 def test_eval_cli_and_generate_cli(trained_run):
     cfg, cfg_path = trained_run

@@ -159,13 +159,16 @@ def sweep_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "sweep")
     paths["json"].write_text(json.dumps(result, indent=2, default=float))
     with paths["csv"].open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["param", "value", "epsilon", "members", "queries", "alpha", "sample_rate",
-                    "ppl_mean", "ppl_std", "mean_lambda", "empty_draw_fraction"])
+        # alpha: the largest order the projection enforces (the config's / the sweep's alpha);
+        # epsilon_order: the order at which the RDP-to-DP conversion attains epsilon
+        w.writerow(["param", "value", "epsilon", "members", "queries", "alpha", "epsilon_order",
+                    "sample_rate", "lam_max", "tail", "ppl_mean", "ppl_std", "mean_lambda",
+                    "empty_draw_fraction"])
         for s in result["pmixed"]:
             for param, value in s["sweep"].items():
-                w.writerow([param, value, s["epsilon"], s["members"], s["queries"], s["alpha"],
-                            s["sample_rate"], s["ppl_mean"], s["ppl_std"], s["mean_lambda"],
-                            s["empty_draw_fraction"]])
+                w.writerow([param, value, s["epsilon"], s["members"], s["queries"], s["max_order"],
+                            s["alpha"], s["sample_rate"], s["lam_max"], s["tail"], s["ppl_mean"],
+                            s["ppl_std"], s["mean_lambda"], s["empty_draw_fraction"]])
     models = result["models"]
     by_param: dict[str, list[tuple[float, float, float]]] = {}
     for s in result["pmixed"]:
