@@ -38,6 +38,9 @@ Memory (``--measure-memory``): peak RSS (VmHWM) of two fresh subprocesses on the
          on the all-pairs path (PA, what ``pmixed eval`` runs; the drawn-pairs path holds less).
     On a GPU (``--device cuda``) the peak is ``torch.cuda.max_memory_allocated`` instead.
 
+``--dtype bfloat16`` runs the engine's forwards (F, P, PA and the memory children) in bf16, as
+``[eval] dtype = "bfloat16"`` does; (R) stays in ``--reference-dtype`` (float32, the original's).
+
 ``--device cuda`` (or ``auto``) runs the models on the GPU; every timed call ends with
 ``torch.cuda.synchronize()``. The mechanism's per-pair statistics come back to the CPU, as in
 ``pmixed eval``.
@@ -102,6 +105,7 @@ def gpt2_config(name: str):
 
 
 DEVICE = torch.device("cpu")  # set by main() / run_only() from --device
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def sync() -> None:
@@ -244,7 +248,7 @@ def run_only(args) -> dict:
     args.pmixed_chunk = args.pmixed_chunk or (4 if DEVICE.type == "cpu" else 16)
     cfg = gpt2_config(args.model)
     rss_start = current_rss()
-    base = build_base(cfg)
+    base = build_base(cfg).to(DTYPES[args.dtype])
     block = make_blocks(cfg, 1, args.seq, args.seed)[0]
     T = block.shape[0] - 1
     if args.only == "public":
@@ -282,7 +286,7 @@ def measure_memory(args, adapter_dir: str) -> dict:
                "--members", str(args.members), "--seq", str(args.seq), "--seed", str(args.seed),
                "--rate", str(args.rate), "--threads", str(args.threads), "--adapter-dir", adapter_dir,
                "--chunk", str(args.chunk), "--pmixed-chunk", str(args.pmixed_chunk),
-               "--device", args.device]  # fmt: skip
+               "--device", args.device, "--dtype", args.dtype]  # fmt: skip
         cp = subprocess.run(cmd, capture_output=True, text=True, check=False)
         line = [ln for ln in cp.stdout.splitlines() if ln.startswith("MEM ")]
         if cp.returncode != 0 or not line:
@@ -336,6 +340,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapter-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:<i> or auto (GPU if any)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the engine's forwards (F, P, PA, memory)")
+    ap.add_argument("--reference-dtype", choices=list(DTYPES), default="float32", help="(R)'s forwards")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     members, seq = DEFAULTS[args.model]
@@ -364,7 +370,8 @@ def main(argv=None) -> dict:
     tmp = tempfile.TemporaryDirectory(prefix="pmixed-eval-speed-")
     pm.save_pretrained(tmp.name)  # one folder per adapter: tmp/member_XXX
     dirs = [Path(tmp.name) / nm for nm in names]
-    rt = EnsembleRuntime(base, None, dirs)  # patches ``base`` in place; ``pm`` owns a deep copy
+    pm.to(DTYPES[args.reference_dtype])
+    rt = EnsembleRuntime(base.to(DTYPES[args.dtype]), None, dirs)  # patches ``base`` in place; ``pm`` owns a deep copy
     t_setup = time.perf_counter() - t_setup
 
     blocks = make_blocks(cfg, args.blocks, args.seq, args.seed)
@@ -452,7 +459,8 @@ def main(argv=None) -> dict:
     print(
         f"# eval_speed: model={args.model} N={args.members} q={args.rate} K={K} blocks={args.blocks} "
         f"seq={args.seq} (T={T} queries/block) chunk={args.chunk} pmixed_chunk={args.pmixed_chunk} threads={torch.get_num_threads()} "
-        f"repeats={args.repeats} (medians, interleaved) setup={t_setup:.1f}s device={DEVICE}"
+        f"repeats={args.repeats} (medians, interleaved) setup={t_setup:.1f}s device={DEVICE} "
+        f"dtype={args.dtype} (R: {args.reference_dtype})"
         + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else "")
     )
     print(f"{'variant':58} {'s (all blocks)':>14} {'ms/token':>10}")
@@ -495,6 +503,8 @@ def main(argv=None) -> dict:
         "seq": args.seq,
         "threads": torch.get_num_threads(),
         "device": str(DEVICE),
+        "dtype": args.dtype,
+        "reference_dtype": args.reference_dtype,
         "s": {"F": med["F"], "P": med["P"], "PA": med["PA"], "R": med["R"], "R_fwd": r_fwd, "R_mix": r_mix},
         "samples": samples,
         "naive_positions_timed": n_mix,

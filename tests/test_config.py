@@ -71,6 +71,7 @@ def test_paper_config_matches_reference_section_3():
         ("eval", {"runs": 0}, "eval.runs"),
         ("eval", {"ensemble_average": "no"}, "eval.ensemble_average"),
         ("eval", {"member_chunk": -1}, "eval.member_chunk"),
+        ("eval", {"dtype": "float64"}, "eval.dtype"),
         ("run", {"device": "gpu"}, "run.device"),
         ("model", {"dtype": "float8"}, "model.dtype"),
         ("model", {"base": "builtin:nope"}, "model.base"),

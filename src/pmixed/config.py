@@ -403,6 +403,12 @@ class EvalConfig:
 
     ``member_chunk``: members per batched forward (0: automatic, 1 on the CPU, where batching
     does not pay, and 16 on a GPU). Only speed and memory depend on it, not a number.
+
+    ``dtype``: the precision of the inference forwards of ``pmixed eval``, ``sweep``, ``generate``
+    and the demo: ``model`` (what the ensemble was trained in) or one of ``float32``,
+    ``bfloat16``, ``float16``. The base and the stacked adapters are cast after their hashes are
+    checked; probabilities are still taken in float32 and the mechanism runs in float64, so the
+    guarantee is unchanged (the ball is enforced on whatever member distribution is computed).
     """
 
     runs: int = 32
@@ -411,6 +417,7 @@ class EvalConfig:
     seed: int = 0
     ensemble_average: bool = True
     member_chunk: int = 0
+    dtype: str = "model"
 
     def __post_init__(self) -> None:
         if not isinstance(self.ensemble_average, bool):
@@ -420,6 +427,7 @@ class EvalConfig:
         _int("eval.block_size", self.block_size, lo=2)
         _int("eval.seed", self.seed, lo=0)
         _int("eval.member_chunk", self.member_chunk, lo=0)
+        _choice("eval.dtype", self.dtype, ("model", *DTYPES))
 
     def chunk_for(self, device_type: str) -> int:
         """Members per batched forward on a device of this type (``cpu``, ``cuda``)."""

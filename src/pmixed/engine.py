@@ -64,6 +64,11 @@ class EnsembleRuntime:
         self.stacked = StackedLoRA.from_peft_dirs(base_model, dirs)
         self.device = module_device(base_model)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the forwards run in (the base's parameters')."""
+        return next(self.model.parameters()).dtype
+
     @classmethod
     def from_ensemble(cls, ensemble: Any, extra_dirs: dict[str, Any] | None = None) -> EnsembleRuntime:
         return cls(ensemble.base_model, ensemble.tokenizer, ensemble.adapter_paths, extra_dirs)

@@ -46,6 +46,10 @@ def load_runtime(cfg: Any, *, progress: bool = True):
     if not (out / "ensemble.json").is_file():
         raise EnsembleMismatch(f"no ensemble in {out}: run `pmixed train ensemble --config ...` first")
     ens = load_ensemble(out, device=device, progress=progress)
+    if cfg.eval.dtype != "model":  # after the hash checks: the inference precision ([eval] dtype)
+        from pmixed.models.loading import parse_dtype
+
+        ens.base_model.to(parse_dtype(cfg.eval.dtype))
     extras = {}
     for name in BASELINES:
         if name == "dpsgd_unit" and not cfg.dpsgd_unit.enabled:
@@ -125,6 +129,7 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
                                 if (why := baseline_mismatch(cfg, name))}
     res["config"] = cfg.source_path
     res["machine"] = machine()
+    res["compute_dtype"] = str(runtime.dtype).removeprefix("torch.")
     res["seconds"]["total"] = time.perf_counter() - t0
     out_dir = out_dir or cfg.output_dir / "eval"
     res["outputs"] = {k: str(v) for k, v in write_outputs(res, out_dir, dpsgd_epsilon=res["dpsgd_epsilon"]).items()}
@@ -178,6 +183,7 @@ def sweep_config(cfg: Any, params: list[str], *, values: dict[str, list] | None 
     ).to_dict()
     res["config"] = cfg.source_path
     res["machine"] = machine()
+    res["compute_dtype"] = str(runtime.dtype).removeprefix("torch.")
     res["note"] = ("members=N' uses the first N' members of the trained ensemble (the data of the "
                    "other parts is unused); all points share the same held-out blocks")
     res["seconds"]["total"] = time.perf_counter() - t0
