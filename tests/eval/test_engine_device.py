@@ -2,7 +2,7 @@
 
 Every test runs on the CPU (CI: the device path against a separate CPU runtime, equal to the
 last bit) and, where CUDA is available, on the GPU (equal within float32 rounding). The CUDA
-cases are how a machine with a GPU checks the GPU path: ``pytest tests/eval/test_device.py``.
+cases are how a machine with a GPU checks the GPU path: ``pytest tests/eval/test_engine_device.py``.
 """
 
 from __future__ import annotations
