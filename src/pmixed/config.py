@@ -94,6 +94,11 @@ def _str(name: str, v: Any, *, nonempty: bool = True) -> None:
         raise ConfigError(name, "must not be empty")
 
 
+def _bool(name: str, v: Any) -> None:
+    if not isinstance(v, bool):
+        raise ConfigError(name, f"must be true or false, got {v!r}")
+
+
 def _choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
     if v not in choices:
         raise ConfigError(name, f"must be one of {', '.join(choices)}; got {v!r}")
@@ -346,8 +351,7 @@ class DPSGDUnitConfig:
     accountant: str = "rdp"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise ConfigError("dpsgd_unit.enabled", f"must be true or false, got {self.enabled!r}")
+        _bool("dpsgd_unit.enabled", self.enabled)
         _num("dpsgd_unit.epsilon", self.epsilon, gt=0)
         _num("dpsgd_unit.delta", self.delta, gt=0, lt=1)
         _num("dpsgd_unit.units_per_step", self.units_per_step, gt=0)
@@ -420,8 +424,7 @@ class EvalConfig:
     dtype: str = "model"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ensemble_average, bool):
-            raise ConfigError("eval.ensemble_average", f"must be true or false, got {self.ensemble_average!r}")
+        _bool("eval.ensemble_average", self.ensemble_average)
         _int("eval.runs", self.runs, lo=1)
         _int("eval.n_blocks", self.n_blocks, lo=1)
         _int("eval.block_size", self.block_size, lo=2)

@@ -107,6 +107,16 @@ def _dpsgd_epsilon(cfg: Any, name: str = "dpsgd") -> float | None:
     return None
 
 
+def _evaluate(cfg: Any, runtime: Any, blocks: torch.Tensor, setups: list[Setup], ledgers: str,
+              progress: bool) -> dict[str, Any]:
+    """run_evaluation with the config's [eval] settings; fresh ledgers under ledgers/<ledgers>."""
+    return run_evaluation(
+        runtime, blocks, setups, extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
+        ledger_dir=cfg.output_dir / "ledgers" / ledgers, progress=progress,
+        average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
+    ).to_dict()
+
+
 def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """`pmixed eval`: the table of the paper's comparison for this config."""
     from pmixed.eval.report import write_outputs
@@ -117,11 +127,7 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     blocks = eval_blocks(ens, cfg)
     Q = blocks.shape[0] * (blocks.shape[1] - 1)
     setup = main_setup(cfg, Q)
-    res = run_evaluation(
-        runtime, blocks, [setup], extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
-        ledger_dir=cfg.output_dir / "ledgers" / "eval", progress=progress,
-        average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
-    ).to_dict()
+    res = _evaluate(cfg, runtime, blocks, [setup], "eval", progress)
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
     res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
     res["unit_name"] = cfg.data.unit
@@ -176,11 +182,7 @@ def sweep_config(cfg: Any, params: list[str], *, values: dict[str, list] | None 
     blocks = eval_blocks(ens, cfg)
     Q = blocks.shape[0] * (blocks.shape[1] - 1)
     setups = sweep_setups(cfg, params, Q, values)
-    res = run_evaluation(
-        runtime, blocks, setups, extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
-        ledger_dir=cfg.output_dir / "ledgers" / "sweep", progress=progress,
-        average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
-    ).to_dict()
+    res = _evaluate(cfg, runtime, blocks, setups, "sweep", progress)
     res["config"] = cfg.source_path
     res["machine"] = machine()
     res["compute_dtype"] = str(runtime.dtype).removeprefix("torch.")
