@@ -392,6 +392,33 @@ class PrivacyConfig:
         if self.alpha is not None:
             _int("privacy.alpha", self.alpha, lo=2)
 
+    def calibration_kwargs(self, ensemble_size: int, **overrides: Any) -> dict[str, Any]:
+        """The one mapping from ``[privacy]`` to ``pmixed.privacy.calibration.calibrate``'s
+        keywords (unset lam_max / tail: the library defaults). ``overrides`` replace fields by
+        their calibrate name (a sweep point: ``epsilon=4``, ``query_budget=256``, ...); an
+        override of None means "unset" exactly as in the config."""
+        from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
+
+        kw: dict[str, Any] = {
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "query_budget": self.queries,
+            "ensemble_size": ensemble_size,
+            "sample_rate": self.sample_rate,
+            "alpha": self.alpha,
+            "lam_max": self.lam_max,
+            "tail": self.tail,
+        }
+        unknown = set(overrides) - set(kw)
+        if unknown:
+            raise TypeError(f"unknown calibration keyword(s): {sorted(unknown)}")
+        kw.update(overrides)
+        if kw["lam_max"] is None:
+            kw["lam_max"] = DEFAULT_LAM_MAX
+        if kw["tail"] is None:
+            kw["tail"] = DEFAULT_TAIL
+        return kw
+
 
 @dataclass(frozen=True)
 class EvalConfig:

@@ -60,3 +60,31 @@ class AssetError(PMixEDError):
     """An asset could not be fetched or failed its checksum."""
 
     exit_code = 7
+
+
+class PromptTooLong(PMixEDError):
+    """A prompt that leaves no room for a new token in the model's context. Raised before any
+    query is drawn or charged."""
+
+    exit_code = 2
+
+    def __init__(self, prompt_tokens: int, context: int):
+        self.prompt_tokens = prompt_tokens
+        self.context = context
+        super().__init__(
+            f"the prompt is {prompt_tokens} tokens but the model's context is {context} tokens "
+            f"(at most {context - 1} prompt tokens leave room for one new token); shorten it or "
+            f"truncate it from the left (--truncate-prompt)"
+        )
+
+
+class GenerationInterrupted(PMixEDError):
+    """An error after at least one token was charged and released. ``partial`` holds what was
+    released (a ``pmixed.engine.Generation``); the cause is chained (``__cause__``)."""
+
+    exit_code = 1
+
+    def __init__(self, partial: object, cause: BaseException):
+        self.partial = partial
+        super().__init__(f"generation stopped by an error after {len(getattr(partial, 'token_ids', []))} "
+                         f"released tokens: {type(cause).__name__}: {cause}")

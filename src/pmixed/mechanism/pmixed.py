@@ -12,6 +12,7 @@ The object holds no budget state: charging is the ledger's job (pmixed.privacy.l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -58,6 +59,13 @@ class PMixED:
         self.query_budget = int(query_budget)
         self.ensemble_size = int(ensemble_size)
         self.sample_rate = float(sample_rate)
+
+    @classmethod
+    def from_config(cls, privacy: Any, ensemble_size: int, **overrides: Any) -> PMixED:
+        """The mechanism a ``[privacy]`` section (``pmixed.config.PrivacyConfig``) describes for
+        an ensemble of ``ensemble_size`` members; ``overrides`` as in
+        ``PrivacyConfig.calibration_kwargs``. The one way from a config to a mechanism."""
+        return cls(**privacy.calibration_kwargs(ensemble_size, **overrides))
 
     @property
     def alpha(self) -> int:
