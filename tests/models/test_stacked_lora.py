@@ -363,3 +363,85 @@ def test_from_state_dicts(tmp_path):
         atol=ATOL,
         rtol=0,
     )
+
+
+def test_concurrent_member_forwards_never_reach_the_public_row(tmp_path):
+    """Defect 3 (issue 11): the row selection must be per thread, not object-wide.
+
+    Several threads run member forwards (both call forms: ``stacked(x, ids)`` and
+    ``with stacked.rows(ids): base(...)``) while another thread runs public-row forwards on the
+    same StackedLoRA. Every public distribution must be bit-identical to the plain base model's,
+    and every member distribution bit-identical to its single-threaded value. With the old
+    object-wide ``_selection`` this fails: a member thread's selection reaches the public
+    thread's layers (and vice versa).
+    """
+    import sys
+    import threading
+
+    from pmixed.models.stacked_lora import PUBLIC
+
+    base = tiny_gpt2()
+    pristine = copy.deepcopy(base)
+    dirs = save_adapters(base, ["c_attn"], True, tmp_path, n=4)
+    stacked = StackedLoRA.from_peft_dirs(base, dirs)
+    x = inputs(2, seq=16, seed=11)
+    with torch.no_grad():
+        public_ref = torch.softmax(pristine(input_ids=x).logits.float(), dim=-1)  # [2, T, V]
+        member_ids = [[0, 1], [2, 3], [3, 0]]
+        member_ref = [torch.softmax(stacked(x, ids).logits.float(), dim=-1) for ids in member_ids]
+    for ref in member_ref:  # the members really move the distribution
+        assert (ref - public_ref).abs().max() > 1e-3
+
+    stop = threading.Event()
+    failures: list[str] = []
+    counts = [0] * len(member_ids)
+
+    def member_worker(k: int) -> None:
+        ids = member_ids[k]
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    if counts[k] % 2:
+                        out = stacked(x, ids).logits
+                    else:
+                        with stacked.rows(ids):
+                            out = base(input_ids=x).logits
+                    if not torch.equal(torch.softmax(out.float(), dim=-1), member_ref[k]):
+                        failures.append(f"member rows {ids} got another selection")
+                    counts[k] += 1
+        except Exception as exc:  # noqa: BLE001 - reported below
+            failures.append(f"member thread {ids}: {exc!r}")
+
+    public_runs = 0
+
+    def public_worker() -> None:
+        nonlocal public_runs
+        try:
+            with torch.no_grad():
+                for i in range(150):
+                    if i % 2:
+                        out = stacked(x, [PUBLIC, PUBLIC]).logits
+                    else:
+                        out = base(input_ids=x).logits  # outside any rows() block: public
+                    if not torch.equal(torch.softmax(out.float(), dim=-1), public_ref):
+                        failures.append(f"public forward {i} differs from the base model")
+                    public_runs += 1
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"public thread: {exc!r}")
+        finally:
+            stop.set()
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often: inside forwards, between layers
+    try:
+        threads = [threading.Thread(target=member_worker, args=(k,)) for k in range(len(member_ids))]
+        threads.append(threading.Thread(target=public_worker))
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        stop.set()
+        sys.setswitchinterval(old_interval)
+    assert public_runs == 150 and all(c > 0 for c in counts)
+    assert not failures, f"{len(failures)} wrong forwards, e.g. {failures[:3]}"

@@ -36,6 +36,7 @@ Inference only: LoRA dropout is never applied and the model is put in eval mode.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect
 import json
 import math
@@ -276,7 +277,7 @@ class StackedLoRALinear(nn.Module):
         # [B, T, out]: the base output for every row, public and members
         result = self.base_layer(x, *args, **kwargs)
         owner = self._owner
-        sel = owner._selection if owner is not None else None
+        sel = owner._current_selection() if owner is not None else None
         if sel is None or sel.members is None:
             return result  # public-only batch: exactly the base output
         if x.shape[0] != sel.batch:
@@ -314,7 +315,13 @@ class StackedLoRA(nn.Module):
         self.names: list[str] = []
         self.sources: list[str] = []
         self.target_modules: list[str] = []
-        self._selection: _Selection | None = None
+        # The row -> member selection of the forward running in *this* context (thread, task).
+        # Context-local, never object-wide: concurrent forwards on one StackedLoRA (a threaded
+        # server) must not see each other's selection, or the public row p_0 could get a
+        # member's delta. A new thread starts with no selection (= every row public).
+        self._selection_var: contextvars.ContextVar[_Selection | None] = contextvars.ContextVar(
+            f"pmixed_stacked_lora_selection_{id(self):x}", default=None
+        )
         self._originals: dict[str, nn.Module] = {}
         self._layers: dict[str, StackedLoRALinear] = {}
 
@@ -473,7 +480,6 @@ class StackedLoRA(nn.Module):
             setattr(parent, attr, layer)
         self._originals.clear()
         self._layers.clear()
-        self._selection = None
         return self.model
 
     # ---------------------------------------------------------------- selection
@@ -503,18 +509,23 @@ class StackedLoRA(nn.Module):
             raise ValueError(f"adapter_ids must lie in [-1, {self.num_members - 1}]")
         return ids
 
+    def _current_selection(self) -> _Selection | None:
+        """The selection set by :meth:`rows` in the current context (None: all rows public)."""
+        return self._selection_var.get()
+
     @contextlib.contextmanager
     def rows(self, adapter_ids: torch.Tensor | Sequence[int]) -> Iterator[None]:
-        """Within the block, any forward of the patched model uses member ``adapter_ids[b]`` for
-        row ``b`` (``-1``: public). Outside any block the patched model is the public model."""
+        """Within the block, any forward of the patched model *in the same thread / context*
+        uses member ``adapter_ids[b]`` for row ``b`` (``-1``: public). Outside any block, and in
+        any other thread, the patched model is the public model."""
         if not self._layers:
             raise RuntimeError("this StackedLoRA was unpatched")
         sel = _Selection(self._check_ids(adapter_ids), self._device())
-        prev, self._selection = self._selection, sel
+        token = self._selection_var.set(sel)
         try:
             yield
         finally:
-            self._selection = prev
+            self._selection_var.reset(token)
 
     def forward(
         self,
