@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from pmixed.errors import BudgetExhausted, ConfigError
@@ -35,6 +35,7 @@ __all__ = [
     "compose_curve",
     "curve_epsilon",
     "project_charge",
+    "queries_left",
 ]
 
 #: The default grid of Renyi orders: 2..64, then 80, 96, 128, 256.
@@ -145,6 +146,50 @@ def curve_epsilon(orders: Sequence[float], curve: Sequence[float], delta: float)
     return max(0.0, eps)
 
 
+#: What :func:`queries_left` returns when no number of further queries would exhaust the budget
+#: (the per-query curve is 0 at an order where nothing is spent yet).
+UNLIMITED = 2**62
+
+
+def check_curve(rdp: Sequence[float], n: int, field: str = "rdp") -> tuple[float, ...]:
+    """Validate a per-query RDP curve of length ``n`` (numbers >= 0; inf = no claim)."""
+    if isinstance(rdp, (str, bytes)):
+        raise ConfigError(field, f"must be a sequence of numbers >= 0, got {rdp!r}")
+    try:
+        out = tuple(rdp)
+    except TypeError:
+        raise ConfigError(field, f"must be a sequence of numbers >= 0, got {rdp!r}") from None
+    if len(out) != n:
+        raise ConfigError(field, f"has {len(out)} values for {n} orders; they must have the same length")
+    for r in out:
+        if not _is_number(r) or math.isnan(r) or not r >= 0.0:
+            raise ConfigError(field, f"RDP values must be numbers >= 0 (inf = no claim), got {r!r}")
+    return tuple(float(r) for r in out)
+
+
+def queries_left(affords: Callable[[int], bool]) -> int:
+    """The largest k >= 0 with ``affords(k)`` true and ``affords(k + 1)`` false.
+
+    Doubling, then bisection on the bracket (lo affordable, hi not), so the answer satisfies that
+    pair of conditions exactly even where ``affords`` is not monotone under rounding. Returns 0
+    when ``affords(0)`` is false and :data:`UNLIMITED` when ``affords(UNLIMITED)`` is true.
+    """
+    if not affords(0):
+        return 0
+    lo, hi = 0, 1
+    while affords(hi):
+        if hi >= UNLIMITED:
+            return UNLIMITED
+        lo, hi = hi, min(2 * hi, UNLIMITED)
+    while hi - lo > 1:  # invariant: affords(lo) and not affords(hi)
+        mid = (lo + hi) // 2
+        if affords(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 class RdpAccountant:
     """The spent RDP curve of one budget (epsilon, delta), held in memory.
 
@@ -205,6 +250,10 @@ class RdpAccountant:
     def can_afford(self, charge: RdpCharge) -> bool:
         return self.epsilon_if(charge) <= self._epsilon
 
+    def queries_left(self, rdp: Sequence[float]) -> int:
+        """How many more queries with per-query curve ``rdp`` (at :attr:`orders`) fit the budget."""
+        return _queries_left(self._orders, self._spent, rdp, self._delta, self._epsilon)
+
     # -- the one mutation -------------------------------------------------------------------
     def compose(self, charge: RdpCharge) -> float:
         """Record ``charge`` and return the epsilon spent after it.
@@ -227,6 +276,16 @@ class RdpAccountant:
             f"RdpAccountant(epsilon={self._epsilon!r}, delta={self._delta!r}, "
             f"orders={len(self._orders)}, charges={self._charges}, spent={self.epsilon_spent():.6g})"
         )
+
+
+def _queries_left(orders, spent, rdp, delta: float, limit: float) -> int:
+    rdp = check_curve(rdp, len(orders))
+
+    def affords(k: int) -> bool:
+        curve = spent if k == 0 else compose_curve(spent, rdp, k)
+        return curve_epsilon(orders, curve, delta) <= limit
+
+    return queries_left(affords)
 
 
 def _describe(charge: RdpCharge) -> str:

@@ -57,6 +57,7 @@ from pmixed.privacy.accountant import (
     DEFAULT_ORDERS,
     RdpCharge,
     _describe,
+    _queries_left,
     check_orders,
     compose_curve,
     curve_epsilon,
@@ -494,6 +495,12 @@ class Ledger:
 
     def can_afford(self, charge: RdpCharge) -> bool:
         return self.epsilon_if(charge) <= self._epsilon
+
+    def queries_left(self, rdp: Sequence[float]) -> int:
+        """The largest k >= 0 such that k more queries with per-query RDP curve ``rdp`` (at
+        :attr:`orders`) fit the budget given what is committed now and k + 1 do not (see
+        :func:`~pmixed.privacy.accountant.queries_left`). Informational, like :meth:`can_afford`."""
+        return _queries_left(self._orders, self.spent_rdp(), rdp, self._delta, self._epsilon)
 
     def history(self, limit: int | None = None) -> list[ChargeRecord]:
         """The committed charges, oldest first; with ``limit``, only the ``limit`` most recent."""
