@@ -60,7 +60,7 @@ def test_pair_moments_match_reference(K, dtype, monkeypatch):
 
     def run():
         tot = row_totals(pub, "public")
-        mom, mt = pair_moments(pub, tot, mem, pos, rows, K)
+        mom, mt, _ = pair_moments(pub, tot, mem, pos, rows, K)
         return tot, mom, mt, lambdas_from_moments(mom, params(K))
 
     (t1, m1, mt1, l1), (t2, m2, mt2, l2) = both(run, monkeypatch)
@@ -94,7 +94,7 @@ def test_zeros_of_public_are_exact(monkeypatch):
 def test_identical_member_gets_lam_max_and_zero_moments():
     pub = torch.softmax(torch.randn(1, 64), -1)
     tot = row_totals(pub, "public")
-    mom, _ = pair_moments(pub, tot, pub.clone(), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
+    mom, _, _ = pair_moments(pub, tot, pub.clone(), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), 4)
     assert float(mom.abs().max()) < 1e-12
     assert float(lambdas_from_moments(mom, params(lam_max=0.6))) == pytest.approx(0.6 * (1 - 1e-9), rel=0, abs=1e-15)
 
@@ -150,21 +150,34 @@ def test_release_rows_and_member_stats_match_reference(with_targets, monkeypatch
      (-1e-30, "finite, non-negative"), (None, "zero total mass")],
 )
 @pytest.mark.parametrize("kernels", ["fused", "torch"])
-def test_bad_rows_are_refused(bad, message, kernels, monkeypatch):
+def test_bad_member_rows_get_lam_zero_and_bad_public_rows_are_refused(bad, message, kernels, monkeypatch):
+    """A member row is private: whether it is valid must not decide whether the query errors (an
+    uncharged probe of which member was drawn). It gets lam = 0 (pbar = p_0) and the query is
+    answered; only the public row, a function of public data, may refuse. On 92fb559 the member
+    cases raised ValueError."""
     monkeypatch.setenv("PMIXED_KERNELS", kernels)
-    pub = torch.softmax(torch.randn(10), -1)
-    mem = torch.softmax(torch.randn(2, 10), -1)
+    pub = torch.softmax(torch.randn(10, generator=torch.Generator().manual_seed(0)), -1)
+    mem = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(1)), -1)
     if bad is None:
         mem[1] = 0.0
     else:
         mem[1, 3] = bad
-    with pytest.raises(ValueError, match=message):
-        release(pub, mem, params())
-    with pytest.raises(ValueError, match=message):
-        release_rows(pub[None].expand(2, -1).contiguous(), mem, torch.tensor([0, 1]), params())
+    p0 = pub.double() / pub.double().sum()
+    out = release(pub, mem, params())
+    # member 1 answers with p_0: M = (pbar_0 + p_0) / 2, pbar_0 the release of member 0 alone
+    torch.testing.assert_close(out, (release(pub, mem[:1], params()) + p0) / 2, rtol=1e-12, atol=1e-15)
+    rows, lam = release_rows(pub[None].expand(2, -1).contiguous(), mem, torch.tensor([0, 1]), params())
+    assert lam[1] == 0.0 and lam[0] > 0
+    torch.testing.assert_close(rows[1], p0, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(rows[0], release(pub, mem[:1], params()), rtol=1e-12, atol=1e-15)
+    tgt, _ = release_rows(pub[None].expand(2, -1).contiguous(), mem, torch.tensor([0, 1]), params(),
+                          targets=torch.tensor([2, 3]))
+    torch.testing.assert_close(tgt, torch.stack([rows[0, 2], rows[1, 3]]), rtol=1e-12, atol=1e-15)
     bad_pub = mem[1].clone()
     with pytest.raises(ValueError, match=message):
         release(bad_pub, mem[:1], params())
+    with pytest.raises(ValueError, match=message):
+        release_rows(bad_pub[None], mem[:1], torch.tensor([0]), params())
 
 
 @pytest.mark.parametrize("kernels", ["fused", "torch"])

@@ -163,6 +163,8 @@ if AVAILABLE:
             out[v] = c0 * np.float64(y[v])
         for i in range(members.shape[0]):
             ci = coef[i]
+            if ci == 0.0:  # lam = 0 (or an invalid row, whose values must not reach the sum)
+                continue
             xi = members[i]
             for v in range(y.shape[0]):
                 out[v] += ci * np.float64(xi[v])
@@ -192,7 +194,9 @@ if AVAILABLE:
         """One query (eq. (M1)) in one call: validate, totals, moments, lam, mix.
 
         public [V], members [m, V] (m may be 0), log_taus [K-1] -> out [V] float64 the released
-        distribution, lam [m], mstatus [m] members' row status; returns the public row's status.
+        distribution, lam [m], mstatus [m] members' row status; returns the public row's status
+        (nonzero: nothing computed). An invalid member row gets lam 0 and never stops the query
+        (pairs.py's docstring says why).
         """
         m = members.shape[0]
         T0, neg0 = _sum_neg(public)
@@ -204,14 +208,10 @@ if AVAILABLE:
                 out[v] = np.float64(public[v]) / T0
             return 0
         mtot = np.empty(m)
-        bad = False
         for i in range(m):
             s, neg = _sum_neg(members[i])
-            mtot[i] = s
             mstatus[i] = _status(s, neg)
-            bad = bad or mstatus[i] != 0
-        if bad:
-            return 0
+            mtot[i] = s if mstatus[i] == 0 else 1.0
         pub2 = public.reshape((1, public.shape[0]))
         pos = np.zeros(m, dtype=np.int64)
         rows = np.arange(m)
@@ -219,6 +219,9 @@ if AVAILABLE:
         mom = np.empty((m, log_taus.shape[0]))
         pair_moments(pub2, ptot, members, pos, rows, mtot, mom)
         lambdas(mom, log_taus, lam_cap, margin, lam)
+        for i in range(m):  # an invalid member row: lam = 0, the public model answers for it
+            if mstatus[i] != 0:
+                lam[i] = 0.0
         coef = lam / (m * mtot)
         mix_row(public, (1.0 - lam.mean()) / T0, members, coef, out)
         return 0

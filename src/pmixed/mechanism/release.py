@@ -27,7 +27,11 @@ from pmixed.privacy.params import MechanismParams
 
 
 def release(public: torch.Tensor, members: torch.Tensor, params: MechanismParams) -> torch.Tensor:
-    """public [V], members [m, V] (the drawn members; m may be 0) -> [V] float64."""
+    """public [V], members [m, V] (the drawn members; m may be 0) -> [V] float64.
+
+    An invalid public row raises ValueError (public data only); an invalid member row gets
+    lam = 0 and never raises (pairs.py).
+    """
     if not torch.is_tensor(public) or public.dim() != 1:
         raise ValueError(f"public must be a [V] tensor, got {getattr(public, 'shape', type(public))}")
     if members.dim() != 2 or members.shape[-1] != public.shape[-1]:
@@ -42,9 +46,9 @@ def release(public: torch.Tensor, members: torch.Tensor, params: MechanismParams
     tot0 = row_totals(pub, "public")  # [1]
     m = members.shape[0]
     rows = torch.arange(m, device=members.device)
-    moments, tot = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, params.max_order)
-    lam = lambdas_from_moments(moments, params)  # [m]
-    return mix(public, tot0, members, tot, lam)
+    moments, tot, valid = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, params.max_order)
+    lam = lambdas_from_moments(moments, params)  # [m]; 0 for invalid member rows (moments inf)
+    return mix(public, tot0, members, tot, lam, valid)
 
 
 def _release_fused(public: torch.Tensor, members: torch.Tensor, params: MechanismParams) -> torch.Tensor:
@@ -55,8 +59,8 @@ def _release_fused(public: torch.Tensor, members: torch.Tensor, params: Mechanis
     log_taus = np.log(np.asarray(params.radii, dtype=np.float64))
     pstatus = fused.release_one(public.detach().contiguous().numpy(), members.detach().contiguous().numpy(),
                                 log_taus, params.lam_max * (1.0 - MARGIN), MARGIN, out, mstatus, lam)
-    raise_status(np.asarray([pstatus]), "public")
-    raise_status(mstatus, "members")
+    raise_status(np.asarray([pstatus]), "public")  # public data only: may refuse
+    # invalid member rows (mstatus != 0) got lam = 0 inside the kernel: never an error
     return torch.from_numpy(out)
 
 
@@ -85,14 +89,16 @@ def release_rows(
                          f"{tuple(member_rows.shape)} and {tuple(row_position.shape)}")
     tot0 = row_totals(public, "public")  # [P] float64; no float64 copy of public
     rows = torch.arange(R, device=member_rows.device)
-    moments, tot = pair_moments(public, tot0, member_rows, row_position, rows, params.max_order)
-    lam = lambdas_from_moments(moments, params)  # [R]
+    moments, tot, valid = pair_moments(public, tot0, member_rows, row_position, rows, params.max_order)
+    lam = lambdas_from_moments(moments, params)  # [R]; 0 for invalid member rows
+    ok = valid.to(dev)
     counts = torch.bincount(row_position, minlength=P).to(torch.float64)  # [P]
     drawn = counts > 0
     if targets is not None:
         p0_t = public.gather(1, targets[:, None]).squeeze(1).to(torch.float64) / tot0  # [P]
         t = targets[row_position]  # [R]
         pt = member_rows.gather(1, t[:, None]).squeeze(1).to(torch.float64) / tot  # [R]
+        pt = torch.where(ok, pt, p0_t[row_position])  # an invalid member row answers with p_0
         picked = lam * pt + (1 - lam) * p0_t[row_position]  # [R]
         acc = torch.zeros(P, dtype=torch.float64, device=dev).index_add_(0, row_position, picked)
         return torch.where(drawn, acc / counts.clamp(min=1), p0_t), lam
@@ -102,6 +108,7 @@ def release_rows(
         pos = row_position[c]  # [r]
         pm = member_rows[c].to(torch.float64).div_(tot[c, None])  # [r, V]
         base = public[pos].to(torch.float64).div_(tot0[pos, None])  # [r, V]
+        pm = torch.where(ok[c, None], pm, base)  # an invalid member row answers with p_0
         acc.index_add_(0, pos, project(base, pm, lam[c]))
     p0 = public.to(torch.float64).div_(tot0[:, None])
     return torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], p0), lam

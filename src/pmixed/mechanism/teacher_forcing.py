@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pmixed.mechanism.pairs import pair_moments, row_totals
+from pmixed.mechanism.pairs import member_totals, pair_moments, row_totals
 from pmixed.mechanism.projection import lambdas_from_moments
 from pmixed.privacy.params import MechanismParams
 
@@ -53,19 +53,24 @@ def member_stats(
     wanted; default all).
     Returns moments [T, c, K-1] (nan where not needed) and member_target [T, c]: every pair's
     renormalised target probability p_i(y_t) = x_i(y_t) / T_i (the non-private ensemble average
-    uses them all), from the same validated float64 totals the mechanism uses.
+    uses them all), from the same validated float64 totals the mechanism uses. An invalid member
+    row has inf moments (lam = 0) and the public target probability (pairs.py).
     """
     c, T, V = members.shape
     ptot = row_totals(public, "public") if public_total is None else public_total.reshape(-1)
     flat = members.reshape(c * T, V)  # row j*T + t = member j at position t
-    tot = row_totals(flat, "members")  # [c*T]
+    tot, valid = member_totals(flat)  # [c*T]; invalid rows flagged, never an error (pairs.py)
     t_idx = targets.repeat(c)  # [c*T]
-    member_target = (flat.gather(1, t_idx[:, None]).squeeze(1).to(torch.float64) / tot).reshape(c, T).T
     dev = public.device  # everything below stays on the members' device
+    p0t = public.gather(1, targets[:, None]).squeeze(1).to(torch.float64) / ptot.to(dev)  # [T]
+    mt = flat.gather(1, t_idx[:, None]).squeeze(1).to(torch.float64) / tot.to(dev)  # [c*T]
+    mt = torch.where(valid.to(dev), mt, p0t.repeat(c))  # an invalid member row answers with p_0
+    member_target = mt.reshape(c, T).T
     needed = torch.ones(T, c, dtype=torch.bool, device=dev) if needed is None else needed.to(dev)
     pos, mem = needed.nonzero(as_tuple=True)  # sorted by position
     moments = torch.full((T, c, max_order - 1), float("nan"), dtype=torch.float64, device=dev)
-    mom, _ = pair_moments(public, ptot, flat, pos, mem * T + pos, max_order, member_total=tot)
+    mom, _, _ = pair_moments(public, ptot, flat, pos, mem * T + pos, max_order, member_total=tot,
+                             member_valid=valid)
     moments[pos, mem] = mom
     return moments, member_target.contiguous()
 
