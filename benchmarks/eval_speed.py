@@ -253,7 +253,7 @@ def run_only(args) -> dict:
     block = make_blocks(cfg, 1, args.seq, args.seed)[0]
     T = block.shape[0] - 1
     if args.only == "public":
-        from pmixed.models.stacked_lora import log_probs
+        from pmixed.models.lm import log_probs
 
         rss_model = current_rss()
         with torch.no_grad():

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pmixed.models.stacked_lora import StackedLoRA, output_cache  # noqa: E402
+from pmixed.models.hf_compat import output_cache  # noqa: E402
+from pmixed.models.stacked_lora import StackedLoRA  # noqa: E402
 
 
 def gpt2_config(name: str, seq: int):

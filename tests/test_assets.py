@@ -6,7 +6,9 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import tarfile
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +16,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pmixed import assets
+from pmixed.assets import fetch as assets_fetch
+from pmixed.assets import install as assets_install
 from pmixed.errors import AssetError
 
 
@@ -42,7 +46,7 @@ def fake_brown(tmp_path, monkeypatch):
         out.write_bytes(tgz.read_bytes())
         return out
 
-    monkeypatch.setattr(assets, "_download", fake_download)
+    monkeypatch.setattr(assets_fetch, "_download", fake_download)
     spec = dataclasses.replace(assets.ASSETS["brown"], sha256=assets.sha256_file(tgz))
     monkeypatch.setitem(assets.ASSETS, "brown", spec)
     return calls
@@ -53,7 +57,7 @@ def test_cache_root_precedence(tmp_path, monkeypatch):
     assert assets.cache_root() == tmp_path / "env"
     assert assets.cache_root(tmp_path / "arg") == tmp_path / "arg"
     monkeypatch.delenv("PMIXED_CACHE")
-    assert assets.cache_root() == assets.Path.home() / ".cache" / "pmixed"
+    assert assets.cache_root() == Path.home() / ".cache" / "pmixed"
 
 
 def test_asset_path_tells_how_to_fetch(tmp_path):
@@ -100,7 +104,7 @@ def test_unsafe_tarball_is_refused(tmp_path, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(AssetError, match="unsafe path"):
-        assets._extract_npm(tgz, out)
+        assets_install._extract_npm(tgz, out)
 
 
 def test_missing_npm_is_a_one_line_error(tmp_path, monkeypatch):
@@ -110,13 +114,13 @@ def test_missing_npm_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 def test_unreachable_registry_is_a_one_line_error(tmp_path, monkeypatch):
-    if assets.shutil.which("npm") is None:
+    if shutil.which("npm") is None:
         pytest.skip("npm is not installed")  # covered by test_missing_npm_is_a_one_line_error
     monkeypatch.setenv("npm_config_registry", "http://127.0.0.1:9/")
     monkeypatch.setenv(
         "npm_config_cache", str(tmp_path / "npm-cache")
     )  # no cached copy to fall back on
-    monkeypatch.setattr(assets, "_NPM_RETRY", ("--fetch-retries=0",))
+    monkeypatch.setattr(assets_fetch, "_NPM_RETRY", ("--fetch-retries=0",))
     with pytest.raises(AssetError) as err:
         assets.fetch_asset("gpt2-tokenizer", cache_dir=tmp_path / "cache")
     msg = str(err.value)

@@ -106,7 +106,8 @@ def test_smollm2_builtin_resolves_to_asset(tmp_path):
 
 def test_tiny_gpt2_pretrains_caches_and_loads(tmp_path):
     from pmixed.models.loading import load_causal_lm
-    from pmixed.models.tiny_gpt2 import ensure_tiny_gpt2, tiny_gpt2_dir
+    from pmixed.models.tiny_gpt2 import tiny_gpt2_dir
+    from pmixed.train.public_pretrain import ensure_tiny_gpt2
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

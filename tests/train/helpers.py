@@ -32,7 +32,7 @@ def build_tiny_base(folder: Path, *, seed: int = 0) -> Path:
     model = build_gpt2(tok, n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=seed)
     # a short public pre-training, so the base is a language model and LoRA has room to adapt
     from pmixed.data.blocks import tokenize_blocks
-    from pmixed.models.lm import fit_causal_lm
+    from pmixed.train.fit import fit_causal_lm
 
     blocks = tokenize_blocks(synthetic_texts(200, seed=seed + 7), tok, 32, drop_last=True)
     fit_causal_lm(model, blocks, epochs=1, lr=1e-2, batch_size=16, max_steps=40, progress=False)

@@ -92,7 +92,7 @@ def dpsgd_unit(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool 
 @app.command("pretrain")
 def pretrain(config: Path = ConfigOpt, quiet: bool = QuietOpt) -> None:
     """Build (or find cached) the builtin:tiny-gpt2 base from [public_pretrain]."""
-    from pmixed.models.tiny_gpt2 import ensure_tiny_gpt2
+    from pmixed.train.public_pretrain import ensure_tiny_gpt2
 
     cfg = load_run_config(config, None)
     t0 = time.perf_counter()

@@ -157,7 +157,7 @@ def _check_choice(source: str, unit: str | None, choices: tuple[str, ...]) -> st
 def _builtin_records(
     source: str, unit: str | None, cache_dir: Any, skips: _Skips
 ) -> Iterator[Record]:
-    from pmixed.assets import asset_path
+    from pmixed.assets.registry import asset_path
 
     name = source.removeprefix("builtin:")
     if name not in BUILTIN_UNITS:

@@ -1,30 +1,31 @@
-"""Causal-LM loss, perplexity and a small training loop over fixed-length token blocks.
+"""Scoring a causal LM: next-token loss, perplexity and log-probabilities.
 
-Used to pre-train ``builtin:tiny-gpt2`` and (from :mod:`pmixed.train`) to fine-tune LoRA members
-and the baselines. Only parameters with ``requires_grad`` are optimised, so the same loop serves
-full pre-training and LoRA fine-tuning.
+``per_sample_lm_loss``/``lm_loss`` (the training objective, also used by
+:mod:`pmixed.train`), teacher-forced ``perplexity`` over fixed-length token blocks and
+``log_probs``/``iter_log_probs``: the ``[B, T, V]`` log-softmax of a plain model or of a
+:class:`~pmixed.models.stacked_lora.StackedLoRA` with one adapter per row.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from pmixed.models.device import module_device
+from pmixed.models.stacked_lora import StackedLoRA, StackedLoRALinear
 
 __all__ = [
     "per_sample_lm_loss",
     "lm_loss",
     "perplexity",
     "fixed_sample",
-    "FitResult",
-    "fit_causal_lm",
-    "num_steps",
+    "log_probs",
+    "iter_log_probs",
 ]
 
 
@@ -65,110 +66,65 @@ def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 16) -> float:
     model.train(was_training)
     return math.exp(total / max(count, 1))
 
-
-def num_steps(n_blocks: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
-    """Optimiser steps for ``epochs`` passes (fractional allowed), capped by ``max_steps``."""
-    per_epoch = max(1, math.ceil(n_blocks / batch_size))
-    steps = max(1, math.ceil(per_epoch * epochs))
-    return min(steps, max_steps) if max_steps is not None else steps
-
-
-@dataclass
-class FitResult:
-    steps: int
-    seconds: float
-    losses: list[float] = field(default_factory=list)  # one per optimiser step
-    final_loss: float = float("nan")  # mean loss of the last min(10, epoch) steps
-    tokens: int = 0
-
-
-def fit_causal_lm(
-    model,
-    blocks: torch.Tensor,
-    *,
-    epochs: float,
-    lr: float,
-    batch_size: int,
-    weight_decay: float = 0.0,
-    max_steps: int | None = None,
-    warmup_steps: int = 0,
-    grad_clip: float | None = 1.0,
-    seed: int = 0,
-    cosine: bool = False,
-    progress: bool = True,
-    desc: str = "train",
-    position: int | None = None,
-    on_step: Callable[[int, float], None] | None = None,
-) -> FitResult:
-    """AdamW over the trainable parameters on shuffled ``blocks`` (``[n, T]`` LongTensor).
-
-    Shuffling uses a generator seeded with ``seed`` (never the global RNG). Learning rate: linear
-    warm-up for ``warmup_steps``, then constant (or cosine decay to 10% with ``cosine=True``).
-    """
-    from tqdm.auto import tqdm
-
-    if blocks.ndim != 2 or blocks.size(0) == 0:
-        raise ValueError(
-            f"blocks must be a non-empty [n, T] tensor, got shape {tuple(blocks.shape)}"
+def _call(model_or_stacked: nn.Module, input_ids: torch.Tensor, adapter_ids, **kwargs: Any):
+    if isinstance(model_or_stacked, StackedLoRA):
+        return model_or_stacked(input_ids, adapter_ids, **kwargs)
+    if adapter_ids is not None and bool((torch.as_tensor(adapter_ids) >= 0).any()):
+        owner = next(
+            (m._owner for m in model_or_stacked.modules() if isinstance(m, StackedLoRALinear)),
+            None,
         )
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters")
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    opt = torch.optim.AdamW(groups, lr=lr)
-    total = num_steps(blocks.size(0), batch_size, epochs, max_steps)
+        if owner is None:
+            raise ValueError("member rows requested but the model carries no stacked LoRA adapters")
+        return owner(input_ids, adapter_ids, **kwargs)
+    return model_or_stacked(input_ids=input_ids, **kwargs)
 
-    def lr_at(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        if cosine:
-            frac = (step - warmup_steps) / max(1, total - warmup_steps)
-            return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-        return lr
 
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    result = FitResult(steps=0, seconds=0.0)
-    per_epoch = max(1, math.ceil(blocks.size(0) / batch_size))
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False, position=position)
-    order = torch.empty(0, dtype=torch.long)
-    cursor = 0
-    try:
-        for step in range(total):
-            if cursor >= order.numel():
-                order = torch.randperm(blocks.size(0), generator=gen)
-                cursor = 0
-            idx = order[cursor : cursor + batch_size]
-            cursor += batch_size
-            batch = blocks[idx]
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            loss = lm_loss(model, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"{desc}: loss is {value} at step {step}")
-            result.losses.append(value)
-            result.tokens += int(batch.numel())
-            if on_step is not None:
-                on_step(step, value)
-            bar.update(1)
-            if step % 10 == 0 or step == total - 1:
-                bar.set_postfix(loss=f"{value:.3f}")
-    finally:
-        bar.close()
-    model.eval()
-    result.steps = total
-    result.seconds = time.perf_counter() - t0
-    tail = result.losses[-min(len(result.losses), per_epoch, 10) :]
-    result.final_loss = sum(tail) / len(tail)
-    return result
+@torch.no_grad()
+def log_probs(
+    model_or_stacked: nn.Module,
+    input_ids: torch.Tensor,
+    adapter_ids: torch.Tensor | Sequence[int] | None = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Next-token log-probabilities ``[B, T, V]`` (float32 log-softmax of the logits).
+
+    ``adapter_ids [B]``: member per row, ``-1``/None for the public model. ``kwargs`` go to the
+    model (``attention_mask``, ``past_key_values``, ``use_cache``, ``logits_to_keep``: with
+    ``logits_to_keep=k`` only the last k positions are computed, ``[B, k, V]``).
+    """
+    kwargs.setdefault("use_cache", False)
+    out = _call(model_or_stacked, input_ids, adapter_ids, **kwargs)
+    logits = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
+    return torch.log_softmax(logits.float(), dim=-1)  # [B, T, V] float32
+
+
+def iter_log_probs(
+    model_or_stacked: nn.Module,
+    input_ids: torch.Tensor,
+    adapter_ids: torch.Tensor | Sequence[int] | None = None,
+    *,
+    chunk_rows: int = 4,
+    **kwargs: Any,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Chunked :func:`log_probs`: yields ``(rows, logp)`` with ``logp = log_probs(...)[rows]``,
+    ``[rows, T, V]``, one forward per chunk of ``chunk_rows`` rows, so neither activations nor
+    ``[B, T, V]`` are ever held for the whole batch. Per-row tensor kwargs (e.g.
+    ``attention_mask [B, T]``) are sliced with the rows; ``past_key_values`` is not supported.
+    """
+    if chunk_rows < 1:
+        raise ValueError("chunk_rows must be >= 1")
+    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
+        raise ValueError("iter_log_probs does not take past_key_values (a cache cannot be chunked)")
+    bsz = input_ids.shape[0]
+    ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long)
+    for start in range(0, bsz, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, bsz))
+        kw = {
+            k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
+            for k, v in kwargs.items()
+        }
+        yield (
+            rows,
+            log_probs(model_or_stacked, input_ids[rows], None if ids is None else ids[rows], **kw),
+        )

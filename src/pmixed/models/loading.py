@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pmixed.errors import AssetError, ConfigError
+from pmixed.models.builtins import BUILTIN_SMOLLM2, BUILTIN_TINY_GPT2, is_builtin, resolve_builtin
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -17,26 +18,12 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "BUILTIN_TINY_GPT2",
     "BUILTIN_SMOLLM2",
-    "cache_root",
     "resolve_model_path",
     "load_causal_lm",
     "weights_sha256",
     "tokenizer_sha256",
     "parse_dtype",
 ]
-
-BUILTIN_TINY_GPT2 = "builtin:tiny-gpt2"
-BUILTIN_SMOLLM2 = "builtin:smollm2-135m"
-
-
-def cache_root(cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The pmixed cache: ``cache_dir``, else ``$PMIXED_CACHE``, else ``~/.cache/pmixed``."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("PMIXED_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "pmixed"
 
 
 def parse_dtype(dtype: Any) -> torch.dtype:
@@ -60,25 +47,15 @@ def resolve_model_path(
 ) -> str:
     """Map a model name to what ``from_pretrained`` takes.
 
-    ``builtin:tiny-gpt2`` is built (once, then cached) from ``pretrain``;
+    ``builtin:tiny-gpt2`` is the cached model pre-trained from ``pretrain`` (built on first use
+    when :mod:`pmixed.train` is loaded, see :mod:`pmixed.models.builtins`);
     ``builtin:smollm2-135m`` is the offline asset (fetch it with ``pmixed assets fetch``);
     an existing folder is used as is; anything else is passed on as a hub name.
     """
-    if name_or_path == BUILTIN_TINY_GPT2:
-        from pmixed.config import PublicPretrainConfig
-        from pmixed.models.tiny_gpt2 import ensure_tiny_gpt2
-
+    if is_builtin(name_or_path):  # pmixed.models.builtins
         return str(
-            ensure_tiny_gpt2(
-                pretrain or PublicPretrainConfig(), cache_dir=cache_dir, progress=progress
-            )
+            resolve_builtin(name_or_path, cache_dir=cache_dir, pretrain=pretrain, progress=progress)
         )
-    if name_or_path == BUILTIN_SMOLLM2:
-        from pmixed.assets import asset_path
-
-        return str(asset_path("smollm2-135m", cache_dir=cache_dir))
-    if name_or_path.startswith("builtin:"):
-        raise ConfigError("model.base", f"unknown builtin model {name_or_path!r}")
     p = Path(name_or_path).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():

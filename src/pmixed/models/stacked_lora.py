@@ -28,7 +28,7 @@ Usage::
     out = stacked(input_ids, ids, past_key_values=cache, use_cache=True)
     with stacked.rows(ids):                        # or: any call of the patched model
         out = base_model.generate(...)
-    lp = log_probs(stacked, input_ids, ids)        # [B, T, V] float32 log-softmax
+    lp = log_probs(stacked, input_ids, ids)        # pmixed.models.lm: [B, T, V] float32 log-softmax
 
 Inference only: LoRA dropout is never applied and the model is put in eval mode.
 """
@@ -37,11 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import inspect
-import json
-import math
 import os
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,48 +46,24 @@ import torch
 from torch import nn
 
 from pmixed.errors import EnsembleMismatch
+from pmixed.models.hf_compat import cache_kwarg_name, output_cache
+from pmixed.models.peft_io import (
+    check_config,
+    config_dict,
+    module_rank_scaling,
+    read_adapter_dir,
+    split_state_dict,
+)
 
 __all__ = [
     "PUBLIC",
     "StackedLoRA",
     "StackedLoRALinear",
-    "iter_log_probs",
-    "log_probs",
-    "output_cache",
+    "output_cache",  # re-exported from pmixed.models.hf_compat for older imports
 ]
 
 #: The adapter id of the public (base-only) model in ``adapter_ids``.
 PUBLIC = -1
-
-_CONFIG_NAME = "adapter_config.json"
-_SAFETENSORS_NAME = "adapter_model.safetensors"
-_BIN_NAME = "adapter_model.bin"
-
-# Key of a LoRA tensor in a PEFT adapter state dict, e.g.
-# "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight" (saved by save_pretrained) or
-# "transformer.h.0.attn.c_attn.lora_A.default.weight" (a raw PeftModel state dict).
-_KEY_RE = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+?)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$"
-)
-
-# LoraConfig fields that change the forward beyond vanilla LoRA (variants, extra trainable
-# tensors, biases). Any truthy value is refused rather than silently ignored.
-_UNSUPPORTED_FIELDS = (
-    "use_dora",
-    "lora_bias",
-    "modules_to_save",
-    "trainable_token_indices",
-    "layer_replication",
-    "target_parameters",
-    "use_qalora",
-    "alora_invocation_tokens",
-    "velora_config",
-    "monteclora_config",
-    "use_bdlora",
-    "arrow_config",
-    "kasa_config",
-    "megatron_config",
-)
 
 
 def _conv1d_type() -> type | None:
@@ -110,106 +82,6 @@ def _layer_in_out(layer: nn.Module) -> tuple[int, int] | None:
     if conv1d is not None and isinstance(layer, conv1d):  # GPT-2: weight [in, out], fan_in_fan_out
         return int(layer.weight.shape[0]), int(layer.weight.shape[1])
     return None
-
-
-def _pattern_key(pattern_keys: Sequence[str], module_name: str) -> str | None:
-    """PEFT's rank_pattern/alpha_pattern matching (``peft.utils.other.get_pattern_key``)."""
-    for key in pattern_keys:
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return key
-    return None
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if isinstance(config, Mapping):
-        return dict(config)
-    if hasattr(config, "to_dict"):
-        return dict(config.to_dict())
-    return dict(vars(config))
-
-
-def _module_rank_scaling(cfg: Mapping[str, Any], module_name: str) -> tuple[int, float]:
-    """The (r, scaling) PEFT would give ``module_name`` under adapter config ``cfg``."""
-    rank_pattern = cfg.get("rank_pattern") or {}
-    alpha_pattern = cfg.get("alpha_pattern") or {}
-    rk = _pattern_key(list(rank_pattern), module_name)
-    ak = _pattern_key(list(alpha_pattern), module_name)
-    r = int(rank_pattern[rk]) if rk is not None else int(cfg.get("r", 8))
-    alpha = float(alpha_pattern[ak]) if ak is not None else float(cfg.get("lora_alpha", 8))
-    if r <= 0:
-        raise ValueError(f"rank r={r} for {module_name} is not positive")
-    scaling = alpha / math.sqrt(r) if cfg.get("use_rslora", False) else alpha / r
-    return r, scaling
-
-
-def _check_config(cfg: Mapping[str, Any]) -> None:
-    peft_type = cfg.get("peft_type", "LORA")
-    if str(getattr(peft_type, "value", peft_type)).upper() != "LORA":
-        raise ValueError(f"peft_type is {peft_type!r}, only LORA adapters are supported")
-    bias = cfg.get("bias", "none")
-    if bias not in (None, "none"):
-        raise ValueError(f"bias={bias!r} trains base biases; only bias='none' is supported")
-    for name in _UNSUPPORTED_FIELDS:
-        if cfg.get(name):
-            raise ValueError(f"{name}={cfg[name]!r} is not supported (vanilla LoRA only)")
-    init = cfg.get("init_lora_weights")
-    if isinstance(init, str) and init.lower() == "mica":
-        raise ValueError("init_lora_weights='mica' is a LoRA variant, not supported")
-
-
-def _split_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """{module_name: {"A": [r, in], "B": [out, r]}}; refuses keys that are not LoRA A/B."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in sd.items():
-        m = _KEY_RE.match(key)
-        if m is None:
-            raise ValueError(
-                f"unexpected tensor {key!r} (only lora_A/lora_B weights are supported)"
-            )
-        slot = out.setdefault(m.group("module"), {})
-        if m.group("ab") in slot:
-            raise ValueError(f"duplicate lora_{m.group('ab')} for module {m.group('module')!r}")
-        slot[m.group("ab")] = tensor
-    for name, slot in out.items():
-        if set(slot) != {"A", "B"}:
-            raise ValueError(f"module {name!r} has lora_A without lora_B or vice versa")
-        a, b = slot["A"], slot["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(
-                f"module {name!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not "
-                "[r, in] and [out, r]"
-            )
-    if not out:
-        raise ValueError("no LoRA tensors found")
-    return out
-
-
-def _read_adapter_dir(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(config dict, state dict) of one PEFT adapter folder; raises EnsembleMismatch naming it."""
-    try:
-        if not path.is_dir():
-            raise FileNotFoundError("adapter folder does not exist")
-        cfg_path = path / _CONFIG_NAME
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{_CONFIG_NAME} is missing")
-        with open(cfg_path, encoding="utf-8") as fh:
-            cfg = json.load(fh)
-        if not isinstance(cfg, dict):
-            raise ValueError(f"{_CONFIG_NAME} is not a JSON object")
-        st_path, bin_path = path / _SAFETENSORS_NAME, path / _BIN_NAME
-        if st_path.is_file():
-            from safetensors.torch import load_file
-
-            sd = load_file(str(st_path), device="cpu")
-        elif bin_path.is_file():
-            sd = torch.load(str(bin_path), map_location="cpu", weights_only=True)
-        else:
-            raise FileNotFoundError(f"neither {_SAFETENSORS_NAME} nor {_BIN_NAME} is present")
-    except EnsembleMismatch:
-        raise
-    except Exception as exc:  # corrupt JSON, truncated safetensors header, unreadable file...
-        raise EnsembleMismatch(f"LoRA adapter {str(path)!r}: cannot be loaded: {exc}") from exc
-    return cfg, sd
 
 
 class _Selection:
@@ -350,7 +222,7 @@ class StackedLoRA(nn.Module):
                 names = [str(d) for d in dirs]
         return cls._build(
             base_model,
-            ((str(d), lambda d=d: _read_adapter_dir(d)) for d in dirs),
+            ((str(d), lambda d=d: read_adapter_dir(d)) for d in dirs),
             n=len(dirs),
             names=list(names),
             dtype=dtype,
@@ -377,7 +249,7 @@ class StackedLoRA(nn.Module):
         if names is None:
             names = [f"member_{i}" for i in range(n)]
         items = (
-            (str(nm), lambda sd=sd, c=c: (_config_dict(c), dict(sd)))
+            (str(nm), lambda sd=sd, c=c: (config_dict(c), dict(sd)))
             for nm, sd, c in zip(names, state_dicts, configs, strict=True)
         )
         return cls._build(base_model, items, n=n, names=list(names), dtype=dtype)
@@ -397,8 +269,8 @@ class StackedLoRA(nn.Module):
         for i, (source, load) in enumerate(items):
             cfg, sd = load()
             try:
-                _check_config(cfg)
-                mods = _split_state_dict(sd)
+                check_config(cfg)
+                mods = split_state_dict(sd)
                 if i == 0:
                     for name in sorted(mods):
                         try:
@@ -442,7 +314,7 @@ class StackedLoRA(nn.Module):
                             f"not match rank/shape [r, in]={tuple(a_st.shape[1:])}, "
                             f"[out, r]={tuple(b_st.shape[1:])} (of member 0 and the base layer)"
                         )
-                    r_cfg, scale = _module_rank_scaling(cfg, name)
+                    r_cfg, scale = module_rank_scaling(cfg, name)
                     if r_cfg != a.shape[0]:
                         raise ValueError(
                             f"module {name!r}: config rank {r_cfg} != tensor rank {a.shape[0]}"
@@ -549,7 +421,7 @@ class StackedLoRA(nn.Module):
                 raise ValueError("pass the KV cache as either past_key_values or cache, not both")
             past_key_values = kwargs.pop("cache")
         if past_key_values is not None:
-            kwargs[_cache_kwarg_name(self.model)] = past_key_values
+            kwargs[cache_kwarg_name(self.model)] = past_key_values
         with self.rows(adapter_ids):
             return self.model(input_ids=input_ids, **kwargs)
 
@@ -579,92 +451,3 @@ class StackedLoRA(nn.Module):
             seen.add(ptr)
             total += t.numel() * t.element_size()
         return total
-
-
-# ---------------------------------------------------------------------- HF cache naming
-
-
-def _cache_kwarg_name(model: nn.Module) -> str:
-    """``"cache"`` for models whose forward takes it (transformers >= 5.2x), else ``"past_key_values"``."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(output: Any) -> Any:
-    """The KV cache of a model output, under its new (``cache``) or old (``past_key_values``) name."""
-    fields = output.keys() if hasattr(output, "keys") else ()
-    if "cache" in fields:
-        return output["cache"]
-    if "past_key_values" in fields:
-        return output["past_key_values"]
-    return None
-
-
-# ---------------------------------------------------------------------- log-probs
-
-
-def _call(model_or_stacked: nn.Module, input_ids: torch.Tensor, adapter_ids, **kwargs: Any):
-    if isinstance(model_or_stacked, StackedLoRA):
-        return model_or_stacked(input_ids, adapter_ids, **kwargs)
-    if adapter_ids is not None and bool((torch.as_tensor(adapter_ids) >= 0).any()):
-        owner = next(
-            (m._owner for m in model_or_stacked.modules() if isinstance(m, StackedLoRALinear)),
-            None,
-        )
-        if owner is None:
-            raise ValueError("member rows requested but the model carries no stacked LoRA adapters")
-        return owner(input_ids, adapter_ids, **kwargs)
-    return model_or_stacked(input_ids=input_ids, **kwargs)
-
-
-@torch.no_grad()
-def log_probs(
-    model_or_stacked: nn.Module,
-    input_ids: torch.Tensor,
-    adapter_ids: torch.Tensor | Sequence[int] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
-    """Next-token log-probabilities ``[B, T, V]`` (float32 log-softmax of the logits).
-
-    ``adapter_ids [B]``: member per row, ``-1``/None for the public model. ``kwargs`` go to the
-    model (``attention_mask``, ``past_key_values``, ``use_cache``, ``logits_to_keep``: with
-    ``logits_to_keep=k`` only the last k positions are computed, ``[B, k, V]``).
-    """
-    kwargs.setdefault("use_cache", False)
-    out = _call(model_or_stacked, input_ids, adapter_ids, **kwargs)
-    logits = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
-    return torch.log_softmax(logits.float(), dim=-1)  # [B, T, V] float32
-
-
-def iter_log_probs(
-    model_or_stacked: nn.Module,
-    input_ids: torch.Tensor,
-    adapter_ids: torch.Tensor | Sequence[int] | None = None,
-    *,
-    chunk_rows: int = 4,
-    **kwargs: Any,
-) -> Iterator[tuple[slice, torch.Tensor]]:
-    """Chunked :func:`log_probs`: yields ``(rows, logp)`` with ``logp = log_probs(...)[rows]``,
-    ``[rows, T, V]``, one forward per chunk of ``chunk_rows`` rows, so neither activations nor
-    ``[B, T, V]`` are ever held for the whole batch. Per-row tensor kwargs (e.g.
-    ``attention_mask [B, T]``) are sliced with the rows; ``past_key_values`` is not supported.
-    """
-    if chunk_rows < 1:
-        raise ValueError("chunk_rows must be >= 1")
-    if kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None:
-        raise ValueError("iter_log_probs does not take past_key_values (a cache cannot be chunked)")
-    bsz = input_ids.shape[0]
-    ids = None if adapter_ids is None else torch.as_tensor(adapter_ids, dtype=torch.long)
-    for start in range(0, bsz, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, bsz))
-        kw = {
-            k: (v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bsz else v)
-            for k, v in kwargs.items()
-        }
-        yield (
-            rows,
-            log_probs(model_or_stacked, input_ids[rows], None if ids is None else ids[rows], **kw),
-        )

@@ -197,7 +197,7 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
     import torch
     from peft import get_peft_model
 
-    from pmixed.models.lm import fit_causal_lm
+    from pmixed.train.fit import fit_causal_lm
 
     torch.manual_seed(seed)  # LoRA init (A: kaiming-uniform, B: zeros) and LoRA dropout
     model = get_peft_model(base_model, make_lora_config(cfg, base_model))
