@@ -18,6 +18,7 @@ from pmixed.privacy.accountant import (
     project_charge,
 )
 from pmixed.privacy.conversion import epsilon_at_order, rdp_to_epsilon
+from pmixed.privacy.mixture_bound import params_from_record, pmixed_charge
 from pmixed.privacy.params import MechanismParams
 
 DELTA = 1e-5
@@ -28,10 +29,22 @@ def gaussian_charge(sigma: float, orders=DEFAULT_ORDERS, count: int = 1, label: 
     return RdpCharge(tuple(orders), tuple(a / (2 * sigma**2) for a in orders), count, label)
 
 
-def test_default_orders():
-    assert DEFAULT_ORDERS[:63] == tuple(float(a) for a in range(2, 65))
-    assert DEFAULT_ORDERS[63:] == (80.0, 96.0, 128.0, 256.0)
-    assert all(isinstance(a, float) for a in DEFAULT_ORDERS)
+def test_default_orders_cover_what_calibration_and_the_bound_use():
+    """The grid must hold every integer order 2..64 (calibration picks alpha in 2..32 and the
+    projection enforces up to K = alpha; query_rdp is inf above K, so each K must be a grid
+    order or its charge would be read as inf), be increasing (messages, bisection) and floats
+    (orders are compared as floats when a charge is projected onto a ledger's grid)."""
+    from pmixed.privacy.calibration import calibrate
+
+    assert set(range(2, 65)) <= {int(a) for a in DEFAULT_ORDERS if a == int(a)}
+    assert list(DEFAULT_ORDERS) == sorted(set(DEFAULT_ORDERS))
+    assert all(type(a) is float for a in DEFAULT_ORDERS)
+    cal = calibrate(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03)
+    c = pmixed_charge(cal.params, count=1024)
+    on_grid = [r for a, r in zip(c.orders, c.rdp, strict=True) if a <= cal.params.max_order]
+    assert on_grid and all(math.isfinite(r) for r in on_grid)
+    # the charge for the calibrated T lands within the budget on the default grid
+    assert curve_epsilon(DEFAULT_ORDERS, c.total(), 1e-5) <= 8.0
 
 
 def test_charge_is_frozen_and_normalised():
@@ -85,7 +98,7 @@ def test_nothing_spent_is_zero():
     assert acc.epsilon_spent() == 0.0
     assert acc.remaining() == 1.0
     assert acc.spent_rdp() == (0.0,) * len(DEFAULT_ORDERS)
-    assert acc.charges == 0
+    assert acc.charges() == 0
 
 
 def test_composition_is_the_sum():
@@ -95,7 +108,7 @@ def test_composition_is_the_sum():
         acc.compose(c)
     expected = [sum(c.rdp[i] * c.count for c in charges) for i in range(len(DEFAULT_ORDERS))]
     assert acc.spent_rdp() == pytest.approx(expected, rel=1e-15)
-    assert acc.charges == 3
+    assert acc.charges() == 3
     # count=n is n single charges
     a1 = RdpAccountant(epsilon=100.0, delta=DELTA)
     a2 = RdpAccountant(epsilon=100.0, delta=DELTA)
@@ -124,7 +137,7 @@ def test_epsilon_if_and_can_afford_do_not_mutate():
     assert acc.epsilon_if(c) == expected
     assert acc.can_afford(c) == (expected <= 2.0)
     assert acc.can_afford(gaussian_charge(0.1)) is False
-    assert acc.spent_rdp() == before and acc.charges == 1
+    assert acc.spent_rdp() == before and acc.charges() == 1
 
 
 def test_refusal_leaves_state_unchanged_and_names_the_numbers():
@@ -142,7 +155,7 @@ def test_refusal_leaves_state_unchanged_and_names_the_numbers():
     assert f"epsilon={would:.6g}" in msg
     assert "limit epsilon=1" in msg
     assert "too-much" in msg and "x3" in msg
-    assert acc.spent_rdp() == curve and acc.epsilon_spent() == spent and acc.charges == 1
+    assert acc.spent_rdp() == curve and acc.epsilon_spent() == spent and acc.charges() == 1
 
 
 def test_exactly_reaching_the_limit_is_allowed():
@@ -152,7 +165,7 @@ def test_exactly_reaching_the_limit_is_allowed():
     c = RdpCharge((order,), (rho,))
     acc.compose(c)
     assert acc.epsilon_spent() < limit
-    assert acc.compose(c) == limit  # == limit: accepted
+    assert acc.compose(c).epsilon_spent == limit  # == limit: accepted
     assert acc.epsilon_spent() == limit and acc.remaining() == 0.0
     with pytest.raises(BudgetExhausted):
         acc.compose(RdpCharge((order,), (1e-12,)))
@@ -181,17 +194,57 @@ def test_zero_rdp_is_free():
     assert acc.epsilon_spent() == 0.0
 
 
-def test_for_queries_uses_the_mechanism_bound():
+def test_pmixed_charge_uses_the_mechanism_bound_and_records_it():
     from pmixed.privacy.mixture_bound import query_rdp
 
     params = MechanismParams(ensemble_size=16, sample_rate=0.25, lam_max=0.75, radii=(0.01, 0.001, 1e-4))
-    c = RdpCharge.for_queries(params, count=10, label="tok")
+    c = pmixed_charge(params, count=10, label="tok")
     assert c.count == 10 and c.label == "tok" and c.orders == DEFAULT_ORDERS
     assert c.rdp[0] == query_rdp(2.0, params)
     assert all(math.isinf(r) for a, r in zip(c.orders, c.rdp, strict=True) if a > params.max_order)
+    assert c.mechanism == "pmixed"
+    assert params_from_record(c.params) == params
     acc = RdpAccountant(epsilon=10.0, delta=DELTA)
     acc.compose(c)
     assert 0.0 < acc.epsilon_spent() < 10.0
+    rec = acc.history()[-1]
+    assert (rec.mechanism, rec.params, rec.label, rec.count) == ("pmixed", c.params, "tok", 10)
+
+
+def test_charge_mechanism_and_params_are_validated_and_normalised():
+    c = RdpCharge((2.0,), (0.1,), 1, "x", "gauss", {"sigma": 2, "shape": (1, 2)})
+    assert c.params == {"sigma": 2, "shape": [1, 2]}  # a JSON-normalised copy
+    assert hash(c) == hash(RdpCharge((2.0,), (0.1,), 1, "x", "gauss", {"sigma": 3}))  # params not hashed
+    assert c != RdpCharge((2.0,), (0.1,), 1, "x", "gauss", {"sigma": 3})
+    for bad in ({"s": math.inf}, {"s": math.nan}, {1: 2}, {"s": object()}, [("s", 1)]):
+        with pytest.raises(ConfigError) as info:
+            RdpCharge((2.0,), (0.1,), params=bad)
+        assert info.value.field == "params"
+    with pytest.raises(ConfigError):
+        RdpCharge((2.0,), (0.1,), mechanism=3)  # type: ignore[arg-type]
+
+
+def test_read_api_is_the_same_on_accountant_and_ledger():
+    """One read API (Budget): the same names, all methods or all properties, same return types."""
+    from pmixed.privacy.accountant import Budget, Receipt
+    from pmixed.privacy.ledger import Ledger
+
+    acc = RdpAccountant(epsilon=5.0, delta=DELTA)
+    led = Ledger(":memory:", epsilon=5.0, delta=DELTA)
+    c = gaussian_charge(4.0, count=2, label="g")
+    for b in (acc, led):
+        assert isinstance(b, Budget)
+        r1, r2 = b.charge(c), b.compose(c)
+        assert isinstance(r1, Receipt) and isinstance(r2, Receipt) and (r1.id, r2.id) == (1, 2)
+    for name in ("orders", "epsilon", "delta", "rule"):
+        assert getattr(acc, name) == getattr(led, name)
+    for name in ("spent_rdp", "charges", "epsilon_spent", "remaining"):
+        assert getattr(acc, name)() == getattr(led, name)()
+    assert acc.epsilon_if(c) == led.epsilon_if(c) and acc.can_afford(c) == led.can_afford(c)
+    assert acc.queries_left(c.rdp) == led.queries_left(c.rdp)
+    strip = lambda h: [(r.id, r.count, r.label, r.rdp, r.epsilon_after) for r in h]  # noqa: E731
+    assert strip(acc.history()) == strip(led.history()) and strip(acc.history(1)) == strip(led.history(1))
+    led.close()
 
 
 GRID = (2.0, 4.0, 8.0, 16.0, 32.0)
@@ -225,10 +278,10 @@ def test_property_never_above_limit_and_accepted_sum_exactly(limit, delta, seq):
         before = acc.spent_rdp()
         would = acc.epsilon_if(c)
         try:
-            eps = acc.compose(c)
+            eps = acc.compose(c).epsilon_spent
         except BudgetExhausted as e:
             assert would > limit and e.requested == would and e.limit == limit
-            assert acc.spent_rdp() == before and acc.charges == accepted
+            assert acc.spent_rdp() == before and acc.charges() == accepted
         else:
             accepted += 1
             assert eps == would <= limit
@@ -236,5 +289,5 @@ def test_property_never_above_limit_and_accepted_sum_exactly(limit, delta, seq):
             assert acc.spent_rdp() == expected
         assert acc.epsilon_spent() <= limit
     assert acc.spent_rdp() == expected
-    assert acc.charges == accepted
+    assert acc.charges() == accepted
     assert acc.epsilon_spent() == curve_epsilon(GRID, expected, delta)

@@ -24,6 +24,7 @@ from pmixed.privacy.accountant import (
     curve_epsilon,
 )
 from pmixed.privacy.ledger import APPLICATION_ID, FORMAT, SCHEMA_VERSION, Ledger, Receipt
+from pmixed.privacy.ledger_sqlite import SqliteLedgerStore
 
 DELTA = 1e-5
 # a fixed curve with exact binary values, so that K charges sum without rounding
@@ -93,7 +94,7 @@ def test_matches_the_accountant_and_history(path):
             assert led.epsilon_if(c) == acc.epsilon_if(c)
             assert led.can_afford(c) == acc.can_afford(c)
             r = led.charge(c)
-            assert r.epsilon_spent == acc.compose(c)
+            assert r.epsilon_spent == acc.compose(c).epsilon_spent
         assert led.spent_rdp() == acc.spent_rdp()
         assert led.epsilon_spent() == acc.epsilon_spent()
         hist = led.history()
@@ -151,11 +152,12 @@ def test_file_schema_and_pragmas(path):
         assert tuple(json.loads(orders)) == DEFAULT_ORDERS
         assert created and version
         cols = [r[1] for r in conn.execute("PRAGMA table_info(charges)")]
-        assert cols == ["id", "time", "count", "label", "rdp", "epsilon_after"]
+        assert cols == ["id", "time", "count", "label", "rdp", "epsilon_after", "mechanism", "params"]
+        assert conn.execute("SELECT rule FROM meta").fetchone()[0] == "best-order"
     finally:
         conn.close()
     with Ledger.open(path) as led:
-        conn = led._conn
+        conn = led.store.connection
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
 
@@ -301,14 +303,14 @@ def test_property_ledger_agrees_with_accountant(seq):
         for scale, count in seq:
             c = RdpCharge(orders, tuple(scale * a for a in orders), count)
             try:
-                eps = acc.compose(c)
+                eps = acc.compose(c).epsilon_spent
             except BudgetExhausted:
                 with pytest.raises(BudgetExhausted):
                     led.charge(c)
             else:
                 assert led.charge(c).epsilon_spent == eps
             assert led.spent_rdp() == acc.spent_rdp()
-        assert led.charges() == acc.charges
+        assert led.charges() == acc.charges()
         assert led.epsilon_spent() <= 4.0
 
 
@@ -393,12 +395,15 @@ def _crash_after_commit(path: str, committed) -> None:
 
 def _crash_before_commit(path: str, inside) -> None:
     led = Ledger.open(path)
+    commit = SqliteLedgerStore.commit
 
-    def hook():  # inside the transaction: row inserted, totals updated, not committed
+    def stalled_commit(store):  # inside the transaction: row inserted, totals updated, not committed
+        assert store.connection.in_transaction
         inside.set()
         time.sleep(60)
+        commit(store)
 
-    led._hook_before_commit = hook
+    SqliteLedgerStore.commit = stalled_commit  # this child process only
     led.charge(RdpCharge(DEFAULT_ORDERS, FIXED.rdp, label="partial"))
 
 

@@ -22,9 +22,9 @@ import torch
 
 from pmixed.errors import DataError
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
-from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.ledger import Ledger
+from pmixed.privacy.mixture_bound import pmixed_charge
 from pmixed.privacy.params import MechanismParams
 
 
@@ -194,7 +194,7 @@ def run_evaluation(
                 # a fresh budget per run (the paper's protocol): a new ledger, charged before release
                 name = f"{_safe(s.name)}-run{r:03d}" + (f"-w{w:03d}" if windows > 1 else "")
                 with _fresh_ledger(ledger_dir, name, s) as ledger:
-                    charge = RdpCharge.for_queries(s.params, count=count, orders=ledger.orders, label=s.name)
+                    charge = pmixed_charge(s.params, count=count, orders=ledger.orders, label=s.name)
                     receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
                     spent.append(receipt.epsilon_spent)
             total, lam_sum, lam_n, n_empty = 0.0, 0.0, 0, 0

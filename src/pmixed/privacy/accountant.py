@@ -1,36 +1,52 @@
-"""In-memory Renyi-DP accounting: charges, their composition, and the (epsilon, delta) they cost.
+"""Renyi-DP accounting: charges, their composition, and one read API for every budget.
 
-A :class:`RdpCharge` is an RDP curve (rho at each order alpha) applied ``count`` times. Charges
-compose additively, order by order (Mironov 2017, "Renyi differential privacy", Proposition 1):
-after charges c_1..c_m the mechanism is (alpha, sum_j count_j * rho_j(alpha))-RDP at every alpha.
-The (epsilon, delta) spent is the best conversion over the orders (privacy/conversion.py, eq. (C1)).
+A :class:`RdpCharge` is an RDP curve (rho at each order alpha) applied ``count`` times, together
+with what it was (``mechanism`` and its JSON-able ``params``, so that a history can be replayed
+and audited). Charges compose additively, order by order (Mironov 2017, "Renyi differential
+privacy", Proposition 1): after charges c_1..c_m the mechanism is
+(alpha, sum_j count_j * rho_j(alpha))-RDP at every alpha. Whether a charge is accepted is decided
+by an acceptance rule (privacy/acceptance.py; by default the best conversion over the orders,
+privacy/conversion.py, eq. (C1)).
 
-:class:`RdpAccountant` follows the habits of Google's ``dp_accounting``: events are frozen,
-and :meth:`RdpAccountant.compose` checks the whole charge (validity *and* budget) before it
-changes any state, so a refused charge leaves the accountant exactly as it was. The durable,
-multi-process version of the same thing is :class:`pmixed.privacy.ledger.Ledger`.
+:class:`Budget` is the read API and the refuse-or-commit policy shared by the in-memory
+:class:`RdpAccountant` and the durable :class:`pmixed.privacy.ledger.Ledger`: the same names with
+the same return types on both (``orders``, ``epsilon``, ``delta``, ``rule``, ``spent_rdp()``,
+``charges()``, ``epsilon_spent()``, ``remaining()``, ``epsilon_if(c)``, ``can_afford(c)``,
+``queries_left(rdp)``, ``history()``, and ``charge(c)`` = ``compose(c)`` returning a
+:class:`Receipt`). Following Google's ``dp_accounting``, events are frozen and a charge is checked
+whole (validity *and* budget) before any state changes, so a refused charge leaves the budget
+exactly as it was.
 
-Orders: the accountant keeps its own grid of orders. A charge is mapped onto that grid: an
-order of the grid that the charge does not list counts as inf (no claim), and orders of the
-charge that are not on the grid are ignored.
+Orders: a budget keeps its own grid of orders. A charge is mapped onto that grid: an order of the
+grid that the charge does not list counts as inf (no claim), and orders of the charge that are
+not on the grid are ignored.
 
 This module is pure standard library (no torch, no numpy).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 from pmixed.errors import BudgetExhausted, ConfigError
-from pmixed.privacy.conversion import check_delta, check_epsilon, rdp_to_epsilon
+from pmixed.privacy.acceptance import BEST_ORDER, AcceptanceRule, check_rule
+from pmixed.privacy.conversion import check_delta, check_epsilon
 
 __all__ = [
     "DEFAULT_ORDERS",
-    "RdpCharge",
+    "UNLIMITED",
+    "Budget",
+    "ChargeRecord",
     "RdpAccountant",
+    "RdpCharge",
+    "Receipt",
+    "check_curve",
     "check_orders",
     "compose_curve",
     "curve_epsilon",
@@ -70,13 +86,19 @@ class RdpCharge:
     """An RDP curve ``rdp[i]`` at ``orders[i]``, charged ``count`` times.
 
     ``rdp`` values are >= 0; ``inf`` means "no claim at that order". Lists are accepted and
-    stored as tuples of floats.
+    stored as tuples of floats. ``mechanism`` names what ran (e.g. ``"pmixed"``) and ``params``
+    holds its parameters as a JSON object (str keys; numbers, strings, lists, dicts; finite), so
+    that a recorded charge can be recomputed from them
+    (:func:`pmixed.privacy.mixture_bound.pmixed_charge` builds both for PMixED queries).
+    ``params`` is stored as a JSON-normalised copy and takes no part in the hash.
     """
 
     orders: tuple[float, ...]
     rdp: tuple[float, ...]
     count: int = 1
     label: str = ""
+    mechanism: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         orders = check_orders(self.orders)
@@ -97,22 +119,54 @@ class RdpCharge:
             raise ConfigError("count", f"must be an integer >= 1, got {self.count!r}")
         if not isinstance(self.label, str):
             raise ConfigError("label", f"must be a string, got {self.label!r}")
+        if not isinstance(self.mechanism, str):
+            raise ConfigError("mechanism", f"must be a string, got {self.mechanism!r}")
+        object.__setattr__(self, "params", check_params(self.params))
         object.__setattr__(self, "orders", orders)
         object.__setattr__(self, "rdp", tuple(float(r) for r in rdp))
-
-    @classmethod
-    def for_queries(
-        cls, params, count: int = 1, orders: Sequence[float] = DEFAULT_ORDERS, label: str = ""
-    ) -> RdpCharge:
-        """The charge of ``count`` PMixED queries with ``params`` (a MechanismParams), eq. (R3)."""
-        from pmixed.privacy.mixture_bound import query_rdp
-
-        orders = check_orders(orders)
-        return cls(orders, tuple(query_rdp(a, params) for a in orders), count, label)
 
     def total(self) -> tuple[float, ...]:
         """The curve times ``count`` (what this charge adds to the spent curve)."""
         return tuple(r * self.count for r in self.rdp)
+
+
+def check_params(params: object, field: str = "params") -> dict[str, Any]:
+    """A JSON-normalised copy of a mechanism's parameters (a mapping with str keys, finite)."""
+    if not isinstance(params, Mapping) or not all(isinstance(k, str) for k in params):
+        raise ConfigError(field, f"must be a mapping with str keys, got {params!r}")
+    try:
+        return json.loads(dump_params(params))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(field, f"must be JSON-able with finite numbers ({e}), got {params!r}") from None
+
+
+def dump_params(params: Mapping[str, Any]) -> str:
+    """The canonical JSON text of ``params`` (sorted keys, no NaN/inf): what a ledger stores."""
+    return json.dumps(dict(params), allow_nan=False, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Proof that a charge was committed: its id, the epsilon spent after it, and what is left."""
+
+    id: int
+    epsilon_spent: float
+    remaining: float
+
+
+@dataclass(frozen=True)
+class ChargeRecord:
+    """One committed charge. ``rdp`` is per unit, on the budget's orders; ``mechanism`` and
+    ``params`` are the charge's (empty for charges recorded before ledger schema 2)."""
+
+    id: int
+    time: float
+    count: int
+    label: str
+    rdp: tuple[float, ...]
+    epsilon_after: float
+    mechanism: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
 
 def project_charge(charge: RdpCharge, orders: Sequence[float]) -> tuple[float, ...]:
@@ -138,12 +192,10 @@ def curve_epsilon(orders: Sequence[float], curve: Sequence[float], delta: float)
     """The epsilon of an RDP curve: rdp_to_epsilon's best conversion, clamped at 0.
 
     An order with rho == 0 means the Renyi divergence is 0, i.e. the output distributions are
-    identical on neighbours: epsilon is 0 (this covers "nothing spent").
+    identical on neighbours: epsilon is 0 (this covers "nothing spent"). This is
+    :class:`~pmixed.privacy.acceptance.BestOrderRule`'s epsilon, the default rule.
     """
-    if any(r == 0.0 for r in curve):
-        return 0.0
-    eps, _ = rdp_to_epsilon(orders, curve, delta)
-    return max(0.0, eps)
+    return BEST_ORDER.epsilon(orders, curve, delta)
 
 
 #: What :func:`queries_left` returns when no number of further queries would exhaust the budget
@@ -190,23 +242,38 @@ def queries_left(affords: Callable[[int], bool]) -> int:
     return lo
 
 
-class RdpAccountant:
-    """The spent RDP curve of one budget (epsilon, delta), held in memory.
+class Budget:
+    """The read API and the refuse-or-commit policy of one budget (epsilon, delta, orders, rule).
 
-    ``compose`` is atomic with respect to other threads using the same accountant.
+    Subclasses hold the state: they set ``_orders``, ``_epsilon``, ``_delta``, ``_rule`` and
+    implement :meth:`_totals` (the spent curve and the number of charges, as committed),
+    :meth:`history` and :meth:`charge`, which must call :meth:`_decide` on the totals it holds
+    locked. Every read reflects what is committed now; only :meth:`charge` is authoritative.
     """
 
-    def __init__(self, orders: Sequence[float] = DEFAULT_ORDERS, *, epsilon: float, delta: float):
-        check_epsilon(epsilon)
-        check_delta(delta)
-        self._orders = check_orders(orders)
-        self._epsilon = float(epsilon)
-        self._delta = float(delta)
-        self._spent: tuple[float, ...] = (0.0,) * len(self._orders)
-        self._charges = 0
-        self._lock = threading.Lock()
+    _orders: tuple[float, ...]
+    _epsilon: float
+    _delta: float
+    _rule: AcceptanceRule
 
-    # -- read-only views -------------------------------------------------------------------
+    # -- what subclasses provide -------------------------------------------------------------
+    def _totals(self) -> tuple[tuple[float, ...], int]:
+        raise NotImplementedError
+
+    def history(self, limit: int | None = None) -> list[ChargeRecord]:
+        """The committed charges, oldest first; with ``limit``, only the ``limit`` most recent."""
+        raise NotImplementedError
+
+    def charge(self, charge: RdpCharge) -> Receipt:
+        """Record ``charge`` or refuse it (:class:`BudgetExhausted`, nothing recorded); a charge
+        that lands exactly on the limit is accepted."""
+        raise NotImplementedError
+
+    def compose(self, charge: RdpCharge) -> Receipt:
+        """dp_accounting's name for :meth:`charge`."""
+        return self.charge(charge)
+
+    # -- the budget ----------------------------------------------------------------------------
     @property
     def orders(self) -> tuple[float, ...]:
         return self._orders
@@ -221,69 +288,130 @@ class RdpAccountant:
         return self._delta
 
     @property
-    def charges(self) -> int:
-        """How many charges (events, not counts) were accepted."""
-        return self._charges
+    def rule(self) -> AcceptanceRule:
+        """The acceptance rule (privacy/acceptance.py)."""
+        return self._rule
 
+    # -- reads -----------------------------------------------------------------------------------
     def spent_rdp(self) -> tuple[float, ...]:
         """The spent RDP at each of :attr:`orders`."""
-        return self._spent
+        return self._totals()[0]
+
+    def charges(self) -> int:
+        """How many charges (events, not counts) were accepted."""
+        return self._totals()[1]
 
     def epsilon_spent(self) -> float:
-        return curve_epsilon(self._orders, self._spent, self._delta)
+        return self._rule.epsilon(self._orders, self.spent_rdp(), self._delta)
 
     def remaining(self) -> float:
         """The epsilon left (limit - spent, >= 0). Informational: RDP composes sub-linearly in
-        epsilon, so use :meth:`can_afford` to know whether a charge fits."""
+        epsilon, so use :meth:`can_afford` or :meth:`queries_left` to know what still fits."""
         return max(0.0, self._epsilon - self.epsilon_spent())
 
-    # -- what-if -----------------------------------------------------------------------------
-    def _after(self, charge: RdpCharge) -> tuple[tuple[float, ...], float]:
-        rdp = project_charge(charge, self._orders)
-        curve = compose_curve(self._spent, rdp, charge.count)
-        return curve, curve_epsilon(self._orders, curve, self._delta)
-
     def epsilon_if(self, charge: RdpCharge) -> float:
-        """The epsilon spent after ``charge``, without recording it."""
-        return self._after(charge)[1]
+        """The epsilon spent after ``charge`` given what is committed now; records nothing."""
+        rdp = project_charge(charge, self._orders)
+        curve = compose_curve(self.spent_rdp(), rdp, charge.count)
+        return self._rule.epsilon(self._orders, curve, self._delta)
 
     def can_afford(self, charge: RdpCharge) -> bool:
         return self.epsilon_if(charge) <= self._epsilon
 
     def queries_left(self, rdp: Sequence[float]) -> int:
-        """How many more queries with per-query curve ``rdp`` (at :attr:`orders`) fit the budget."""
-        return _queries_left(self._orders, self._spent, rdp, self._delta, self._epsilon)
+        """The largest k >= 0 such that k more queries with per-query RDP curve ``rdp`` (at
+        :attr:`orders`) fit the budget given what is committed now and k + 1 do not (see
+        :func:`queries_left`; :data:`UNLIMITED` if no k exhausts it). Informational, like
+        :meth:`can_afford`: another process may charge in between."""
+        return _queries_left(self._orders, self.spent_rdp(), rdp, self._delta, self._epsilon, self._rule)
 
-    # -- the one mutation -------------------------------------------------------------------
-    def compose(self, charge: RdpCharge) -> float:
-        """Record ``charge`` and return the epsilon spent after it.
+    # -- the policy --------------------------------------------------------------------------------
+    def _decide(self, spent: Sequence[float], rdp: tuple[float, ...], charge: RdpCharge):
+        """The curve and epsilon after ``charge`` (per-unit ``rdp`` on :attr:`orders`) on top of
+        ``spent``, or :class:`BudgetExhausted` if the rule's epsilon after it exceeds the limit
+        (NaN is refused too)."""
+        curve = compose_curve(spent, rdp, charge.count)
+        eps_after = self._rule.epsilon(self._orders, curve, self._delta)
+        if not eps_after <= self._epsilon:
+            raise BudgetExhausted(
+                self._rule.epsilon(self._orders, spent, self._delta),
+                eps_after,
+                self._epsilon,
+                detail=_describe(charge),
+            )
+        return curve, eps_after
 
-        Raises :class:`BudgetExhausted` (state unchanged) when the epsilon after the charge would
-        exceed the limit; a charge that lands exactly on the limit is accepted.
-        """
+    def _receipt(self, charge_id: int, eps_after: float) -> Receipt:
+        return Receipt(charge_id, eps_after, max(0.0, self._epsilon - eps_after))
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError("limit", f"must be None or an integer >= 0, got {limit!r}")
+
+
+class RdpAccountant(Budget):
+    """The spent RDP curve of one budget (epsilon, delta), held in memory.
+
+    ``charge``/``compose`` is atomic with respect to other threads using the same accountant.
+    """
+
+    def __init__(
+        self,
+        orders: Sequence[float] = DEFAULT_ORDERS,
+        *,
+        epsilon: float,
+        delta: float,
+        rule: AcceptanceRule = BEST_ORDER,
+    ):
+        check_epsilon(epsilon)
+        check_delta(delta)
+        self._orders = check_orders(orders)
+        self._rule = check_rule(rule)
+        self._rule.check_orders(self._orders)
+        self._epsilon = float(epsilon)
+        self._delta = float(delta)
+        self._spent: tuple[float, ...] = (0.0,) * len(self._orders)
+        self._history: list[ChargeRecord] = []
+        self._lock = threading.Lock()
+
+    def _totals(self) -> tuple[tuple[float, ...], int]:
         with self._lock:
-            curve, eps_after = self._after(charge)
-            if not eps_after <= self._epsilon:
-                raise BudgetExhausted(
-                    self.epsilon_spent(), eps_after, self._epsilon, detail=_describe(charge)
+            return self._spent, len(self._history)
+
+    def history(self, limit: int | None = None) -> list[ChargeRecord]:
+        check_limit(limit)
+        with self._lock:
+            out = list(self._history)
+        return out if limit is None else out[len(out) - limit :]
+
+    def charge(self, charge: RdpCharge) -> Receipt:
+        rdp = project_charge(charge, self._orders)
+        with self._lock:
+            curve, eps_after = self._decide(self._spent, rdp, charge)
+            charge_id = len(self._history) + 1
+            self._history.append(
+                ChargeRecord(
+                    charge_id, time.time(), charge.count, charge.label, rdp, eps_after,
+                    charge.mechanism, charge.params,
                 )
+            )
             self._spent = curve
-            self._charges += 1
-            return eps_after
+        return self._receipt(charge_id, eps_after)
 
     def __repr__(self) -> str:
         return (
             f"RdpAccountant(epsilon={self._epsilon!r}, delta={self._delta!r}, "
-            f"orders={len(self._orders)}, charges={self._charges}, spent={self.epsilon_spent():.6g})"
+            f"orders={len(self._orders)}, charges={self.charges()}, spent={self.epsilon_spent():.6g})"
         )
 
 
-def _queries_left(orders, spent, rdp, delta: float, limit: float) -> int:
+def _queries_left(orders, spent, rdp, delta: float, limit: float, rule: AcceptanceRule) -> int:
     rdp = check_curve(rdp, len(orders))
 
     def affords(k: int) -> bool:
         curve = spent if k == 0 else compose_curve(spent, rdp, k)
-        return curve_epsilon(orders, curve, delta) <= limit
+        return rule.epsilon(orders, curve, delta) <= limit
 
     return queries_left(affords)
 

@@ -23,7 +23,11 @@ import math
 from collections.abc import Sequence
 
 from pmixed.errors import ConfigError
+from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge, check_orders
 from pmixed.privacy.params import MechanismParams, check_ensemble
+
+#: The ``mechanism`` name of a PMixED query in a charge (and a ledger).
+MECHANISM = "pmixed"
 
 
 def _none_drawn(ensemble_size: int, sample_rate: float) -> float:
@@ -103,3 +107,36 @@ def query_rdp(order: float, params: MechanismParams) -> float:
 
 def query_rdp_curve(orders: Sequence[float], params: MechanismParams) -> list[float]:
     return [query_rdp(a, params) for a in orders]
+
+
+def params_record(params: MechanismParams) -> dict:
+    """``params`` as the JSON object a charge records (an infinite tau_k is written "inf")."""
+    return {
+        "ensemble_size": params.ensemble_size,
+        "sample_rate": params.sample_rate,
+        "lam_max": params.lam_max,
+        "radii": [t if math.isfinite(t) else "inf" for t in params.radii],
+    }
+
+
+def params_from_record(record) -> MechanismParams:
+    """The inverse of :func:`params_record` (replaying a recorded charge)."""
+    try:
+        radii = tuple(math.inf if t == "inf" else t for t in record["radii"])
+        return MechanismParams(record["ensemble_size"], record["sample_rate"], record["lam_max"], radii)
+    except (KeyError, TypeError) as e:
+        raise ConfigError("params", f"not a PMixED parameter record: {record!r} ({e})") from None
+
+
+def pmixed_charge(
+    params: MechanismParams, count: int = 1, orders: Sequence[float] = DEFAULT_ORDERS, label: str = ""
+) -> RdpCharge:
+    """The charge of ``count`` PMixED queries with ``params``: the curve (R3) at ``orders``,
+    recorded as mechanism "pmixed" with the parameters it was computed from."""
+    if not isinstance(params, MechanismParams):
+        raise TypeError(f"expected MechanismParams, got {type(params).__name__}")
+    orders = check_orders(orders)
+    return RdpCharge(
+        orders, tuple(query_rdp(a, params) for a in orders), count, label,
+        mechanism=MECHANISM, params=params_record(params),
+    )

@@ -1,0 +1,117 @@
+"""What the budget policy (privacy/ledger.py) needs from the place where a ledger is kept.
+
+A :class:`LedgerStore` holds one budget: its :class:`LedgerMeta` (fixed at creation), its running
+:class:`Totals` and the history of committed charges. The policy charges through one write
+transaction::
+
+    totals = store.lock_totals()        # take the budget's write lock; read the totals under it
+    try:
+        ...decide (the acceptance rule)...
+        store.append(new_charge, spent_after)   # inside the transaction
+        store.commit()                  # durable (fsync'd) before it returns
+    except BaseException:
+        store.rollback()                # nothing recorded
+        raise
+
+so a store only has to provide a lock that serialises writers across threads and processes,
+atomic commit and durable storage: SQLite's ``BEGIN IMMEDIATE`` (privacy/ledger_sqlite.py), or
+``BEGIN; SELECT ... FROM totals WHERE budget = $1 FOR UPDATE`` in PostgreSQL. Creation, opening
+and the physical checks of the backing store (format, version, integrity) belong to the store; the
+replay verification (totals == sum of the history, last epsilon, limit) is the policy's and uses
+:meth:`LedgerStore.snapshot`.
+
+A store is opened by a :data:`StoreOpener`: called with a function that returns the meta of a new
+budget (or None: open only), it creates the budget if it does not exist and returns the store.
+
+Pure standard library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pmixed.privacy.accountant import ChargeRecord
+
+__all__ = ["LedgerMeta", "LedgerStore", "NewCharge", "StoreOpener", "Totals"]
+
+
+@dataclass(frozen=True)
+class LedgerMeta:
+    """The budget a ledger was created for, as stored (validated by the policy on open)."""
+
+    epsilon: float
+    delta: float
+    orders: tuple[float, ...]
+    rule: str
+    created_at: str = ""
+    package_version: str = ""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """The running totals: the spent curve (sum of count * rdp per order), how many charges were
+    committed and the id of the last one (0 when none)."""
+
+    rdp: tuple[float, ...]
+    n_charges: int
+    last_charge_id: int
+
+
+@dataclass(frozen=True)
+class NewCharge:
+    """A charge the policy accepted, to be appended (the store assigns its id)."""
+
+    time: float
+    count: int
+    label: str
+    rdp: tuple[float, ...]
+    epsilon_after: float
+    mechanism: str = ""
+    params: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+
+class LedgerStore(Protocol):
+    """One budget's durable state. Methods raise :class:`~pmixed.errors.LedgerError` when the
+    backing store cannot be read or written (never a driver's own exception)."""
+
+    #: Where the ledger lives (a path, a DSN and budget id, ...), for messages.
+    location: str
+    #: The budget, read when the store was opened.
+    meta: LedgerMeta
+
+    def read_totals(self) -> Totals:
+        """The totals as committed now (no lock)."""
+        ...
+
+    def lock_totals(self) -> Totals:
+        """Begin the write transaction: take the budget's write lock (serialising writers across
+        threads and processes) and read the totals under it."""
+        ...
+
+    def append(self, charge: NewCharge, spent_after: tuple[float, ...]) -> int:
+        """Inside the transaction: record ``charge`` and set the totals to ``spent_after`` (one
+        more charge, this one last). Returns the new charge's id (increasing)."""
+        ...
+
+    def commit(self) -> None:
+        """Commit the transaction; returns only once it is durable."""
+        ...
+
+    def rollback(self) -> None:
+        """Abandon the transaction, if one is open (never raises)."""
+        ...
+
+    def history(self, limit: int | None = None) -> list[ChargeRecord]:
+        """The committed charges, oldest first; with ``limit``, only the ``limit`` most recent."""
+        ...
+
+    def snapshot(self) -> tuple[Totals, list[ChargeRecord]]:
+        """The totals and the whole history from one consistent read (for verification)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+StoreOpener = Callable[[Callable[[], LedgerMeta] | None], LedgerStore]
