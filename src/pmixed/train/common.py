@@ -225,10 +225,11 @@ def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | 
 
 def baseline_inputs(cfg: RunConfig, *, progress: bool, cache_dir=None):
     """What every baseline starts from: ``(base, prepared, partition_entry)`` — the shared base,
-    the private data split by unit, and the partition files written into ``output_dir``."""
+    the private data split by unit, and the partition files written into ``output_dir``. The data
+    are loaded and checked first, so bad data stop the run before any base pre-training."""
     set_threads()
-    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
     prepared = prepare_data(cfg, cache_dir=cache_dir)
+    base = load_base(cfg, progress=progress, cache_dir=cache_dir)
     return base, prepared, write_partition_files(prepared, cfg.output_dir)
 
 

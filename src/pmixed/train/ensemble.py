@@ -331,7 +331,11 @@ def train_ensemble(
     try:
         set_threads(dist_info.local_world_size)
         out = cfg.output_dir
-        # 1. The base: rank 0 builds/fetches it first (tiny-gpt2 pre-training), then all load it.
+        # 1. The data first: a unit column that does not exist, or too few units for the parts
+        #    plus the evaluation units, must stop the run before minutes of base pre-training.
+        #    The partition is deterministic, computed on every rank; rank 0 writes it (below).
+        prepared = dist_info.run_collectively(lambda: prepare_data(cfg, cache_dir=cache_dir))
+        # 2. The base: rank 0 builds/fetches it first (tiny-gpt2 pre-training), then all load it.
         if dist_info.active:
             from pmixed.models.loading import resolve_model_path
 
@@ -347,8 +351,6 @@ def train_ensemble(
         base = dist_info.run_collectively(
             lambda: load_base(cfg, progress=progress, cache_dir=cache_dir)
         )
-        # 2. The partition: deterministic, computed on every rank; rank 0 writes it.
-        prepared = dist_info.run_collectively(lambda: prepare_data(cfg, cache_dir=cache_dir))
         settings = _settings(cfg, base, prepared.partition_sha256)
         settings_hash = settings_sha256(settings)
         manifest_path = out / "ensemble.json"
