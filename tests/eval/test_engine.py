@@ -22,7 +22,7 @@ def runtime(trained_run):
 
 def test_batched_members_equal_separate_peft_forwards(runtime):
     cfg, ens, rt = runtime
-    from pmixed.train.ensemble import load_ensemble
+    from pmixed.models.ensemble import load_ensemble
 
     sep = load_ensemble(cfg.output_dir).peft_model()  # a second base copy, PEFT adapters
     block = torch.randint(0, len(ens.tokenizer), (20,), generator=torch.Generator().manual_seed(0))

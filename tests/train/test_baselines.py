@@ -20,7 +20,7 @@ def _run_cli(args):
 
 def test_finetune_cli_trains_and_lowers_loss(tiny_base, tiny_records, tmp_path):
     from pmixed.config import load_config
-    from pmixed.train.common import baseline_mismatch
+    from pmixed.models.records import baseline_mismatch
 
     out = tmp_path / "run"
     # the members' rate is too small to move anything: the fit below is finetune_lr's doing
@@ -66,7 +66,7 @@ def test_dpsgd_cli_reports_opacus_epsilon(tiny_base, tiny_records, tmp_path):
     assert rec["delta"] == 1e-5 and 0 < rec["sample_rate"] <= 1
 
     from pmixed.config import load_config
-    from pmixed.train.common import baseline_mismatch
+    from pmixed.models.records import baseline_mismatch
 
     assert baseline_mismatch(load_config(cfg), "dpsgd") == []
     other = write_toml(tiny_config_dict(tiny_base, tiny_records, out, dpsgd__max_steps=4), tmp_path / "o.toml")

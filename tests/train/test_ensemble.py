@@ -109,7 +109,7 @@ def test_changed_settings_refuse_to_resume(trained):
 def test_load_ensemble_verifies(trained, tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from pmixed.train.ensemble import load_ensemble
+    from pmixed.models.ensemble import load_ensemble
 
     cfg, _ = trained
     ens = load_ensemble(cfg.output_dir)

@@ -120,7 +120,7 @@ def demo_cmd(
     privately generated continuation. Finished steps are reused on a second run."""
     from pmixed.assets import fetch_assets
     from pmixed.eval.runner import evaluate_config, load_runtime
-    from pmixed.train.common import baseline_mismatch
+    from pmixed.models.records import baseline_mismatch
     from pmixed.train.dpsgd import train_dpsgd
     from pmixed.train.dpsgd_unit import train_dpsgd_unit
     from pmixed.train.ensemble import train_ensemble

@@ -39,7 +39,7 @@ def load_runtime(cfg: Any, *, progress: bool = True):
     """The trained ensemble + the baselines that exist, stacked on one base copy."""
     from pmixed.engine import EnsembleRuntime
     from pmixed.models.device import resolve_device
-    from pmixed.train.ensemble import load_ensemble
+    from pmixed.models.ensemble import load_ensemble
 
     device = resolve_device(cfg.run.device)  # a configuration error first
     out = cfg.output_dir
@@ -120,7 +120,7 @@ def _evaluate(cfg: Any, runtime: Any, blocks: torch.Tensor, setups: list[Setup],
 def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """`pmixed eval`: the table of the paper's comparison for this config."""
     from pmixed.eval.report import write_outputs
-    from pmixed.train.common import baseline_mismatch
+    from pmixed.models.records import baseline_mismatch
 
     t0 = time.perf_counter()
     ens, runtime = load_runtime(cfg, progress=progress)

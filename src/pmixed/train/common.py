@@ -1,5 +1,6 @@
-"""Pieces shared by ensemble training and the two baselines: base loading, partitioning,
-LoRA configuration, file hashing, atomic JSON writes, package versions."""
+"""Pieces shared by ensemble training and the baselines: base loading, partitioning, LoRA
+configuration and a fresh adapter, the baselines' common setup and provenance, atomic JSON
+writes, package versions, seeds. (Reading the records back: :mod:`pmixed.models.records`.)"""
 
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pmixed.assets.registry import sha256_file
 from pmixed.config import RunConfig
 from pmixed.errors import DataError
+from pmixed.models.builtins import BUILTIN_TINY_GPT2
+from pmixed.models.peft_io import ADAPTER_WEIGHTS
+from pmixed.models.records import read_json
 
 __all__ = [
     "BaseInfo",
@@ -23,6 +28,8 @@ __all__ = [
     "load_base",
     "prepare_data",
     "make_lora_config",
+    "new_lora",
+    "baseline_lora",
     "sha256_file",
     "atomic_write_json",
     "read_json",
@@ -30,9 +37,6 @@ __all__ = [
     "derive_seed",
     "ADAPTER_WEIGHTS",
 ]
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-
 
 @dataclass
 class BaseInfo:
@@ -54,7 +58,7 @@ class BaseInfo:
             "n_params": int(sum(p.numel() for p in self.model.parameters())),
             "weights_sha256": self.weights_sha256,
         }
-        if self.name == "builtin:tiny-gpt2":
+        if self.name == BUILTIN_TINY_GPT2:
             entry["public_pretrain"] = dataclasses.asdict(cfg.public_pretrain)
         return entry
 
@@ -189,18 +193,35 @@ def eval_probe(cfg: RunConfig, prepared, tokenizer, n: int = 64):
     return fixed_sample(tokenize_blocks(texts, tokenizer, cfg.data.block_size, drop_last=True), n)
 
 
+def new_lora(cfg: RunConfig, base_model, seed: int):
+    """``base_model`` wrapped in a fresh ``[lora]`` adapter (a PEFT model; the base is not copied),
+    its LoRA init (A: kaiming-uniform, B: zeros) and dropout drawn after ``torch.manual_seed(seed)``."""
+    import torch
+    from peft import get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(base_model, make_lora_config(cfg, base_model))
+
+
+def baseline_lora(cfg: RunConfig, base_model, seed: int, *, lr: float, weight_decay: float):
+    """The DP baselines' start: a fresh adapter (:func:`new_lora`) in train mode, its trainable
+    parameters and an AdamW over them. Returns ``(model, params, optimizer)``."""
+    import torch
+
+    model = new_lora(cfg, base_model, seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
 def fit_lora(cfg: RunConfig, base_model, blocks, *, seed: int, max_steps: int | None,
              desc: str, progress: bool = True, lr: float | None = None):
     """Wrap ``base_model`` in a fresh LoRA adapter (initialised from ``seed``) and fit it on
     ``blocks`` with the ``[train]`` schedule (``lr`` overrides ``[train] lr``). Returns ``(peft_model, FitResult)``; the caller
     saves and then unloads the adapter (the base weights are never modified)."""
-    import torch
-    from peft import get_peft_model
-
     from pmixed.train.fit import fit_causal_lm
 
-    torch.manual_seed(seed)  # LoRA init (A: kaiming-uniform, B: zeros) and LoRA dropout
-    model = get_peft_model(base_model, make_lora_config(cfg, base_model))
+    model = new_lora(cfg, base_model, seed)
     t = cfg.train
     try:
         fit = fit_causal_lm(
@@ -247,7 +268,7 @@ def stage_adapter(model, cfg: RunConfig, name: str) -> Path:
 def baseline_provenance(cfg: RunConfig, base, partition_entry: dict[str, Any], section: str, seed: int,
                         adapter_dir: Path, t0: float) -> dict[str, Any]:
     """The fields every baseline record ends with: what it was trained from and with (checked by
-    :func:`baseline_mismatch`), the saved adapter's hash, the seconds since ``t0`` and versions."""
+    :func:`pmixed.models.records.baseline_mismatch`), the saved adapter's hash, the seconds since ``t0`` and versions."""
     settings = cfg.to_dict()
     return {
         "base_model": base.manifest_entry(cfg),
@@ -260,53 +281,6 @@ def baseline_provenance(cfg: RunConfig, base, partition_entry: dict[str, Any], s
         "seconds": round(time.perf_counter() - t0, 2),
         "versions": package_versions(),
     }
-
-
-def baseline_mismatch(cfg: RunConfig, name: str) -> list[str]:
-    """Why the saved baseline ``<output_dir>/<name>/`` (``finetune``, ``dpsgd``, ``dpsgd_unit``) does not match
-    ``cfg``: missing, or trained with other LoRA / training settings, another base model or
-    another partition than the ensemble in the same folder. Empty when it can be reused."""
-    folder = cfg.output_dir / name
-    rec_path, weights = folder / f"{name}.json", folder / ADAPTER_WEIGHTS
-    if not (rec_path.is_file() and weights.is_file()):
-        return ["not trained yet"]
-    try:
-        rec = read_json(rec_path)
-    except (OSError, ValueError) as err:
-        return [f"unreadable record {rec_path} ({err})"]
-    now = cfg.to_dict()
-    section = {"finetune": "train"}.get(name, name)  # dpsgd, dpsgd_unit: their own tables
-    reasons = []
-    saved = dict(rec.get(section) or {})
-    if section == "train":
-        saved.setdefault("finetune_lr", None)  # records written before the field existed
-    if saved != now[section]:
-        changed = sorted(k for k in set(saved) | set(now[section]) if saved.get(k) != now[section].get(k))
-        reasons.append(f"[{section}] differs ({', '.join(changed)})")
-    if rec.get("lora") != now["lora"]:
-        reasons.append("[lora] differs")
-    manifest = folder.parent / "ensemble.json"
-    if manifest.is_file():
-        try:
-            ens = read_json(manifest)
-        except (OSError, ValueError):
-            ens = {}
-        if rec.get("partition", {}).get("sha256") != ens.get("partition", {}).get("sha256"):
-            reasons.append("trained on another partition than the ensemble")
-        if (rec.get("base_model", {}).get("weights_sha256")
-                != ens.get("base_model", {}).get("weights_sha256")):
-            reasons.append("trained on another base model than the ensemble")
-    if sha256_file(weights) != rec.get("adapter_sha256"):
-        reasons.append("adapter weights do not match their record")
-    return reasons
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -338,11 +312,6 @@ def publish_folder(tmp: Path, out: Path, record_name: str, record: dict[str, Any
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-
-
-def read_json(path: str | os.PathLike[str]) -> Any:
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
 
 
 def package_versions() -> dict[str, str]:

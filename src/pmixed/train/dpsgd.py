@@ -31,9 +31,9 @@ import torch
 from pmixed.config import RunConfig
 from pmixed.train.common import (
     baseline_inputs,
+    baseline_lora,
     baseline_provenance,
     derive_seed,
-    make_lora_config,
     publish_folder,
     stage_adapter,
 )
@@ -82,7 +82,6 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     from opacus import PrivacyEngine
     from opacus.accountants.utils import get_noise_multiplier
     from opacus.utils.batch_memory_manager import BatchMemoryManager
-    from peft import get_peft_model
     from torch.utils.data import DataLoader, TensorDataset
     from tqdm.auto import tqdm
 
@@ -94,11 +93,7 @@ def train_dpsgd(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dic
     n = blocks.size(0)
 
     seed = derive_seed(cfg.run.seed, "dpsgd")
-    torch.manual_seed(seed)
-    model = get_peft_model(base.model, make_lora_config(cfg, base.model))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    model, _, optimizer = baseline_lora(cfg, base.model, seed, lr=d.lr, weight_decay=d.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     loader = DataLoader(TensorDataset(blocks), batch_size=min(d.batch_size, n), generator=gen)
     sample_rate = 1.0 / len(loader)

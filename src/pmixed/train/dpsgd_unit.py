@@ -31,10 +31,10 @@ import torch
 from pmixed.config import RunConfig
 from pmixed.train.common import (
     baseline_inputs,
+    baseline_lora,
     baseline_provenance,
     derive_seed,
     eval_probe,
-    make_lora_config,
     publish_folder,
     stage_adapter,
 )
@@ -122,7 +122,6 @@ def unit_epsilon(sigma: float, sample_rate: float, steps: int, delta: float, acc
 
 def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> dict[str, Any]:
     """Train the unit-level DP-SGD baseline into ``<output_dir>/dpsgd_unit/``; returns its record."""
-    from peft import get_peft_model
     from tqdm.auto import tqdm
 
     from pmixed.errors import ConfigError
@@ -145,12 +144,8 @@ def train_dpsgd_unit(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -
     ppl = {"eval_ppl_before": perplexity(base.model, probe)} if probe.size(0) else {}
 
     seed = derive_seed(cfg.run.seed, "dpsgd_unit")
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = get_peft_model(base.model, make_lora_config(cfg, base.model))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=d.lr, weight_decay=d.weight_decay)
+    model, params, optimizer = baseline_lora(cfg, base.model, seed, lr=d.lr, weight_decay=d.weight_decay)
     losses, drawn, clipped = [], [], 0
     bar = tqdm(total=d.steps, desc="dp-sgd per unit", disable=not progress, leave=False)
     try:

@@ -37,6 +37,7 @@ from typing import Any
 
 from pmixed.config import RunConfig
 from pmixed.errors import DataError, EnsembleMismatch
+from pmixed.models.records import MANIFEST_FORMAT, MANIFEST_VERSION
 from pmixed.train.common import (
     ADAPTER_WEIGHTS,
     BaseInfo,
@@ -52,20 +53,18 @@ from pmixed.train.common import (
     sha256_file,
     write_partition_files,
 )
+from pmixed.train.distributed import Dist, init_distributed
+from pmixed.train.fit import fit_record
 
 __all__ = [
     "MANIFEST_FORMAT",
     "MANIFEST_VERSION",
+    "MEMBER_RECORD",
     "member_name",
     "EnsembleRunResult",
     "train_ensemble",
-    "Ensemble",
-    "load_ensemble",
-    "read_ensemble_manifest",
 ]
 
-MANIFEST_FORMAT = "pmixed-ensemble"
-MANIFEST_VERSION = 1
 MEMBER_RECORD = "member.json"
 
 
@@ -75,74 +74,6 @@ def member_name(index: int) -> str:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_world_size: int = 1
-    initialised_here: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    def all_ok(self, ok: bool) -> bool:
-        """Collective: True iff every rank reports ok (a failing rank still takes part)."""
-        if not self.active:
-            return ok
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([1 if ok else 0], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return bool(t.item())
-
-    def run_collectively(self, fn, *, only_rank0: bool = False):
-        """Run ``fn`` (on rank 0 only if asked), then make every rank fail if any rank failed."""
-        err: BaseException | None = None
-        result = None
-        if not only_rank0 or self.rank == 0:
-            try:
-                result = fn()
-            except BaseException as e:  # noqa: BLE001 - re-raised below on every rank
-                err = e
-        if not self.all_ok(err is None):
-            if err is not None:
-                raise err
-            raise RuntimeError("another rank failed; see its log")
-        return result
-
-    def close(self) -> None:
-        if self.initialised_here:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _init_distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    here = False
-    if not dist.is_initialized():
-        # CPU training: gloo. Ranks can wait on each other for a long time (unequal parts).
-        dist.init_process_group(backend="gloo", timeout=timedelta(days=2))
-        here = True
-    return _Dist(
-        rank=dist.get_rank(),
-        world_size=dist.get_world_size(),
-        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(dist.get_world_size()))),
-        initialised_here=here,
-    )
 
 
 # ----------------------------------------------------------------------------- training
@@ -202,7 +133,7 @@ def _train_member(
     *,
     settings_hash: str,
     part_info: dict[str, Any],
-    dist_info: _Dist,
+    dist_info: Dist,
     progress: bool,
 ) -> dict[str, Any]:
     seed = derive_seed(cfg.run.seed, "member", index)
@@ -223,13 +154,7 @@ def _train_member(
             "path": f"members/{member_name(index)}",
             "part_index": index,
             **part_info,
-            "n_blocks": int(blocks.size(0)),
-            "n_tokens": int(blocks.numel()),
-            "steps": fit.steps,
-            "tokens_seen": fit.tokens,
-            "first_train_loss": fit.losses[0],
-            "final_train_loss": fit.final_loss,
-            "train_seconds": round(fit.seconds, 3),
+            **fit_record(fit, blocks),
             "seed": seed,
             "adapter_sha256": adapter_sha,
             "settings_sha256": settings_hash,
@@ -327,7 +252,7 @@ def train_ensemble(
 
     t0 = time.perf_counter()
     resolve_device(cfg.run.device)  # a GPU asked for where there is none: stop before any work
-    dist_info = _init_distributed()
+    dist_info = init_distributed()
     try:
         set_threads(dist_info.local_world_size)
         out = cfg.output_dir
@@ -456,176 +381,3 @@ def train_ensemble(
         )
     finally:
         dist_info.close()
-
-
-# ----------------------------------------------------------------------------- loading
-
-
-def read_ensemble_manifest(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / "ensemble.json"
-    if not path.is_file():
-        raise EnsembleMismatch(f"{directory} holds no ensemble.json: not a trained ensemble")
-    manifest = read_json(path)
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise EnsembleMismatch(f"{path} is not a pmixed ensemble manifest")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise EnsembleMismatch(
-            f"{path} has format_version {manifest.get('format_version')}, "
-            f"this pmixed reads {MANIFEST_VERSION}"
-        )
-    return manifest
-
-
-@dataclass
-class Ensemble:
-    """A verified ensemble: base model (= public model p_0), tokenizer, adapters, partition."""
-
-    directory: Path
-    manifest: dict[str, Any]
-    base_model: Any
-    tokenizer: Any
-    member_names: list[str]
-    adapter_paths: list[Path]
-    partition_manifest: dict[str, Any]
-    eval_records_path: Path | None
-
-    @property
-    def n_members(self) -> int:
-        return len(self.adapter_paths)
-
-    def eval_records(self) -> list[Any]:
-        """The held-out units' records (never seen by any member)."""
-        import json
-
-        from pmixed.data.records import Record
-
-        if self.eval_records_path is None or not self.eval_records_path.is_file():
-            return []
-        out = []
-        with self.eval_records_path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    d = json.loads(line)
-                    out.append(Record(unit=d["unit"], text=d["text"], doc_id=d["doc_id"]))
-        return out
-
-    def peft_model(self):
-        """A ``PeftModel`` over the base with every member loaded as a named adapter.
-
-        Adapter names are the member names (``member-000`` ...); use ``set_adapter`` or PEFT's
-        mixed batches (``adapter_names=[...]``, ``"__base__"`` for p_0). Wraps the base in place.
-        """
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(
-            self.base_model, str(self.adapter_paths[0]), adapter_name=self.member_names[0]
-        )
-        for name, path in zip(self.member_names[1:], self.adapter_paths[1:], strict=True):
-            model.load_adapter(str(path), adapter_name=name)
-        model.eval()
-        return model
-
-
-def load_ensemble(
-    directory: str | os.PathLike[str],
-    base_model: Any = None,
-    *,
-    tokenizer: Any = None,
-    device: str = "cpu",
-    cache_dir=None,
-    verify_adapters: bool = True,
-    require_complete: bool = True,
-    progress: bool = False,
-) -> Ensemble:
-    """Read and verify an ensemble folder.
-
-    ``base_model`` may be ``None`` (load the base named in the manifest), a name/path, a loaded
-    model, or a ``(model, tokenizer)`` pair. The base weights' sha256 must equal the manifest's;
-    so must every adapter file's hash and the tokenizer's. Any mismatch raises
-    :class:`EnsembleMismatch` naming what differs.
-    """
-    from pmixed.config import PublicPretrainConfig
-    from pmixed.models.loading import load_causal_lm, tokenizer_sha256, weights_sha256
-
-    directory = Path(directory)
-    manifest = read_ensemble_manifest(directory)
-    base_entry = manifest["base_model"]
-    if isinstance(base_model, tuple):
-        base_model, tokenizer = base_model
-    if base_model is None or isinstance(base_model, (str, os.PathLike)):
-        name = str(base_model) if base_model is not None else base_entry["name"]
-        pretrain = None
-        if name == "builtin:tiny-gpt2" and "public_pretrain" in base_entry:
-            pretrain = PublicPretrainConfig(**base_entry["public_pretrain"])
-        model, loaded_tok = load_causal_lm(
-            name,
-            dtype=base_entry.get("dtype", "float32"),
-            device=device,
-            cache_dir=cache_dir,
-            pretrain=pretrain,
-            progress=progress,
-        )
-        tokenizer = tokenizer or loaded_tok
-    else:
-        model = base_model
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(base_entry["path"])
-    got = weights_sha256(model)
-    if got != base_entry["weights_sha256"]:
-        raise EnsembleMismatch(
-            f"base model weights do not match the ensemble in {directory}: the adapters were "
-            f"trained on {base_entry['name']!r} with weights sha256 "
-            f"{base_entry['weights_sha256'][:16]}..., the given base has {got[:16]}..."
-        )
-    tok_sha = tokenizer_sha256(tokenizer)
-    if tok_sha != manifest["tokenizer"]["sha256"]:
-        raise EnsembleMismatch(
-            f"tokenizer does not match the ensemble in {directory} "
-            f"(sha256 {tok_sha[:16]}... vs {manifest['tokenizer']['sha256'][:16]}...)"
-        )
-    members = sorted(manifest["members"], key=lambda m: m["index"])
-    if require_complete:
-        have = {m["index"] for m in members}
-        missing = [i for i in range(manifest["n_members"]) if i not in have]
-        if missing or not manifest.get("complete", False):
-            raise EnsembleMismatch(
-                f"ensemble in {directory} is incomplete: members {missing} are missing; "
-                "rerun `pmixed train ensemble` to finish it"
-            )
-    paths, names = [], []
-    for m in members:
-        folder = directory / m["path"]
-        weights = folder / ADAPTER_WEIGHTS
-        if not weights.is_file():
-            raise EnsembleMismatch(f"{m['name']}: adapter file {weights} is missing")
-        if verify_adapters and sha256_file(weights) != m["adapter_sha256"]:
-            raise EnsembleMismatch(
-                f"{m['name']}: adapter {weights} does not match its sha256 in ensemble.json "
-                "(corrupt or replaced)"
-            )
-        paths.append(folder)
-        names.append(m["name"])
-    part = manifest.get("partition", {})
-    part_path = directory / part.get("path", "partition.json")
-    partition_manifest: dict[str, Any] = {}
-    if part_path.is_file():
-        from pmixed.data.partition import manifest_sha256, read_manifest
-
-        partition_manifest = read_manifest(part_path)
-        if part.get("sha256") and manifest_sha256(partition_manifest) != part["sha256"]:
-            raise EnsembleMismatch(f"{part_path} does not match the sha256 in ensemble.json")
-    eval_path = directory / part.get("eval_records", "eval_records.jsonl")
-    model.to(device)
-    model.eval()
-    return Ensemble(
-        directory=directory,
-        manifest=manifest,
-        base_model=model,
-        tokenizer=tokenizer,
-        member_names=names,
-        adapter_paths=paths,
-        partition_manifest=partition_manifest,
-        eval_records_path=eval_path if eval_path.is_file() else None,
-    )

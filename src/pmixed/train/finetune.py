@@ -21,6 +21,7 @@ from pmixed.train.common import (
     publish_folder,
     stage_adapter,
 )
+from pmixed.train.fit import fit_record
 
 __all__ = ["train_finetune"]
 
@@ -57,13 +58,7 @@ def train_finetune(cfg: RunConfig, *, progress: bool = True, cache_dir=None) -> 
         record = {
             "kind": "finetune",
             "private": False,
-            "n_blocks": int(blocks.size(0)),
-            "n_tokens": int(blocks.numel()),
-            "steps": fit.steps,
-            "tokens_seen": fit.tokens,
-            "first_train_loss": fit.losses[0],
-            "final_train_loss": fit.final_loss,
-            "train_seconds": round(fit.seconds, 3),
+            **fit_record(fit, blocks),
             **ppl,
             "n_eval_blocks": int(probe_eval.size(0)),
             **baseline_provenance(cfg, base, partition_entry, "train", seed, tmp, t0),

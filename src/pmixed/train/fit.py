@@ -16,7 +16,7 @@ import torch
 
 from pmixed.models.lm import lm_loss
 
-__all__ = ["FitResult", "fit_causal_lm", "num_steps"]
+__all__ = ["FitResult", "fit_causal_lm", "fit_record", "num_steps"]
 
 
 def num_steps(n_blocks: int, batch_size: int, epochs: float, max_steps: int | None) -> int:
@@ -125,3 +125,17 @@ def fit_causal_lm(
     tail = result.losses[-min(len(result.losses), per_epoch, 10) :]
     result.final_loss = sum(tail) / len(tail)
     return result
+
+
+def fit_record(fit: FitResult, blocks: torch.Tensor) -> dict:
+    """The training part of an adapter's record (a member's ``member.json``, ``finetune.json``):
+    the data it was fitted on and what the fit did."""
+    return {
+        "n_blocks": int(blocks.size(0)),
+        "n_tokens": int(blocks.numel()),
+        "steps": fit.steps,
+        "tokens_seen": fit.tokens,
+        "first_train_loss": fit.losses[0],
+        "final_train_loss": fit.final_loss,
+        "train_seconds": round(fit.seconds, 3),
+    }
