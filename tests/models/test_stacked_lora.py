@@ -19,13 +19,9 @@ from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pmixed.errors import EnsembleMismatch  # noqa: E402
-from pmixed.models.stacked_lora import (  # noqa: E402
-    StackedLoRA,
-    StackedLoRALinear,
-    iter_log_probs,
-    log_probs,
-    output_cache,
-)
+from pmixed.models.hf_compat import output_cache  # noqa: E402
+from pmixed.models.lm import iter_log_probs, log_probs  # noqa: E402
+from pmixed.models.stacked_lora import StackedLoRA, StackedLoRALinear  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
