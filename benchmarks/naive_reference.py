@@ -6,10 +6,11 @@ by the package.
 Per query (one token), exactly in the original's style:
 
 1. the drawn members are given (the caller draws them: same Poisson draws as our path);
-2. beta is re-solved for the realised number n of drawn members with
-   ``scipy.optimize.bisect(f, 0, 5, maxiter=20, disp=False)``,
-   f(beta) = eps_sub(alpha; q, n, beta) - eps / T, eps_sub evaluated with Python math on every
-   call (``pmixed.privacy.original_rules.eps_sub``; defect 1 of REFERENCE.md section 4);
+2. beta is re-solved for the realised number n of drawn members by bisection on [0, 5] with the
+   original's 20 steps (``pmixed.privacy.original_rules.solve_beta``, the original's
+   ``scipy.optimize.bisect(f, 0, 5, maxiter=20)``), f(beta) = eps_sub(alpha; q, n, beta) - eps / T,
+   eps_sub evaluated with Python math on every call (``original_rules.eps_sub``; defect 1 of
+   REFERENCE.md section 4);
 3. for each drawn member: if f(1) <= 0 then lam = 1, else
    ``lam = scipy.optimize.bisect(f, 0, 1, maxiter=20, disp=False)`` (a midpoint: defect 5), with
    f(lam) = RDSym(mix(lam), p_pub) - alpha * beta, mix(lam) = lam * p + (1 - lam) * p_pub in float32
@@ -36,16 +37,12 @@ try:  # the installed package (or PYTHONPATH) first; the checkout's src/ otherwi
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from pmixed.privacy.original_rules import eps_sub, reference_budget  # noqa: E402
+from pmixed.privacy import original_rules  # noqa: E402
+from pmixed.privacy.original_rules import reference_budget as rdp_budget  # noqa: E402, F401 (re-exported)
 
 ALPHA = 3  # the paper's order (eps = 8)
 MAXITER = 20  # the original's scipy bisect maxiter
 STATS = {"lam_one": 0, "bisect": 0}  # how often solve_lambda took each branch (diagnostics)
-
-
-def rdp_budget(epsilon: float = 8.0, delta: float = 1e-5, alpha: int = ALPHA) -> float:
-    """The original's RDP budget eps_RDP for (epsilon, delta) at order alpha."""
-    return reference_budget(epsilon, delta, alpha)
 
 
 def renyi_div(p: torch.Tensor, q: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -64,8 +61,8 @@ def rd_sym(p: torch.Tensor, q: torch.Tensor, alpha: float) -> float:
 
 
 def solve_beta(alpha: int, q: float, n: int, eps: float, T: int) -> float:
-    target = eps / T
-    return bisect(lambda b: eps_sub(alpha, q, n, b) - target, 0, 5, maxiter=MAXITER, disp=False)
+    """original_rules.solve_beta with the original's call: target eps / T, [0, 5], 20 steps."""
+    return original_rules.solve_beta(alpha, q, n, eps / T, iters=MAXITER, hi=5.0)
 
 
 def solve_lambda(p: torch.Tensor, p_pub: torch.Tensor, alpha: float, radius: float) -> float:

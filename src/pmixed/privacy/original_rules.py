@@ -27,9 +27,11 @@ def eps_sub(alpha: int, q: float, n: int, beta: float) -> float:
     return math.log(total) / (alpha - 1)
 
 
-def solve_beta(alpha: int, q: float, n: int, per_query: float, iters: int = 200) -> float:
-    """The beta with eps_sub(alpha; n, beta) = per_query (bisection, as the original)."""
-    lo, hi = 0.0, 10.0
+def solve_beta(alpha: int, q: float, n: int, per_query: float, iters: int = 200, hi: float = 10.0) -> float:
+    """The beta with eps_sub(alpha; n, beta) = per_query: bisection on [0, hi], ``iters`` steps, as
+    the original (its scipy ``bisect(f, 0, 5, maxiter=20)`` is ``iters=20, hi=5.0`` up to which
+    end of the last bracket is returned: here its midpoint, defect 5)."""
+    lo = 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
         try:
@@ -43,6 +45,6 @@ def solve_beta(alpha: int, q: float, n: int, per_query: float, iters: int = 200)
     return (lo + hi) / 2  # the original returns a midpoint (defect 5)
 
 
-def reference_budget(epsilon: float, delta: float, alpha: int) -> float:
+def reference_budget(epsilon: float = 8.0, delta: float = 1e-5, alpha: int = 3) -> float:
     """The original's RDP budget: eps_RDP = eps - log((a-1)/a) + (log delta + log a)/(a-1)."""
     return epsilon - math.log((alpha - 1) / alpha) + (math.log(delta) + math.log(alpha)) / (alpha - 1)
