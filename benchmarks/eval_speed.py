@@ -20,7 +20,7 @@ Timed in ONE run, the three variants interleaved round by round (rotating order)
 
     (F) floor:  the N+1 rows (public + every member) through ``EnsembleRuntime.probs`` in chunks of
                 ``--chunk`` rows (the engine's chunk, 4): the forwards and the softmax only;
-    (P) PMixED: ``EnsembleRuntime.block_stats(block, max_order=K, needed=mask, average=False)`` +
+    (P) PMixED: ``block_stats(runtime, block, max_order=K, needed=mask, average=False)`` +
                 ``released_target_probs(stats, mask, params)``, mask = ``PMixED.draw_block(T)``:
                 only the drawn members, up to their last drawn position, LM head at drawn pairs;
     (PA) the same with ``average=True``, what ``pmixed eval`` runs: every member over every
@@ -76,7 +76,8 @@ except ImportError:
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive_reference as nr  # noqa: E402
-from pmixed.engine import PUBLIC, EnsembleRuntime  # noqa: E402
+from pmixed.eval.block_stats import block_stats  # noqa: E402
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 from pmixed.mechanism.teacher_forcing import released_target_probs  # noqa: E402
 
@@ -183,7 +184,7 @@ def pmixed_block(rt: EnsembleRuntime, block, mask, mech: PMixED, chunk: int = 4,
                  average: bool = False) -> torch.Tensor:
     """(P) block_stats + released_target_probs: the released target probabilities [T]
     ((PA) with ``average=True``: every member at every position, as for the ensemble average)."""
-    stats, _, _ = rt.block_stats(block, max_order=mech.params.max_order, needed=mask, chunk=chunk,
+    stats, _, _ = block_stats(rt, block, max_order=mech.params.max_order, needed=mask, chunk=chunk,
                                  average=average)
     probs, _ = released_target_probs(stats, mask, mech.params)
     return probs
@@ -388,7 +389,7 @@ def main(argv=None) -> dict:
         ours = rt.probs(inputs.expand(3, -1), [PUBLIC, 0, 1])
         max_abs_diff = float((ref - ours).abs().max())
     probs0 = pmixed_block(rt, blocks[0], masks[0], mech, args.pmixed_chunk)
-    st0, _, _ = rt.block_stats(blocks[0], max_order=K, needed=masks[0], chunk=args.pmixed_chunk, average=False)
+    st0, _, _ = block_stats(rt, blocks[0], max_order=K, needed=masks[0], chunk=args.pmixed_chunk, average=False)
     lam0 = released_target_probs(st0, masks[0], mech.params)[1]
     lam_mean = float(lam0[masks[0]].mean()) if masks[0].any() else float("nan")
     probs0_avg = pmixed_block(rt, blocks[0], masks[0], mech, args.pmixed_chunk, average=True)

@@ -16,7 +16,7 @@ Timed, with the same inputs and the same Poisson draws for both sides:
     (a'/b') the same two averaged over a sequence of seeded Poisson draws (m ~ Bin(N, q))
     (c) ours, one block:      PMixED.release_rows over P positions with targets (teacher forcing),
                               rows = the (position, member) pairs of PMixED.draw_block
-    (c') ours, evaluation path: what EnsembleRuntime.block_stats does after the forwards
+    (c') ours, evaluation path: what pmixed.eval.block_stats.block_stats does after the forwards
                               (row_totals(public), member_stats over all N members in chunks
                               of 4 [4, P, V] with needed = the draw mask) + released_target_probs.
                               The [4, P, V] chunk is ONE synthetic template reused for every chunk

@@ -13,6 +13,8 @@ import json
 import pytest
 import torch
 
+from pmixed.eval.block_stats import block_stats
+from pmixed.eval.scoring import score_block
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.teacher_forcing import released_target_probs
 from pmixed.privacy.ledger import Ledger
@@ -56,9 +58,9 @@ def test_block_statistics_on_the_device_equal_the_cpus(trained_run, cpu_runtime,
     extras = tuple(rt.extra_index)
     for average in (True, False):
         for chunk in (1, rt.n_members):
-            got, got_x, got_avg = rt.block_stats(block, max_order=3, needed=needed, extras=extras,
+            got, got_x, got_avg = block_stats(rt, block, max_order=3, needed=needed, extras=extras,
                                                  chunk=chunk, average=average)
-            want, want_x, want_avg = cpu_runtime.block_stats(block, max_order=3, needed=needed, extras=extras,
+            want, want_x, want_avg = block_stats(cpu_runtime, block, max_order=3, needed=needed, extras=extras,
                                                              chunk=chunk, average=average)
             for g, w in ((got.moments, want.moments), (got.member_target, want.member_target),
                          (got.public_target, want.public_target), *((got_x[e], want_x[e]) for e in extras)):
@@ -83,7 +85,7 @@ def test_generation_and_scoring_on_the_device(trained_run, cpu_runtime, device, 
     for name, runtime in (("dev", rt), ("cpu", cpu_runtime)):
         with Ledger(tmp_path / f"{name}.ledger", epsilon=8.0, delta=1e-5) as led:
             pred = PrivatePredictor(runtime, mech, led, generator=torch.Generator().manual_seed(14))
-            probs = pred.score_block(block)
+            probs = score_block(pred, block)
             gen = pred.generate("apple banana", max_new_tokens=8, stop_at_eos=False)
             out[name] = (probs, gen, led.charges())
     (p_dev, g_dev, n_dev), (p_cpu, g_cpu, n_cpu) = out["dev"], out["cpu"]

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pmixed.errors import DataError
+from pmixed.eval.block_stats import block_stats
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
 from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.ledger import Ledger
@@ -163,7 +164,8 @@ def run_evaluation(
     logp: dict[str, list[torch.Tensor]] = {"public": [], **({"ensemble_avg": []} if average else {}),
                                            **{e: [] for e in extras}}
     for b in tqdm(range(B), desc="forward (public + members)", disable=not progress):
-        st, extra_t, ens_t = runtime.block_stats(
+        st, extra_t, ens_t = block_stats(
+            runtime,
             blocks[b], max_order=k_max, needed=needed[b], extras=extras, chunk=chunk, average=average
         )
         stats.append(st)

@@ -112,3 +112,30 @@ def release_rows(
         acc.index_add_(0, pos, project(base, pm, lam[c]))
     p0 = public.to(torch.float64).div_(tot0[:, None])
     return torch.where(drawn[:, None], acc / counts.clamp(min=1)[:, None], p0), lam
+
+
+def release_masked(public: torch.Tensor, members: torch.Tensor, drawn: torch.Tensor, params: MechanismParams) -> torch.Tensor:
+    """eq. (M1) with the work of every member: public [V], members [N, V] (every member's
+    distribution), drawn [N] bool (the Poisson draw) -> [V] float64, equal (to float64 rounding)
+    to ``release(public, members[drawn])``.
+
+    The constant-work path of serving: moments and lam are computed for all N rows and the mix is
+    one [N] x [N, V] product with zero weights for the members not drawn, so the time taken does
+    not depend on the draw. An invalid member row gets lam 0, as in ``release``.
+    """
+    if members.dim() != 2 or members.shape[-1] != public.shape[-1] or drawn.shape != (members.shape[0],):
+        raise ValueError(f"members must be [N, V] with V={public.shape[-1]} and drawn [N], got "
+                         f"{tuple(members.shape)} and {tuple(drawn.shape)}")
+    pub = public[None]  # [1, V]
+    tot0 = row_totals(pub, "public")  # [1]; public data only: may refuse
+    N = members.shape[0]
+    rows = torch.arange(N, device=members.device)
+    moments, tot, valid = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, params.max_order)
+    lam = lambdas_from_moments(moments, params)  # [N]
+    w = drawn.to(torch.float64)  # [N]
+    m = w.sum().clamp(min=1.0)
+    lam = torch.where(valid, lam, torch.zeros_like(lam)) * w  # undrawn and invalid rows: weight 0
+    x = torch.where(valid[:, None], members, torch.zeros((), dtype=members.dtype)).to(torch.float64)  # [N, V]
+    coef = lam / (m * tot)  # [N]
+    c0 = (1.0 - lam.sum() / m) / tot0.reshape(())
+    return torch.addcmul(coef @ x, public.to(torch.float64), c0)

@@ -1,0 +1,216 @@
+"""The ensemble runtime: rows of one base model + N stacked LoRA members, next-token distributions out.
+
+One copy of the base weights serves the public model p_0 (row id ``PUBLIC`` = -1) and every
+member (row id i) through :class:`pmixed.models.stacked_lora.StackedLoRA`; extra adapters (the
+fine-tuned and DP-SGD baselines) ride on the same stack under their own names.
+
+Two ways in:
+
+- :meth:`EnsembleRuntime.probs`: teacher-forced rows, [B, T] tokens -> [B, T, V] probabilities
+  (evaluation; ``pmixed.eval.block_stats`` builds the mechanism's per-pair statistics on it).
+- :meth:`EnsembleRuntime.decode`: the decode step of generation and serving, one batched forward
+  over groups of rows. Each :class:`RowGroup` names its row ids, the tokens it has not consumed
+  yet and its KV cache; the step returns each group's next-token distributions and advances its
+  cache. A member that was not drawn for a while catches up on the tokens it missed simply by
+  being given them.
+
+The row selection of every forward travels with the call (context-local in ``StackedLoRA``), so
+one runtime may be used from several threads: the public row is always the base model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pmixed.models.device import module_device
+from pmixed.models.hf_compat import cache_kwarg_name, output_cache
+from pmixed.models.stacked_lora import PUBLIC, StackedLoRA
+
+__all__ = ["KV", "PUBLIC", "EnsembleRuntime", "RowGroup", "softmax_"]
+
+
+def softmax_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension in place (no second [..., V] buffer); returns ``x``."""
+    x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
+    return x.div_(x.sum(dim=-1, keepdim=True))
+
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [b, H, L, D]
+
+
+@dataclass
+class RowGroup:
+    """Rows that share one token sequence, and so one KV cache of batch ``len(adapters)``.
+
+    adapters: the row ids (``PUBLIC`` or member / extra indices); tokens: the tokens the group
+    has not consumed yet (>= 1 for a step; the whole prompt on the first); cache: per layer
+    (keys, values) [b, H, seen, D], None before the first step; seen: tokens consumed so far.
+    Generation uses one group per row (members catch up on what they missed); serving in
+    constant-work mode one group of N + 1 rows per request.
+    """
+
+    adapters: list[int]
+    tokens: list[int] = field(default_factory=list)
+    cache: KV | None = None
+    seen: int = 0
+
+    def cache_bytes(self) -> int:
+        return 0 if self.cache is None else sum(k.numel() * k.element_size() * 2 for k, _ in self.cache)
+
+
+class EnsembleRuntime:
+    """Base model + N stacked members (+ named extra adapters) on one copy of the weights."""
+
+    def __init__(
+        self,
+        base_model: Any,
+        tokenizer: Any,
+        member_dirs: Sequence[str | os.PathLike[str]],
+        extra_dirs: dict[str, str | os.PathLike[str]] | None = None,
+    ):
+        extra_dirs = dict(extra_dirs or {})
+        dirs = [Path(d) for d in member_dirs] + [Path(d) for d in extra_dirs.values()]
+        self.n_members = len(member_dirs)
+        self.extra_index = {name: self.n_members + j for j, name in enumerate(extra_dirs)}
+        self.tokenizer = tokenizer
+        self.model = base_model
+        self.model.eval()
+        self.stacked = StackedLoRA.from_peft_dirs(base_model, dirs)
+        self.device = module_device(base_model)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the forwards run in (the base's parameters')."""
+        return next(self.model.parameters()).dtype
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens one row can hold (positions of the base model), None when unknown."""
+        cfg = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+            v = getattr(cfg, name, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
+    @classmethod
+    def from_ensemble(cls, ensemble: Any, extra_dirs: dict[str, Any] | None = None) -> EnsembleRuntime:
+        return cls(ensemble.base_model, ensemble.tokenizer, ensemble.adapter_paths, extra_dirs)
+
+    @torch.no_grad()
+    def probs(self, input_ids: torch.Tensor, adapter_ids: Sequence[int]) -> torch.Tensor:
+        """Next-token probabilities [B, T, V] float32, on the runtime's device, for rows
+        ``adapter_ids`` over ``input_ids`` [B, T]."""
+        ids = torch.as_tensor(list(adapter_ids), dtype=torch.long)
+        out = self.stacked(input_ids.to(self.device), ids, use_cache=False)
+        x = out.logits if out.logits.dtype == torch.float32 else out.logits.float()  # [B, T, V]
+        del out
+        return softmax_(x)
+
+    @torch.no_grad()
+    def decode(self, groups: Sequence[RowGroup]) -> list[torch.Tensor]:
+        """One batched forward over every row of ``groups``: each group consumes its pending
+        tokens; returns each group's next-token distributions [b, V] float32 (on the runtime's
+        device), and advances each group's ``cache`` / ``seen`` in place (``tokens`` cleared).
+
+        Layout of the batch (B rows, Lmax = the longest cache, n = the most pending tokens):
+        caches left-padded to Lmax, pending tokens right-padded to n, an attention mask [B,
+        Lmax + n] that hides both paddings, and explicit position ids (seen + j), so each row
+        computes exactly what it would alone (tests: tests/models/test_runtime.py). The head
+        runs only at each row's last real position when the logits are head(backbone(x)).
+        """
+        if not groups:
+            return []
+        for g in groups:
+            if not g.tokens:
+                raise ValueError(f"decode group {g.adapters} has no pending tokens")
+        dev = self.device
+        sizes = [len(g.adapters) for g in groups]
+        B = sum(sizes)
+        lmax = max(g.seen for g in groups)
+        n = max(len(g.tokens) for g in groups)
+        ids = torch.zeros(B, n, dtype=torch.long)  # [B, n]
+        mask = torch.zeros(B, lmax + n, dtype=torch.long)  # [B, Lmax + n]
+        pos = torch.zeros(B, n, dtype=torch.long)  # [B, n]
+        last = torch.zeros(B, dtype=torch.long)  # [B] each row's last real pending position
+        adapters: list[int] = []
+        r = 0
+        for g, b in zip(groups, sizes):
+            t = len(g.tokens)
+            ids[r : r + b, :t] = torch.tensor(g.tokens, dtype=torch.long)
+            mask[r : r + b, lmax - g.seen : lmax + t] = 1
+            pos[r : r + b] = (torch.arange(n) + g.seen).clamp(max=g.seen + t - 1)
+            last[r : r + b] = t - 1
+            adapters += g.adapters
+            r += b
+        kw: dict[str, Any] = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": True}
+        if lmax > 0:
+            kw["past_key_values"] = self._batched_cache(groups, sizes, lmax)
+        split = self.split_head()
+        rows = torch.arange(B, device=dev)
+        if split is None:
+            out = self.stacked(ids.to(dev), adapters, **kw)
+            logits = out.logits[rows, last.to(dev)]  # [B, V]
+        else:
+            backbone, head = split
+            if "past_key_values" in kw:
+                kw[cache_kwarg_name(backbone)] = kw.pop("past_key_values")
+            with self.stacked.rows(adapters):
+                out = backbone(input_ids=ids.to(dev), **kw)
+                logits = head(out[0][rows, last.to(dev)])  # [B, V]
+        new_cache = output_cache(out)
+        layers = [(layer.keys, layer.values) for layer in new_cache.layers]  # [B, H, Lmax + n, D]
+        probs = softmax_(logits.float())  # [B, V]
+        result = []
+        r = 0
+        for g, b in zip(groups, sizes):
+            t = len(g.tokens)
+            sl = slice(lmax - g.seen, lmax + t)  # the group's real entries, contiguous
+            g.cache = [(k[r : r + b, :, sl].clone(), v[r : r + b, :, sl].clone()) for k, v in layers]
+            g.seen += t
+            g.tokens = []
+            result.append(probs[r : r + b])
+            r += b
+        return result
+
+    def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int) -> Any:
+        """The groups' caches, left-padded to ``lmax`` and stacked along the batch, as a HF cache."""
+        from transformers import DynamicCache
+
+        n_layers = next(len(g.cache) for g in groups if g.cache is not None)
+        ref = next(g.cache for g in groups if g.cache is not None)
+        cache = DynamicCache()
+        for li in range(n_layers):
+            k0 = ref[li][0]
+            ks, vs = [], []
+            for g, b in zip(groups, sizes):
+                if g.cache is None:  # a first step next to groups with history: all padding
+                    z = k0.new_zeros(b, k0.shape[1], lmax, k0.shape[3])
+                    ks.append(z)
+                    vs.append(z)
+                    continue
+                k, v = g.cache[li]
+                pad = lmax - k.shape[2]
+                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
+                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
+            cache.update(torch.cat(ks), torch.cat(vs), li)
+        return cache
+
+    def split_head(self) -> tuple[Any, Any] | None:
+        """(backbone, head) when the logits are exactly head(backbone(x)[0]); None otherwise
+        (models with logit soft-capping or scaling use the whole forward)."""
+        cfg = getattr(self.model, "config", None)
+        if any(getattr(cfg, a, None) for a in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")):
+            return None
+        backbone = getattr(self.model, "base_model", None)
+        get_head = getattr(self.model, "get_output_embeddings", None)
+        head = get_head() if get_head is not None else None
+        if backbone is None or backbone is self.model or head is None:
+            return None
+        return backbone, head

@@ -1,0 +1,62 @@
+"""EnsembleRuntime.decode: one batched forward over row groups with different cache lengths and
+different numbers of pending tokens equals each row's own full forward (GPT-2 and Llama)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
+from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+@pytest.fixture(params=list(ARCHS))
+def runtime(request, tmp_path):
+    make, targets, fifo = ARCHS[request.param]
+    base = make()
+    dirs = save_adapters(base, targets, fifo, tmp_path, n=3)
+    return EnsembleRuntime(base, None, dirs)
+
+
+def reference(rt: EnsembleRuntime, adapter: int, seq: list[int]) -> torch.Tensor:
+    return rt.probs(torch.tensor([seq]), [adapter])[0, -1]  # [V]
+
+
+@pytest.mark.parametrize("split_head", [True, False])
+def test_batched_groups_equal_separate_full_forwards(runtime, monkeypatch, split_head):
+    rt = runtime
+    if not split_head:
+        monkeypatch.setattr(rt, "split_head", lambda: None)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12, 6)]
+    groups = [RowGroup([PUBLIC, 0, 1, 2]), RowGroup([1]), RowGroup([PUBLIC]), RowGroup([2, PUBLIC])]
+    # step 1: prefill everything but the last few tokens (different lengths, one forward)
+    for grp, s in zip(groups, seqs):
+        grp.tokens = s[: len(s) - 3]
+    first = rt.decode(groups)
+    for grp, s, out in zip(groups, seqs, first):
+        for j, a in enumerate(grp.adapters):
+            torch.testing.assert_close(out[j], reference(rt, a, s[: len(s) - 3]), rtol=1e-5, atol=1e-6)
+    # step 2: groups catch up by 3, 1, 2 and 3 tokens in one forward (pending tokens padded)
+    for grp, s, k in zip(groups, seqs, (3, 1, 2, 3)):
+        grp.tokens = s[grp.seen : grp.seen + k]
+    second = rt.decode(groups)
+    for grp, s, out in zip(groups, seqs, second):
+        assert grp.tokens == [] and grp.cache[0][0].shape[2] == grp.seen
+        for j, a in enumerate(grp.adapters):
+            torch.testing.assert_close(out[j], reference(rt, a, s[: grp.seen]), rtol=1e-5, atol=1e-6)
+    # a new group (no cache) next to groups with history
+    fresh = RowGroup([0], tokens=seqs[0][:5])
+    groups[1].tokens = [7]
+    out = rt.decode([groups[1], fresh])
+    torch.testing.assert_close(out[1][0], reference(rt, 0, seqs[0][:5]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0][0], reference(rt, 1, seqs[1][:groups[1].seen - 1] + [7]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_a_group_without_pending_tokens_is_refused(runtime):
+    with pytest.raises(ValueError, match="no pending tokens"):
+        runtime.decode([RowGroup([PUBLIC])])
