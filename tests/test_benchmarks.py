@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -9,12 +10,25 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCH))
-
-import mechanism as bench  # noqa: E402
-from naive_reference import naive_block, naive_release, rd_sym, rdp_budget, solve_beta  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _bench_module(name: str):
+    """benchmarks/<name>.py loaded from its file (the folder is no package, and a third-party
+    distribution installs a top-level ``benchmarks`` package, so it cannot be imported by name)."""
+    spec = importlib.util.spec_from_file_location(f"_pmixed_benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _bench_module("mechanism")
+_naive = _bench_module("naive_reference")
+naive_block, naive_release, rd_sym = _naive.naive_block, _naive.naive_release, _naive.rd_sym
+rdp_budget, solve_beta = _naive.rdp_budget, _naive.solve_beta
 
 V, N, P = 1000, 8, 16
 
@@ -122,7 +136,7 @@ def test_eval_speed_runs_tiny(capsys):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("scipy")
-    import eval_speed
+    eval_speed = _bench_module("eval_speed")
 
     threads = torch.get_num_threads()
     try:

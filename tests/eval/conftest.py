@@ -1,25 +1,21 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A tiny base, a 3-member ensemble and both baselines, with a config file for the CLI."""
-    from helpers import build_tiny_base, tiny_config_dict, write_records, write_toml
-
     from pmixed.config import load_config
     from pmixed.train.dpsgd import train_dpsgd
     from pmixed.train.ensemble import train_ensemble
     from pmixed.train.finetune import train_finetune
+    from tests.train.helpers import build_tiny_base, tiny_config_dict, write_records, write_toml
 
     root = tmp_path_factory.mktemp("evalrun")
     base = build_tiny_base(root / "base")

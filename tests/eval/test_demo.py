@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import shutil
 
-from helpers import tiny_config_dict, write_toml
 from typer.testing import CliRunner
+
+from tests.train.helpers import tiny_config_dict, write_toml
 
 
 def _demo(cfg_path):

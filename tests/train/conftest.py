@@ -1,25 +1,23 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
-    from helpers import build_tiny_base
+    from tests.train.helpers import build_tiny_base
 
     return build_tiny_base(tmp_path_factory.mktemp("tiny-base"))
 
 
 @pytest.fixture(scope="session")
 def tiny_records(tmp_path_factory) -> Path:
-    from helpers import write_records
+    from tests.train.helpers import write_records
 
     return write_records(tmp_path_factory.mktemp("records") / "records.jsonl")

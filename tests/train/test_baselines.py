@@ -6,8 +6,9 @@ import json
 import warnings
 
 import torch
-from helpers import tiny_config_dict, write_toml
 from typer.testing import CliRunner
+
+from tests.train.helpers import tiny_config_dict, write_toml
 
 
 def _run_cli(args):

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from helpers import tiny_config
 
 from pmixed.errors import DataError
+from tests.train.helpers import tiny_config
 
 
 def _entry(name: str):

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_config_dict, write_toml
 from typer.testing import CliRunner
+
+from tests.train.helpers import tiny_config_dict, write_toml
 
 
 def _lora_model(tiny_base):

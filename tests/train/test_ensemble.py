@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
-from helpers import tiny_config
 from safetensors.torch import load_file
 
 from pmixed.errors import EnsembleMismatch
+from tests.train.helpers import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +154,7 @@ def test_base_weights_unchanged_by_training(trained, tiny_base):
 def test_torchrun_two_ranks_train_each_member_once(tiny_base, tiny_records, tmp_path):
     """2 gloo ranks: each member trained exactly once, by rank index % 2; rank 0 writes the
     manifest; the result equals the single-process one (per-member seeds)."""
-    from helpers import tiny_config_dict, write_toml
+    from tests.train.helpers import tiny_config_dict, write_toml
 
     out = tmp_path / "dist"
     cfg_path = write_toml(
