@@ -73,3 +73,23 @@ def test_public_contract():
     assert mech.epsilon_after(1024) <= 8.0
     assert mech.epsilon_after(2048) > 8.0
     assert mech.epsilon_after(0) == 0.0
+
+
+@pytest.mark.parametrize("kernels", ["fused", "torch"])
+def test_masked_release_equals_the_release_of_the_drawn_members(kernels, monkeypatch):
+    """Constant-work serving computes every member and weights the undrawn ones 0."""
+    from pmixed.mechanism.release import release_masked
+
+    monkeypatch.setenv("PMIXED_KERNELS", kernels)
+    N, V = PARAMS.ensemble_size, 30
+    pub, mem = dists(1, V, 5)[0], dists(N, V, 6)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(20):
+        drawn = torch.rand(N, generator=g) < 0.5
+        want = release(pub, mem[drawn], PARAMS)
+        torch.testing.assert_close(release_masked(pub, mem, drawn, PARAMS), want, rtol=1e-12, atol=1e-15)
+    bad = mem.clone()
+    bad[0, 2] = float("nan")  # an invalid member row: lam 0, as in release
+    drawn = torch.ones(N, dtype=torch.bool)
+    torch.testing.assert_close(release_masked(pub, bad, drawn, PARAMS), release(pub, bad, PARAMS),
+                               rtol=1e-12, atol=1e-15)

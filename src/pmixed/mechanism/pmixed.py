@@ -75,6 +75,10 @@ class PMixED:
         """Poisson draw of distinct member indices, LongTensor [m] (CSPRNG unless a generator)."""
         return poisson_draw(self.ensemble_size, self.sample_rate, generator)
 
+    def draw_mask(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One query's Poisson draw as a mask: bool [N] (CSPRNG unless a generator)."""
+        return poisson_mask(self.ensemble_size, self.sample_rate, None, generator)
+
     def draw_block(self, positions: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Independent draws for ``positions`` queries: bool [positions, N]."""
         return poisson_mask(self.ensemble_size, self.sample_rate, positions, generator)

@@ -1,0 +1,1 @@
+"""Serving: a batched, thread-safe private decode engine and an OpenAI-compatible HTTP server."""

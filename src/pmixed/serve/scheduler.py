@@ -1,0 +1,395 @@
+"""The batched private decode engine behind ``pmixed serve``: continuous batching, one budget.
+
+A background thread advances every active request by one token per step:
+
+1. admit queued requests (up to ``max_active``; beyond ``max_active + max_queue`` a submit is
+   refused with :class:`QueueFull`), drop cancelled ones;
+2. decide each request's rows. **constant** mode (the default): every request keeps one
+   :class:`~pmixed.models.runtime.RowGroup` of N + 1 rows (public model and every member) that
+   all consume every token, so a step's work does not depend on the Poisson draw. **drawn**
+   mode: the public row plus the members drawn for this token, each with its own cache that
+   catches up on the tokens it missed (less work, but the step's time depends on |S|);
+3. run the rows: one batched forward for the rows with one pending token, one more for rows
+   with several (new prompts: prefill; drawn mode: members catching up);
+4. per request: check the public row (an invalid one ends that request with "error", before
+   its draw is used and without a charge: it depends on public data only), release the token's
+   distribution (eq. (M1); constant mode with the work of all N members, ``release_masked``);
+5. charge every private token of the step in **one durable ledger transaction** before any of
+   them is sent. If the budget cannot pay for all, the largest affordable number k is charged
+   and the first k requests in admission order (not a function of private data) get their
+   token; the others end with "budget", or continue from the public model alone when the
+   operator enabled ``public_continuation`` (each such token marked ``public_only``);
+6. sample (temperature / top-k / top-p on the released distribution: post-processing) from the
+   OS CSPRNG, put the tokens on the streams, end requests at end of sequence, ``max_tokens``
+   or the context.
+
+What leaves the engine: tokens, finish reasons, the budget's state, and counters that do not
+depend on the draw (drawn mode's ``stats()`` omits the rows it ran). Error messages never name
+a member. Memory: a request holds at most N + 1 caches of at most the model's context (constant
+mode: exactly that; drawn mode: member caches idle for ``max_idle_steps`` steps are dropped and
+rebuilt on the next draw), so cache memory is bounded by ``max_active`` x (N + 1) x context x
+the per-token KV size (``cache_bytes_per_request``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from pmixed.errors import BudgetExhausted, PMixEDError, PromptTooLong
+from pmixed.mechanism.pairs import row_totals
+from pmixed.mechanism.pmixed import PMixED
+from pmixed.mechanism.release import release_masked
+from pmixed.mechanism.sampling import sample
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
+from pmixed.privacy.accountant import RdpCharge
+from pmixed.privacy.ledger import Ledger
+from pmixed.privacy.mixture_bound import MECHANISM, params_record
+from pmixed.serve.stream import SamplingParams, Stream, Token
+
+__all__ = ["Decoder", "Mode", "QueueFull"]
+
+log = logging.getLogger("pmixed.serve")
+
+Mode = Literal["constant", "drawn"]
+
+
+class QueueFull(PMixEDError):
+    """Admission control refused a request: ``max_active`` running and ``max_queue`` waiting."""
+
+    exit_code = 1
+
+    def __init__(self, retry_after: float):
+        self.retry_after = retry_after
+        super().__init__(f"the server is at capacity; retry in {retry_after:.0f} s")
+
+
+@dataclass
+class _Request:
+    stream: Stream
+    params: SamplingParams
+    seq: list[int]
+    order: int  # admission order: the only thing that decides who is served when budget is short
+    groups: dict[int, RowGroup] = field(default_factory=dict)  # key PUBLIC, member i, or ALL
+    idle: dict[int, int] = field(default_factory=dict)  # drawn mode: member -> last step used
+    generated: int = 0
+    public_only: bool = False
+
+
+ALL = -2  # constant mode's one group of N + 1 rows
+
+
+class Decoder:
+    """Continuous-batching private decoder over one runtime, one mechanism and one ledger."""
+
+    def __init__(
+        self,
+        runtime: EnsembleRuntime,
+        mechanism: PMixED,
+        ledger: Ledger,
+        *,
+        mode: Mode = "constant",
+        max_active: int = 8,
+        max_queue: int = 32,
+        public_continuation: bool = False,
+        max_idle_steps: int = 256,
+        unit: str = "part",
+    ):
+        if mode not in ("constant", "drawn"):
+            raise ValueError(f"mode must be 'constant' or 'drawn', got {mode!r}")
+        if mechanism.ensemble_size != runtime.n_members:
+            from pmixed.errors import EnsembleMismatch
+
+            raise EnsembleMismatch(
+                f"mechanism calibrated for N={mechanism.ensemble_size} but the ensemble has "
+                f"{runtime.n_members} members"
+            )
+        if max_active < 1 or max_queue < 0:
+            raise ValueError("max_active must be >= 1 and max_queue >= 0")
+        self.runtime = runtime
+        self.mechanism = mechanism
+        self.ledger = ledger
+        self.mode: Mode = mode
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.public_continuation = public_continuation
+        self.max_idle_steps = max_idle_steps
+        self.unit = unit
+        self._rdp = tuple(mechanism.query_rdp(ledger.orders))
+        self._params = params_record(mechanism.params)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._pending: deque[_Request] = deque()
+        self._active: list[_Request] = []
+        self._order = 0
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._step_no = 0
+        self._exhausted = False
+        self._stats = {"steps": 0, "tokens_private": 0, "tokens_public": 0, "requests": 0,
+                       "step_seconds_total": 0.0, "last_step_seconds": 0.0, "charges": 0}
+        self._step_times: deque[float] = deque(maxlen=1024)
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def tokenizer(self):
+        return self.runtime.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self.runtime.context_length
+
+    def start(self) -> Decoder:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="pmixed-decoder", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        """Stop the engine thread; running and queued requests end with "cancelled"."""
+        with self._lock:
+            self._closing = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for req in list(self._active) + list(self._pending):
+            req.stream.finish("cancelled")
+        self._active.clear()
+        self._pending.clear()
+
+    def __enter__(self) -> Decoder:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *,
+               loop: asyncio.AbstractEventLoop | None = None) -> Stream:
+        """Queue a request. Refusals happen here, before anything is drawn or charged: an empty
+        prompt (ValueError), one that leaves no room in the context (PromptTooLong), a full
+        server (QueueFull)."""
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        vocab = self._vocab_size()
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must lie in [0, {vocab})")
+        ctx = self.context_length
+        if ctx is not None and len(ids) > ctx - 1:
+            raise PromptTooLong(len(ids), ctx)
+        if not isinstance(params, SamplingParams):
+            raise TypeError("params must be a SamplingParams")
+        stream = Stream(len(ids), loop)
+        with self._lock:
+            if self._closing:
+                raise QueueFull(retry_after=5)
+            if len(self._active) + len(self._pending) >= self.max_active + self.max_queue:
+                raise QueueFull(retry_after=max(1.0, self._mean_step() * params.max_tokens))
+            self._order += 1
+            self._pending.append(_Request(stream, params, ids, self._order))
+            self._stats["requests"] += 1
+            self._wake.notify_all()
+        return stream
+
+    def privacy(self) -> dict:
+        """The shared budget's state (functions of the charges only)."""
+        spent = self.ledger.epsilon_spent()
+        return {
+            "epsilon_spent": spent,
+            "epsilon_limit": self.ledger.epsilon,
+            "epsilon_left": max(0.0, self.ledger.epsilon - spent),
+            "delta": self.ledger.delta,
+            "queries_left": self.ledger.queries_left(self._rdp),
+            "per_token_rdp_orders": list(self.ledger.orders),
+            "unit": self.unit,
+            "mode": self.mode,
+            "ensemble_size": self.mechanism.ensemble_size,
+            "sample_rate": self.mechanism.sample_rate,
+        }
+
+    def stats(self) -> dict:
+        """Counters for /metrics. None of them depends on the draw (in drawn mode the number of
+        rows run would; it is not reported)."""
+        with self._lock:
+            out = dict(self._stats)
+            out["active"] = len(self._active)
+            out["queued"] = len(self._pending)
+        out["cache_bytes_per_request"] = self.cache_bytes_per_request()
+        return out
+
+    def cache_bytes_per_request(self) -> int | None:
+        """Upper bound on one request's KV caches: (N + 1) rows x context x per-token KV bytes."""
+        cfg = getattr(self.runtime.model, "config", None)
+        ctx = self.context_length
+        layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
+        hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None)
+        heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None)
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        if not all(isinstance(v, int) for v in (ctx, layers, hidden, heads, kv_heads)):
+            return None
+        per_token = 2 * layers * kv_heads * (hidden // heads) * torch.finfo(self.runtime.dtype).bits // 8
+        return (self.mechanism.ensemble_size + 1) * ctx * per_token
+
+    # ------------------------------------------------------------------ engine thread
+
+    def _vocab_size(self) -> int | None:
+        cfg = getattr(self.runtime.model, "config", None)
+        v = getattr(cfg, "vocab_size", None)
+        return v if isinstance(v, int) else None
+
+    def _mean_step(self) -> float:
+        return sum(self._step_times) / len(self._step_times) if self._step_times else 0.05
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closing and not self._pending and not self._active:
+                    self._wake.wait()
+                if self._closing:
+                    return
+            t0 = time.perf_counter()
+            try:
+                self.step()
+            except Exception:  # never a member-dependent message to a client
+                log.exception("decode step failed; ending the requests it held")
+                for req in self._active:
+                    req.stream.finish("error", "internal error in the decode engine")
+                self._active.clear()
+            dt = time.perf_counter() - t0
+            self._step_times.append(dt)
+            with self._lock:
+                self._stats["steps"] += 1
+                self._stats["step_seconds_total"] += dt
+                self._stats["last_step_seconds"] = dt
+
+    def _charge(self, count: int) -> int:
+        """Charge ``count`` private tokens in one durable transaction; returns how many were
+        charged (fewer when the budget cannot pay for all: the largest affordable number)."""
+        if count == 0:
+            return 0
+        try:
+            self.ledger.charge(self._query(count))
+            return count
+        except BudgetExhausted:
+            k = min(count, self.ledger.queries_left(self._rdp))
+            if k == 0:
+                return 0
+            try:
+                self.ledger.charge(self._query(k))
+                return k
+            except BudgetExhausted:  # another process spent in between
+                return 0
+
+    def _query(self, count: int) -> RdpCharge:
+        return RdpCharge(self.ledger.orders, self._rdp, count=count, label="serve",
+                         mechanism=MECHANISM, params=self._params)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step over every active request (see the module docstring)."""
+        with self._lock:
+            while self._pending and len(self._active) < self.max_active:
+                self._active.append(self._pending.popleft())
+            active = list(self._active)
+        for req in active:
+            if req.stream.cancelled:
+                req.stream.finish("cancelled")
+        active = [r for r in active if not r.stream.done]
+        if not active:
+            with self._lock:
+                self._active = [r for r in self._active if not r.stream.done]
+            return
+        if self._exhausted and not self.public_continuation:  # the budget only ever shrinks
+            for req in active:
+                req.stream.finish("budget")
+            with self._lock:
+                self._active = [r for r in self._active if not r.stream.done]
+            return
+        self._step_no += 1
+        N = self.mechanism.ensemble_size
+        plan: list[tuple[_Request, list[int], torch.Tensor | None]] = []  # (req, group keys, mask)
+        for req in active:
+            if self.mode == "constant":
+                g = req.groups.setdefault(ALL, RowGroup([PUBLIC, *range(N)]))
+                g.tokens = req.seq[g.seen:]
+                mask = None if req.public_only else self.mechanism.draw_mask()
+                plan.append((req, [ALL], mask))
+            else:
+                drawn = [] if req.public_only else [int(i) for i in self.mechanism.draw()]
+                keys = [PUBLIC, *drawn]
+                for k in keys:
+                    g = req.groups.setdefault(k, RowGroup([k]))
+                    g.tokens = req.seq[g.seen:]
+                    req.idle[k] = self._step_no
+                plan.append((req, keys, None))
+        groups = [req.groups[k] for req, keys, _ in plan for k in keys]
+        single = [g for g in groups if len(g.tokens) == 1]
+        multi = [g for g in groups if len(g.tokens) > 1]
+        out: dict[int, torch.Tensor] = {}
+        for batch in (multi, single):  # at most two batched forwards
+            for g, probs in zip(batch, self.runtime.decode(batch)):
+                out[id(g)] = probs.double().cpu()  # [b, V]: the mechanism runs on the CPU
+        ready: list[tuple[_Request, torch.Tensor, torch.Tensor]] = []  # (req, released, public)
+        for req, keys, mask in plan:
+            if self.mode == "constant":
+                rows = out[id(req.groups[ALL])]  # [N + 1, V]
+                public, members = rows[0], rows[1:]
+            else:
+                public = out[id(req.groups[PUBLIC])][0]
+                members = (torch.cat([out[id(req.groups[k])] for k in keys[1:]])
+                           if len(keys) > 1 else public.new_zeros(0, public.shape[0]))
+            try:
+                row_totals(public[None], "public")
+            except ValueError:  # public data only: refuse this request, uncharged
+                req.stream.finish("error", "the public model's distribution is not valid for this prompt")
+                continue
+            if req.public_only:
+                ready.append((req, public, public))
+            elif self.mode == "constant":
+                ready.append((req, release_masked(public, members, mask, self.mechanism.params), public))
+            else:
+                ready.append((req, self.mechanism.release(public, members), public))
+        private = [r for r in ready if not r[0].public_only]
+        paid = self._charge(len(private))  # durable before any token of this step is sent
+        self._exhausted = self._exhausted or paid < len(private)
+        if paid:
+            with self._lock:
+                self._stats["charges"] += 1
+        served = {id(r[0]) for r in sorted(private, key=lambda r: r[0].order)[:paid]}
+        for req, dist, public in ready:
+            if not req.public_only and id(req) not in served:
+                if not self.public_continuation:
+                    req.stream.finish("budget")
+                    continue
+                req.public_only, dist = True, public
+            p = req.params
+            token = sample(dist, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+            req.seq.append(token)
+            req.generated += 1
+            req.stream.put(Token(token, public_only=req.public_only))
+            with self._lock:
+                self._stats["tokens_public" if req.public_only else "tokens_private"] += 1
+            eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+            ctx = self.context_length
+            if p.stop_at_eos and eos is not None and token == eos:
+                req.stream.finish("stop")
+            elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
+                req.stream.finish("length")
+        if self.mode == "drawn":  # bound the memory: drop member caches idle for long
+            for req in active:
+                for k, last in list(req.idle.items()):
+                    if k != PUBLIC and self._step_no - last > self.max_idle_steps:
+                        req.groups.pop(k, None)
+                        req.idle.pop(k, None)
+        with self._lock:
+            self._active = [r for r in self._active if not r.stream.done]

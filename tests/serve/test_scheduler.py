@@ -1,0 +1,177 @@
+"""The batched decode engine: batched steps equal full recomputation, the budget is never
+exceeded and every token sent was charged first, constant-work mode's work does not depend on
+the draw, and refusals happen before anything is charged."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pmixed.errors import PromptTooLong  # noqa: E402
+from pmixed.mechanism.pmixed import PMixED  # noqa: E402
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime  # noqa: E402
+from pmixed.privacy.ledger import Ledger  # noqa: E402
+from pmixed.serve.scheduler import Decoder, QueueFull  # noqa: E402
+from pmixed.serve.stream import SamplingParams  # noqa: E402
+from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+N = 3
+
+
+@pytest.fixture(scope="module", params=list(ARCHS))
+def runtime(request, tmp_path_factory):
+    make, targets, fifo = ARCHS[request.param]
+    base = make()
+    dirs = save_adapters(base, targets, fifo, tmp_path_factory.mktemp(request.param), n=N)
+    return EnsembleRuntime(base, None, dirs)  # context 64 (the tiny configs' positions)
+
+
+def mech(q=1.0, queries=64, epsilon=8.0):
+    return PMixED(epsilon=epsilon, delta=1e-5, query_budget=queries, ensemble_size=N, sample_rate=q,
+                  lam_max=0.9)
+
+
+def greedy_reference(rt, m, prompt, n):
+    """Full recomputation of every prefix, all members drawn (q = 1), greedy (top_k = 1)."""
+    seq = list(prompt)
+    out = []
+    for _ in range(n):
+        ids = torch.tensor([seq])
+        pub = rt.probs(ids, [PUBLIC])[0, -1].double()
+        mem = torch.stack([rt.probs(ids, [i])[0, -1].double() for i in range(N)])
+        tok = int(torch.argmax(m.release(pub, mem)))
+        seq.append(tok)
+        out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_concurrent_batched_requests_equal_full_recomputation(runtime, mode):
+    m = mech(q=1.0)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [4, 4, 4, 4]]
+    want = [greedy_reference(runtime, m, p, 6 + i) for i, p in enumerate(prompts)]
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode=mode) as dec:
+        streams = [dec.submit(p, SamplingParams(max_tokens=6 + i, top_k=1, stop_at_eos=False))
+                   for i, p in enumerate(prompts)]
+        got = [[t.id for t in s] for s in streams]
+        assert got == want
+        assert all(s.finish_reason == "length" for s in streams)
+        assert sum(r.count for r in led.history()) == sum(len(g) for g in got)
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_shared_budget_is_never_exceeded_and_every_sent_token_was_charged(runtime, mode):
+    m = mech(q=0.5, queries=40)
+    sent = []
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        with Decoder(runtime, m, led, mode=mode, max_active=8, max_queue=32) as dec:
+            streams = [dec.submit([1 + i % 7, 2], SamplingParams(max_tokens=5, stop_at_eos=False))
+                       for i in range(32)]
+
+            def read(s):
+                sent.append(sum(1 for _ in s))
+
+            threads = [threading.Thread(target=read, args=(s,)) for s in streams]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=120)
+        charged = sum(r.count for r in led.history())
+        assert charged == sum(sent) <= 40  # T = 40 queries fit, not one more
+        assert led.epsilon_spent() <= 8.0
+        assert led.queries_left(m.query_rdp(led.orders)) == 0
+    reasons = [s.finish_reason for s in streams]
+    assert set(reasons) <= {"length", "budget"} and "budget" in reasons
+    for s, n in zip(streams, sent):
+        assert (s.finish_reason == "length") == (n == 5)
+
+
+def _rows_per_forward(runtime, monkeypatch):
+    sizes = []
+    real = type(runtime).decode
+
+    def spy(self, groups):
+        sizes.append(sum(len(g.adapters) for g in groups))
+        return real(self, groups)
+
+    monkeypatch.setattr(type(runtime), "decode", spy)
+    return sizes
+
+
+@pytest.mark.parametrize("mode, same", [("constant", True), ("drawn", False)])
+def test_constant_work_mode_does_not_depend_on_the_draw(runtime, monkeypatch, mode, same):
+    """The rows run per step are the same whether every member or none is drawn in constant
+    mode; in drawn mode they are not (what the mode's timing assumption is about)."""
+    m = mech(q=0.5)
+    runs = []
+    for drawn in (True, False):
+        with monkeypatch.context() as mp:
+            sizes = _rows_per_forward(runtime, mp)
+            mp.setattr("pmixed.mechanism.pmixed.poisson_mask",
+                       lambda n, q, positions=None, g=None, d=drawn: torch.full((n,), d))
+            with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode=mode) as dec:
+                s = dec.submit([1, 2, 3], SamplingParams(max_tokens=4, stop_at_eos=False))
+                assert len(list(s)) == 4
+            runs.append(list(sizes))
+    assert (runs[0] == runs[1]) is same
+
+
+def test_refusals_come_before_any_charge(runtime):
+    m = mech()
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        dec = Decoder(runtime, m, led, max_active=1, max_queue=1)  # not started: nothing runs
+        with pytest.raises(PromptTooLong):
+            dec.submit(list(range(1, 64)) + [1], SamplingParams())
+        with pytest.raises(ValueError, match="empty"):
+            dec.submit([], SamplingParams())
+        with pytest.raises(ValueError, match="token ids"):
+            dec.submit([VOCAB + 5], SamplingParams())
+        dec.submit([1], SamplingParams())
+        dec.submit([1], SamplingParams())
+        with pytest.raises(QueueFull):
+            dec.submit([1], SamplingParams())
+        dec.close()
+        assert led.charges() == 0
+
+
+def test_an_invalid_public_row_ends_the_request_uncharged(runtime, monkeypatch):
+    m = mech()
+    real = type(runtime).decode
+
+    def broken(self, groups):
+        out = real(self, groups)
+        return [torch.full_like(o, float("nan")) if g.adapters[0] == PUBLIC else o for g, o in zip(groups, out)]
+
+    monkeypatch.setattr(type(runtime), "decode", broken)
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led) as dec:
+        s = dec.submit([1, 2], SamplingParams(max_tokens=3))
+        assert list(s) == [] and s.finish_reason == "error" and "public" in s.error
+        assert led.charges() == 0
+
+
+def test_cancel_and_public_continuation(runtime):
+    m = mech(q=0.5, queries=3)
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        with Decoder(runtime, m, led, public_continuation=True) as dec:
+            s = dec.submit([1, 2], SamplingParams(max_tokens=6, stop_at_eos=False))
+            toks = list(s)
+        assert [t.public_only for t in toks] == [False] * 3 + [True] * 3
+        assert s.finish_reason == "length" and sum(r.count for r in led.history()) == 3
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, mech(), led) as dec:
+        s = dec.submit([1, 2], SamplingParams(max_tokens=50, stop_at_eos=False))
+        it = iter(s)
+        next(it)
+        s.cancel()
+        rest = list(it)
+        assert s.finish_reason == "cancelled" and len(rest) < 49
+
+
+def test_generation_stops_at_the_context(runtime):
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, mech(queries=64), led) as dec:
+        s = dec.submit(list(range(1, 61)), SamplingParams(max_tokens=20, stop_at_eos=False))
+        assert len(list(s)) == 4 and s.finish_reason == "length"  # 60 + 4 = the 64 positions
