@@ -60,3 +60,28 @@ def test_batched_groups_equal_separate_full_forwards(runtime, monkeypatch, split
 def test_a_group_without_pending_tokens_is_refused(runtime):
     with pytest.raises(ValueError, match="no pending tokens"):
         runtime.decode([RowGroup([PUBLIC])])
+
+
+def test_persistent_batches_are_reused_and_equal_full_forwards(runtime):
+    """Constant-work serving: the same groups in the same order reuse last step's batch cache
+    (no re-padding); a change of membership falls back to the padded rebuild. Same numbers."""
+    rt = runtime
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (12, 9)]
+    groups = [RowGroup([PUBLIC, 0, 1, 2], tokens=seqs[0][:5]), RowGroup([PUBLIC, 0, 1, 2], tokens=seqs[1][:2])]
+    rt.decode(groups, persistent=True)
+    assert groups[0]._batch is None  # prefill of unequal lengths: not aligned, copies
+    for step in range(5):
+        for grp, s in zip(groups, seqs):
+            grp.tokens = [s[grp.seen]]
+        shared = groups[0]._batch
+        out = rt.decode(groups, persistent=True)
+        assert groups[0]._batch is groups[1]._batch is not None
+        if step > 0:
+            assert shared is not None  # reused from the previous step
+        for grp, s, o in zip(groups, seqs, out):
+            for j, a in enumerate(grp.adapters):
+                torch.testing.assert_close(o[j], reference(rt, a, s[: grp.seen]), rtol=1e-5, atol=1e-6)
+    groups[1].tokens = [seqs[1][groups[1].seen]]  # only one group steps: the rebuild path
+    out = rt.decode([groups[1]], persistent=True)
+    torch.testing.assert_close(out[0][0], reference(rt, PUBLIC, seqs[1][: groups[1].seen]), rtol=1e-5, atol=1e-6)

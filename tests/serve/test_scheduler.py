@@ -95,9 +95,9 @@ def _rows_per_forward(runtime, monkeypatch):
     sizes = []
     real = type(runtime).decode
 
-    def spy(self, groups):
+    def spy(self, groups, **kw):
         sizes.append(sum(len(g.adapters) for g in groups))
-        return real(self, groups)
+        return real(self, groups, **kw)
 
     monkeypatch.setattr(type(runtime), "decode", spy)
     return sizes
@@ -143,8 +143,8 @@ def test_an_invalid_public_row_ends_the_request_uncharged(runtime, monkeypatch):
     m = mech()
     real = type(runtime).decode
 
-    def broken(self, groups):
-        out = real(self, groups)
+    def broken(self, groups, **kw):
+        out = real(self, groups, **kw)
         return [torch.full_like(o, float("nan")) if g.adapters[0] == PUBLIC else o for g, o in zip(groups, out)]
 
     monkeypatch.setattr(type(runtime), "decode", broken)

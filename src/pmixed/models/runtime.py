@@ -35,6 +35,16 @@ from pmixed.models.stacked_lora import PUBLIC, StackedLoRA
 __all__ = ["KV", "PUBLIC", "EnsembleRuntime", "RowGroup", "softmax_"]
 
 
+def _hf_cache(layers: KV) -> Any:
+    """A transformers DynamicCache holding ``layers`` (no copy)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for li, (k, v) in enumerate(layers):
+        cache.update(k, v, li)
+    return cache
+
+
 def softmax_(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension in place (no second [..., V] buffer); returns ``x``."""
     x.sub_(x.amax(dim=-1, keepdim=True)).exp_()
@@ -42,6 +52,17 @@ def softmax_(x: torch.Tensor) -> torch.Tensor:
 
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [b, H, L, D]
+
+
+@dataclass
+class _Batch:
+    """The padded batch cache that a list of groups shared in their last step (``decode(...,
+    persistent=True)``): per layer (keys, values) [B, H, width, D] with group ``order[j]``'s rows
+    right-aligned at ``width``. The same groups in the same order reuse it as is next step."""
+
+    layers: KV
+    order: list[int]
+    width: int
 
 
 @dataclass
@@ -59,6 +80,7 @@ class RowGroup:
     tokens: list[int] = field(default_factory=list)
     cache: KV | None = None
     seen: int = 0
+    _batch: _Batch | None = field(default=None, repr=False, compare=False)
 
     def cache_bytes(self) -> int:
         return 0 if self.cache is None else sum(k.numel() * k.element_size() * 2 for k, _ in self.cache)
@@ -114,7 +136,7 @@ class EnsembleRuntime:
         return softmax_(x)
 
     @torch.no_grad()
-    def decode(self, groups: Sequence[RowGroup]) -> list[torch.Tensor]:
+    def decode(self, groups: Sequence[RowGroup], *, persistent: bool = False) -> list[torch.Tensor]:
         """One batched forward over every row of ``groups``: each group consumes its pending
         tokens; returns each group's next-token distributions [b, V] float32 (on the runtime's
         device), and advances each group's ``cache`` / ``seen`` in place (``tokens`` cleared).
@@ -124,6 +146,11 @@ class EnsembleRuntime:
         Lmax + n] that hides both paddings, and explicit position ids (seen + j), so each row
         computes exactly what it would alone (tests: tests/models/test_runtime.py). The head
         runs only at each row's last real position when the logits are head(backbone(x)).
+
+        ``persistent=True`` (the same groups step together every time, as in constant-work
+        serving): the groups keep views into the step's batch cache instead of copies, and when
+        the same groups come back in the same order with one token each, that batch is reused
+        without re-padding, so a steady step copies no more than the model's own cache append.
         """
         if not groups:
             return []
@@ -133,8 +160,11 @@ class EnsembleRuntime:
         dev = self.device
         sizes = [len(g.adapters) for g in groups]
         B = sum(sizes)
-        lmax = max(g.seen for g in groups)
         n = max(len(g.tokens) for g in groups)
+        shared = groups[0]._batch
+        reuse = (shared is not None and n == 1 and shared.order == [id(g) for g in groups]
+                 and all(g._batch is shared for g in groups))
+        lmax = shared.width if reuse else max(g.seen for g in groups)
         ids = torch.zeros(B, n, dtype=torch.long)  # [B, n]
         mask = torch.zeros(B, lmax + n, dtype=torch.long)  # [B, Lmax + n]
         pos = torch.zeros(B, n, dtype=torch.long)  # [B, n]
@@ -150,7 +180,9 @@ class EnsembleRuntime:
             adapters += g.adapters
             r += b
         kw: dict[str, Any] = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": True}
-        if lmax > 0:
+        if reuse:
+            kw["past_key_values"] = _hf_cache(shared.layers)
+        elif lmax > 0:
             kw["past_key_values"] = self._batched_cache(groups, sizes, lmax)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
@@ -167,12 +199,18 @@ class EnsembleRuntime:
         new_cache = output_cache(out)
         layers = [(layer.keys, layer.values) for layer in new_cache.layers]  # [B, H, Lmax + n, D]
         probs = softmax_(logits.float())  # [B, V]
+        aligned = persistent and all(len(g.tokens) == n for g in groups)  # every group ends at the right edge
+        batch = _Batch(layers, [id(g) for g in groups], lmax + n) if aligned else None
         result = []
         r = 0
         for g, b in zip(groups, sizes):
             t = len(g.tokens)
             sl = slice(lmax - g.seen, lmax + t)  # the group's real entries, contiguous
-            g.cache = [(k[r : r + b, :, sl].clone(), v[r : r + b, :, sl].clone()) for k, v in layers]
+            if aligned:  # views: the next step of the same groups reuses ``batch`` whole
+                g.cache = [(k[r : r + b, :, sl], v[r : r + b, :, sl]) for k, v in layers]
+            else:  # copies: a group that sits out steps must not pin the whole batch
+                g.cache = [(k[r : r + b, :, sl].clone(), v[r : r + b, :, sl].clone()) for k, v in layers]
+            g._batch = batch
             g.seen += t
             g.tokens = []
             result.append(probs[r : r + b])
@@ -183,6 +221,8 @@ class EnsembleRuntime:
         """The groups' caches, left-padded to ``lmax`` and stacked along the batch, as a HF cache."""
         from transformers import DynamicCache
 
+        if len(groups) == 1 and groups[0].cache is not None and groups[0].seen == lmax:
+            return _hf_cache(groups[0].cache)  # one group: its cache as is, no copy
         n_layers = next(len(g.cache) for g in groups if g.cache is not None)
         ref = next(g.cache for g in groups if g.cache is not None)
         cache = DynamicCache()

@@ -336,8 +336,9 @@ class Decoder:
         single = [g for g in groups if len(g.tokens) == 1]
         multi = [g for g in groups if len(g.tokens) > 1]
         out: dict[int, torch.Tensor] = {}
+        persistent = self.mode == "constant"  # the same groups step together: reuse the batch cache
         for batch in (multi, single):  # at most two batched forwards
-            for g, probs in zip(batch, self.runtime.decode(batch)):
+            for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
                 out[id(g)] = probs.double().cpu()  # [b, V]: the mechanism runs on the CPU
         ready: list[tuple[_Request, torch.Tensor, torch.Tensor]] = []  # (req, released, public)
         for req, keys, mask in plan:
