@@ -1,6 +1,7 @@
 """`pmixed privacy plan`: the paper's setting, JSON output, and one-line errors naming the field."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -56,3 +57,49 @@ def test_invalid_input_one_line(flag, value, field):
     assert out.returncode != 0
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0], out.stderr
+
+
+def status(*args):
+    return subprocess.run([sys.executable, "-m", "pmixed.cli", "privacy", "status", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_status_refuses_a_missing_ledger_and_creates_none(tmp_path):
+    out = status("--ledger", tmp_path / "none.ledger")
+    assert out.returncode == 4 and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "no ledger at" in out.stderr
+    assert not (tmp_path / "none.ledger").exists()
+
+
+def test_status_summarises_the_history(tmp_path):
+    from pmixed.privacy.accountant import RdpCharge
+    from pmixed.privacy.ledger import Ledger
+
+    path = tmp_path / "b.ledger"
+    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
+        rdp = [0.001] * len(led.orders)
+        for count, label in ((3, "generate"), (1, "generate"), (10, "score")):
+            led.charge(RdpCharge(led.orders, rdp, count=count, label=label))
+        spent = led.epsilon_spent()
+    out = status("--ledger", path, "--json")
+    assert out.returncode == 0, out.stderr
+    d = json.loads(out.stdout)
+    assert d["charges"] == 3 and d["queries"] == 14 and d["epsilon_spent"] == spent
+    assert d["by_label"] == {"generate": {"charges": 2, "queries": 4}, "score": {"charges": 1, "queries": 10}}
+    assert d["epsilon_limit"] == 8.0 and math.isclose(d["epsilon_remaining"], 8.0 - spent)
+    out = status("--ledger", path)
+    assert "history: 3 charges, 14 queries (generate: 2 charges, 4 queries, score: 1 charges, 10 queries)" in out.stdout
+
+
+def test_queries_left_is_the_largest_count_that_fits():
+    from pmixed.cli.privacy import queries_left
+    from pmixed.privacy.accountant import RdpCharge
+    from pmixed.privacy.ledger import Ledger
+
+    with Ledger(":memory:", epsilon=2.0, delta=1e-5) as led:
+        rdp = [0.002 * a for a in led.orders]
+        led.charge(RdpCharge(led.orders, rdp, count=7))
+        k = queries_left(led, rdp)
+        assert k > 0
+        assert led.can_afford(RdpCharge(led.orders, rdp, count=k))
+        assert not led.can_afford(RdpCharge(led.orders, rdp, count=k + 1))

@@ -5,6 +5,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from pmixed.privacy.ledger import Ledger
 
 
@@ -70,41 +72,239 @@ def test_eval_in_bfloat16_is_close_and_says_so(trained_run, tmp_path):
 
 
 def test_sweep_cli(trained_run):
+    import csv
+
     cfg, cfg_path = trained_run
+    sweep = cfg.output_dir / "sweep"
     out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path),
                           "--param", "epsilon", "--values", "2,8", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    res = json.loads((cfg.output_dir / "sweep" / "sweep.json").read_text())
+    res = json.loads((sweep / "sweep-epsilon.json").read_text())
     assert [s["epsilon"] for s in res["pmixed"]] == [2.0, 8.0]
-    assert (cfg.output_dir / "sweep" / "sweep-epsilon.png").is_file()
-    rows = (cfg.output_dir / "sweep" / "sweep.csv").read_text().splitlines()
-    assert len(rows) == 3
+    assert (sweep / "sweep-epsilon.png").is_file()
+    assert len((sweep / "sweep-epsilon.csv").read_text().splitlines()) == 3
+    assert "non-private diagnostic: mean lambda" in " ".join(out.stdout.split())
 
     # an alpha sweep: the CSV's alpha is the swept order (the projection's largest), and the
-    # order the conversion attains epsilon at has its own column
+    # order the conversion attains epsilon at has its own column; the epsilon results stay
     out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path),
                           "--param", "alpha", "--values", "3,5", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    import csv
-
-    with (cfg.output_dir / "sweep" / "sweep.csv").open() as fh:
+    with (sweep / "sweep-alpha.csv").open() as fh:
         table = list(csv.DictReader(fh))
-    assert [(r["value"], r["alpha"]) for r in table] == [("3.0", "3"), ("5.0", "5")]
+    assert [(r["value"], r["alpha"]) for r in table] == [("3", "3"), ("5", "5")]
     assert all(2 <= int(r["epsilon_order"]) <= int(r["alpha"]) for r in table)
     assert all(float(r["lam_max"]) > 0 and float(r["tail"]) >= 1 for r in table)
+    assert len((sweep / "sweep-epsilon.csv").read_text().splitlines()) == 3  # not overwritten
+    with (sweep / "sweep.csv").open() as fh:  # all parameters swept so far
+        merged = list(csv.DictReader(fh))
+    assert sorted({r["param"] for r in merged}) == ["alpha", "epsilon"] and len(merged) == 4
+    assert "nonprivate_mean_lambda" in merged[0]
 
 
-def test_eval_cli_and_generate_cli(trained_run):
+def test_sweep_bad_value_is_refused_before_any_work(trained_run, tmp_path):
+    cfg, cfg_path = trained_run
+    for param, value, says in (("sample_rate", "1.5", "sample_rate=1.5"), ("members", "7", "members=7"),
+                               ("alpha", "2.5", "alpha=2.5"), ("epsilon", "-1", "epsilon=-1")):
+        out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "--config", str(cfg_path), "-o",
+                              str(tmp_path / "none"), "-p", param, "--values", value, "-q"],
+                             capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0] and "Traceback" not in out.stderr, out.stderr
+        assert not (tmp_path / "none").exists()  # checked before the ensemble is even looked for
+
+
+def test_eval_refuses_a_stale_ensemble_as_train_does(trained_run, tmp_path):
+    """Issue 12 item 5: a changed [data] section: train refuses, and so does eval."""
+    import shutil
+
+    from pmixed.errors import EnsembleMismatch
+    from pmixed.eval.runner import evaluate_config
+    from pmixed.train.ensemble import train_ensemble
+
+    cfg, _ = trained_run
+    for i, change in enumerate(({"data__seed": 5}, {"data__eval_units": 2})):
+        shutil.copytree(cfg.output_dir, tmp_path / f"out{i}")  # train must not touch the shared run
+        stale = cfg.replace(run__output_dir=str(tmp_path / f"out{i}"), **change)
+        with pytest.raises(EnsembleMismatch) as train_err:
+            train_ensemble(stale, progress=False)
+        assert "data partition differs" in str(train_err.value)
+        with pytest.raises(EnsembleMismatch) as eval_err:
+            evaluate_config(stale, out_dir=tmp_path / "x", progress=False)
+        reason = str(train_err.value).split("(")[1].split(")")[0]  # e.g. "data partition differs"
+        assert reason in str(eval_err.value) and "pmixed train ensemble` refuses" in str(eval_err.value)
+    assert not (tmp_path / "x").exists()
+
+
+def cli(capsys, *args):
+    """``pmixed ARGS`` in-process through the real entry point: (exit code, stdout, stderr)."""
+    from pmixed.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ex:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return ex.value.code, " ".join(out.out.split()), out.err
+
+
+def test_eval_cli_quiet_labels_the_diagnostics_and_names_every_file(trained_run):
     cfg, cfg_path = trained_run
     out = subprocess.run([sys.executable, "-m", "pmixed", "eval", "--config", str(cfg_path), "-q"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "PMixED" in out.stdout
-    out = subprocess.run([sys.executable, "-m", "pmixed", "generate", "--config", str(cfg_path),
-                          "--prompt", "river", "--max-new-tokens", "5", "--seed", "1"],
-                         capture_output=True, text=True)
+    assert out.stderr == ""  # -q: no bars, no third-party warnings (transformers, Opacus, FutureWarning)
+    said = " ".join(out.stdout.split())
+    assert "PMixED" in said
+    # issue 11 defect 5: the lambda statistics are labelled for what they are
+    assert said.count("mean lambda") == 1
+    assert "non-private diagnostic (functions of the private members, not covered by epsilon; do not publish): " \
+           "mean lambda" in said
+    written = said.split("wrote (")[1]
+    for key in ("json", "csv", "md", "png"):
+        assert str(cfg.output_dir / "eval" / f"eval.{key}") in written
+    assert str(cfg.output_dir / "eval" / "eval-lambda.png") in written
+    res = json.loads((cfg.output_dir / "eval" / "eval.json").read_text())
+    s = res["pmixed"][0]
+    assert not {"mean_lambda", "lambda_histogram", "binding_constraint", "empty_draw_fraction"} & set(s)
+    diag = s["diagnostics_nonprivate"]
+    assert diag["note"].startswith("non-private diagnostic") and 0 <= diag["mean_lambda"] <= 1
+    assert sum(diag["lambda_histogram"]) > 0 and diag["binding_constraint"]
+
+
+def test_generate_cli_prompt_past_the_context(trained_run, tmp_path, capsys):
+    """Issue 12 item 1, the CLI side: a prompt that cannot fit is one line and exit 2 with nothing
+    charged; --truncate-prompt cuts it from the left; generation stops at the context."""
+    cfg, cfg_path = trained_run
+    path = tmp_path / "ctx.ledger"
+    long = "river ocean lake " * 40  # > 64 tokens, the tiny model's context
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", long, "--ledger", path, "-q")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--truncate-prompt" in err
+    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
+        assert led.charges() == 0
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", long, "--ledger", path, "-q",
+                         "--truncate-prompt", "--max-new-tokens", 50)
+    assert code == 0, err
+    n = int(out.split(" tokens, stopped: ")[0].split("(")[-1])
+    assert "stopped: length" in out and 1 <= n < 50
+    with Ledger(path) as led:
+        assert sum(h.count for h in led.history()) == n
+
+
+def test_generate_cli_prints_the_released_tokens_before_a_later_error(trained_run, tmp_path, capsys, monkeypatch):
+    from pmixed.engine import Generation, PrivatePredictor
+    from pmixed.errors import GenerationInterrupted
+
+    cfg, cfg_path = trained_run
+
+    def fails(self, prompt, **kw):
+        partial = Generation(prompt=prompt, text=" lake pond", token_ids=[5, 6], epsilon_spent=0.5, stopped="length")
+        raise GenerationInterrupted(partial, RuntimeError("boom")) from RuntimeError("boom")
+
+    monkeypatch.setattr(PrivatePredictor, "generate", fails)
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--ledger", tmp_path / "i", "-q")
+    assert code == GenerationInterrupted.exit_code
+    assert "river lake pond" in out and "2 tokens released before the error" in out
+    assert len(err.strip().splitlines()) == 1 and "boom" in err
+
+
+def test_generate_quiet_is_silent_on_stderr(trained_run):
+    cfg, cfg_path = trained_run
+    out = subprocess.run([sys.executable, "-m", "pmixed", "generate", "-c", str(cfg_path), "--prompt", "river",
+                          "--max-new-tokens", "3", "--seed", "2", "--experiment", "-q"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert "ledger epsilon spent" in out.stdout
+    assert out.stderr == "" and "3 tokens, stopped: length" in " ".join(out.stdout.split())
+
+
+def test_long_step_is_announced_under_quiet(trained_run, capsys, monkeypatch):
+    import dataclasses
+
+    import pmixed.models.tiny_gpt2 as tg
+    from pmixed.cli.evaluate import announce_long_steps
+
+    cfg, _ = trained_run
+    announce_long_steps(cfg)  # a local base: nothing to build
+    assert capsys.readouterr().err == ""
+    tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base="builtin:tiny-gpt2"))
+    monkeypatch.setattr(tg, "is_built", lambda folder: False)
+    announce_long_steps(tiny)
+    err = capsys.readouterr().err
+    assert err.startswith("building the public base builtin:tiny-gpt2") and "expect about" in err and "min" in err
+
+
+def test_generate_cli_charges_its_ledger_and_shows_the_budget(trained_run, tmp_path, capsys):
+    cfg, cfg_path = trained_run
+    path = tmp_path / "g.ledger"
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 5,
+                         "--ledger", path, "-q")
+    assert code == 0, err
+    with Ledger(path) as led:  # every released token was charged, one query each
+        hist = led.history()
+        assert [(h.count, h.label) for h in hist] == [(1, "generate")] * 5
+        spent, left = led.epsilon_spent(), None
+    assert f"ledger {path}: epsilon spent {spent:.4f} of 8," in out
+    left = int(out.split("tokens left")[0].split()[-1])
+    assert 0 < left < 93
+
+    # status: the same figures, the history by label, the queries left at the config's cost
+    code, out, err = cli(capsys, "privacy", "status", "--ledger", path, "--config", cfg_path)
+    assert code == 0, err
+    assert f"epsilon spent {spent:.6g} of limit 8" in out and "generate: 5 charges, 5 queries" in out
+    assert out.endswith(f"T=93): {left}")
+
+
+def test_generate_cli_exhausted_budget_exits_3_and_says_how_to_start_anew(trained_run, tmp_path, capsys):
+    from pmixed.cli.privacy import queries_left
+    from pmixed.mechanism.pmixed import PMixED
+    from pmixed.privacy.accountant import RdpCharge
+
+    cfg, cfg_path = trained_run
+    path = tmp_path / "spent.ledger"
+    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
+        rdp = PMixED.from_config(cfg.privacy, 3).query_rdp(led.orders)
+        led.charge(RdpCharge(led.orders, rdp, count=queries_left(led, rdp), label="earlier"))
+        assert queries_left(led, rdp) == 0
+        before = led.charges()
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--ledger", path, "-q")
+    assert code == 3 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "budget exhausted" in lines[0] and "nothing was released" in lines[0]
+    assert "new --ledger path" in lines[0] and f"delete {path}" in lines[0]
+    with Ledger(path) as led:
+        assert led.charges() == before
+
+
+def test_generate_cli_ledger_of_another_budget_gives_the_cli_way(trained_run, tmp_path, capsys):
+    cfg, cfg_path = trained_run
+    path = tmp_path / "other.ledger"
+    Ledger(path, epsilon=4.0, delta=1e-5).close()
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--ledger", path)
+    assert code == 4  # refused before any model is loaded (no progress bar either)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "different budget" in lines[0] and "new --ledger path" in lines[0]
+
+
+def test_generate_cli_seed_needs_an_experiment_ledger(trained_run, tmp_path, capsys):
+    """Issue 11 defect 4: a seeded generation (predictable draws and sampling) is never charged
+    to a durable ledger; --experiment charges a fresh in-memory one."""
+    cfg, cfg_path = trained_run
+    default = cfg.output_dir / "ledgers" / "generate.ledger"
+    existed = default.exists()
+    for extra in ((), ("--ledger", tmp_path / "s.ledger")):
+        code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--seed", 1, *extra)
+        assert code == 2 and "seed" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "generate", "-c", cfg_path, "--seed", 1, "--experiment", "--ledger", tmp_path / "e")
+    assert code == 2 and "drop --ledger" in err
+    assert not (tmp_path / "s.ledger").exists() and not (tmp_path / "e").exists()
+    runs = []
+    for _ in range(2):
+        code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 4,
+                             "--seed", 1, "--experiment", "-q")
+        assert code == 0, err
+        assert "in-memory experiment ledger: epsilon spent" in out
+        runs.append(out)
+    assert runs[0] == runs[1]  # seeded: reproducible
+    assert default.exists() == existed  # nothing durable was written
 
 
 def test_missing_ensemble_is_a_clear_error(tmp_path):

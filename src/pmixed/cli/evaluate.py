@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -14,10 +16,63 @@ ConfigOpt = typer.Option(..., "--config", "-c", help="Run configuration (TOML)."
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 
+def silence_third_party() -> None:
+    """``-q``: no progress bars and none of the third-party noise (transformers' warnings and
+    "Loading weights" bars, FutureWarnings, Opacus' and torch's UserWarnings). Our own one-line
+    announcements of long steps still print."""
+    import logging
+    import os
+    import warnings
+
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(opacus|torch|transformers|peft)(\.|$)")
+    for name in ("transformers", "peft", "opacus", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def announce_long_steps(cfg) -> None:
+    """One line, printed even under ``-q``, before a step that takes minutes: building the
+    public base ``builtin:tiny-gpt2`` when it is not cached yet, with its expected duration."""
+    if cfg.model.base != "builtin:tiny-gpt2":
+        return
+    try:
+        from pmixed.models.tiny_gpt2 import is_built, tiny_gpt2_dir
+
+        if is_built(tiny_gpt2_dir(cfg.public_pretrain)):
+            return
+    except Exception:  # pragma: no cover - the cache layout moved: say nothing rather than fail
+        return
+    pp = cfg.public_pretrain
+    params = 12 * pp.n_layer * pp.n_embd ** 2 + pp.vocab_size * pp.n_embd
+    tokens = pp.steps * pp.batch_size * pp.block_size
+    minutes = 6 * params * tokens / 1e11 / 60  # ~1e11 FLOP/s measured on 2 CPU cores (quick config)
+    typer.echo(f"building the public base builtin:tiny-gpt2 (pre-training on {pp.corpus}, at most {pp.steps} "
+               f"steps; expect about {max(1, round(minutes))} min on 2 CPU cores, less on more); cached afterwards",
+               err=True)
+
+
 def _console():
     from rich.console import Console
 
     return Console()
+
+
+def _show(con, prompt: str, text: str) -> None:
+    """The prompt in bold and the released text, verbatim (no markup read from model output)."""
+    from rich.text import Text
+
+    con.print(Text.assemble((prompt, "bold"), text))
 
 
 def eval_cmd(
@@ -28,18 +83,36 @@ def eval_cmd(
     """Teacher-forced perplexity: public, fine-tuned, DP-SGD, ensemble average and PMixED."""
     from pmixed.eval.runner import evaluate_config
 
+    if quiet:
+        silence_third_party()
     cfg = load_run_config(config, output_dir)
+    announce_long_steps(cfg)
     res = evaluate_config(cfg, progress=not quiet)
     con = _console()
     con.print(Path(res["outputs"]["md"]).read_text())
     s = res["pmixed"][0]
     con.print(f"PMixED: {s['runs']} runs x {s['queries']} queries, epsilon spent per run "
-              f"{s['epsilon_spent']:.4f} <= {s['epsilon']}, mean lambda {s['mean_lambda']:.3f}, "
-              f"empty draws {100 * s['empty_draw_fraction']:.1f}%, binding {s['binding_constraint']}")
-    con.print(f"outputs: {res['outputs']['md']} {res['outputs']['png']} ({res['seconds']['total']:.1f}s)")
+              f"{s['epsilon_spent']:.4f} <= {s['epsilon']}", markup=False)
+    con.print(nonprivate_line(s), markup=False, highlight=False)
+    con.print(f"wrote ({res['seconds']['total']:.1f}s): " + " ".join(res["outputs"].values()), markup=False)
     for name, why in res["baseline_warnings"].items():
         con.print(f"warning: the {name} baseline does not match this config "
                   f"({'; '.join(why)}): retrain it with `pmixed train {name.replace('_', '-')}`", markup=False)
+
+
+def nonprivate(s: dict) -> dict:
+    from pmixed.eval.report import nonprivate as get
+
+    return get(s)
+
+
+def nonprivate_line(s: dict) -> str:
+    """The lambda statistics of a PMixED summary, labelled for what they are."""
+    d = nonprivate(s)
+    bind = ", ".join(f"{k} {v}" for k, v in d["binding_constraint"].items())
+    return (f"non-private diagnostic (functions of the private members, not covered by epsilon; do not "
+            f"publish): mean lambda {d['mean_lambda']:.3f}, empty draws {100 * d['empty_draw_fraction']:.1f}%, "
+            f"binding constraint {bind}")
 
 
 def sweep_cmd(
@@ -56,7 +129,10 @@ def sweep_cmd(
     from pmixed.errors import ConfigError
     from pmixed.eval.runner import sweep_config
 
+    if quiet:
+        silence_third_party()
     cfg = load_run_config(config, output_dir)
+    announce_long_steps(cfg)
     vals = None
     if values is not None:
         if len(param) != 1:
@@ -68,47 +144,128 @@ def sweep_cmd(
     res = sweep_config(cfg, list(param), values=vals, progress=not quiet)
     con = _console()
     for s in res["pmixed"]:
-        con.print(f"{s['name']:>22}: PPL {s['ppl_mean']:.2f} ± {s['ppl_std']:.2f}  (mean lambda {s['mean_lambda']:.3f})")
-    con.print(f"outputs: {res['outputs']['csv']} and PNGs in {Path(res['outputs']['csv']).parent}")
+        con.print(f"{s['name']:>22}: PPL {s['ppl_mean']:.2f} ± {s['ppl_std']:.2f}  (non-private diagnostic: "
+                  f"mean lambda {nonprivate(s)['mean_lambda']:.3f})", markup=False)
+    con.print("wrote: " + " ".join(res["outputs"].values()), markup=False)
 
 
 def generate_cmd(
     config: Path = ConfigOpt,
     prompt: str = typer.Option("The President", "--prompt", help="The text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(1.0, "--temperature", min=1e-3),
+    temperature: float = typer.Option(1.0, "--temperature", min=1e-3,
+                                      help="Applied to the released distribution (> 0; free post-processing)."),
     ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file (default: <output_dir>/ledgers/generate.ledger)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed (experiments only; default: CSPRNG)."),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed the draws and the sampling: only with --experiment (the output is not a private release)."),
+    experiment: bool = typer.Option(
+        False, "--experiment",
+        help="An experiment: charge a fresh in-memory ledger (nothing durable); required by --seed, refuses --ledger."),
+    truncate_prompt: bool = typer.Option(
+        False, "--truncate-prompt", help="Cut a prompt longer than the model's context from the left (default: refuse)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Generate privately: every token is one PMixED query, charged to the durable ledger first."""
-    res = generate(load_run_config(config, output_dir), prompt, max_new_tokens, temperature, ledger, seed)
+    from pmixed.errors import BudgetExhausted, GenerationInterrupted
+
+    if quiet:
+        silence_third_party()
+    cfg = load_run_config(config, output_dir)
+    check_seed(seed, experiment, ledger)
+    announce_long_steps(cfg)
     con = _console()
-    con.print(f"[bold]{res.prompt}[/bold]{res.text}")
-    con.print(f"({len(res.token_ids)} tokens, stopped: {res.stopped}; ledger epsilon spent {res.epsilon_spent:.4f})")
+    try:
+        res = generate(cfg, prompt, max_new_tokens, temperature, ledger, seed, experiment=experiment,
+                       truncate_prompt=truncate_prompt, progress=not quiet)
+    except GenerationInterrupted as err:  # print what was released (and charged), then the error
+        _show(con, err.partial.prompt, err.partial.text)
+        con.print(f"({len(err.partial.token_ids)} tokens released before the error)", markup=False)
+        raise
+    if not res.token_ids and res.stopped == "budget":
+        typer.echo(f"error: privacy budget exhausted: {budget_line(res)}; nothing was released. "
+                   f"{res.ledger_hint}", err=True)
+        raise typer.Exit(BudgetExhausted.exit_code)
+    _show(con, res.prompt, res.text)
+    con.print(f"({len(res.token_ids)} tokens, stopped: {res.stopped}; {budget_line(res)})", markup=False)
+    if res.stopped == "budget":
+        con.print(f"the budget is spent: {res.ledger_hint}", markup=False)
 
 
-def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, seed=None, runtime=None):
+def check_seed(seed, experiment: bool, ledger_path) -> None:
+    """A seed makes the draws and the sampling predictable: the output is not a private release,
+    so it is never charged to a durable ledger (issue 11, defect 4)."""
+    from pmixed.errors import ConfigError
+
+    if experiment and ledger_path is not None:
+        raise ConfigError("experiment", "an experiment charges a fresh in-memory ledger; drop --ledger")
+    if seed is not None and not experiment:
+        raise ConfigError("seed", "a seeded generation is not a private release and is never charged to a "
+                                  "durable ledger; add --experiment (fresh in-memory ledger) or drop --seed")
+
+
+def budget_line(res) -> str:
+    where = "in-memory experiment ledger" if res.ledger_path is None else f"ledger {res.ledger_path}"
+    return (f"{where}: epsilon spent {res.epsilon_spent:.4f} of {res.epsilon_limit:g}, "
+            f"{res.queries_left} tokens left at this config's cost")
+
+
+def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, seed=None, runtime=None, *,
+             experiment=False, truncate_prompt=False, progress=False):
+    """One private generation with ``cfg``'s mechanism (``PMixED.from_config``). Returns the
+    engine's Generation with ``epsilon_limit``, ``queries_left``, ``ledger_path`` (None for an
+    experiment's in-memory ledger) and ``ledger_hint`` (how to start a new budget) set."""
     import torch
 
+    from pmixed.cli.privacy import ledger_hint, queries_left
     from pmixed.engine import PrivatePredictor
+    from pmixed.errors import BudgetExhausted, LedgerError
     from pmixed.eval.runner import load_runtime
     from pmixed.mechanism.pmixed import PMixED
-    from pmixed.privacy.ledger import Ledger
+    from pmixed.privacy.ledger import MEMORY, Ledger
 
-    if runtime is None:
-        _, runtime = load_runtime(cfg, progress=False)
+    check_seed(seed, experiment, ledger_path)
     p = cfg.privacy
-    mech = PMixED(epsilon=p.epsilon, delta=p.delta, query_budget=p.queries, ensemble_size=runtime.n_members,
-                  sample_rate=p.sample_rate, alpha=p.alpha,
-                  **({"lam_max": p.lam_max} if p.lam_max is not None else {}),
-                  **({"tail": p.tail} if p.tail is not None else {}))
-    path = ledger_path or cfg.output_dir / "ledgers" / "generate.ledger"
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    if experiment:
+        path = None
+    else:
+        path = Path(ledger_path or cfg.output_dir / "ledgers" / "generate.ledger")
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the ledger first: a file of another budget is refused before any model is loaded
+        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta)
+    except LedgerError as err:
+        raise LedgerError(f"{err}; {ledger_hint(path)}") from err
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    with Ledger(path, epsilon=p.epsilon, delta=p.delta) as led:
-        return PrivatePredictor(runtime, mech, led, generator=gen).generate(
-            prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    kw = {"truncate_prompt": True} if truncate_prompt else {}
+    with led:
+        if runtime is None:
+            _, runtime = load_runtime(cfg, progress=progress)
+        mech = PMixED.from_config(p, runtime.n_members)
+        try:
+            res = PrivatePredictor(runtime, mech, led, generator=gen).generate(
+                prompt, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
+        except BudgetExhausted:  # refused before the first token: nothing released
+            from pmixed.engine import Generation
+
+            res = Generation(prompt=prompt, text="", token_ids=[], epsilon_spent=led.epsilon_spent(), stopped="budget")
+        limit = led.epsilon  # the engine's Generation carries the same figures; the ledger is the authority
+        left = queries_left(led, mech.query_rdp(led.orders))
+    hint = "an experiment's ledger lives only for this command" if path is None else ledger_hint(path)
+    return Released(res, limit, left, path, hint)
+
+
+@dataclass(frozen=True)
+class Released:
+    """The engine's Generation (its fields read through) and the budget it left."""
+
+    generation: Any
+    epsilon_limit: float
+    queries_left: int
+    ledger_path: Path | None  # None: an experiment's in-memory ledger
+    ledger_hint: str  # how a CLI user starts a new budget
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.generation, name)
 
 
 def demo_cmd(
@@ -126,9 +283,12 @@ def demo_cmd(
     from pmixed.train.ensemble import train_ensemble
     from pmixed.train.finetune import train_finetune
 
+    if quiet:
+        silence_third_party()
     con = _console()
     t0 = time.perf_counter()
     cfg = load_run_config(config)
+    announce_long_steps(cfg)
     needed = {"builtin:sotu": "sotu", "builtin:spam-ham": "spam-assassin", "builtin:brown": "brown"}
     names = sorted({needed[s] for s in (cfg.data.source, cfg.public_pretrain.corpus) if s in needed}
                    | ({"smollm2-135m"} if cfg.model.base == "builtin:smollm2-135m" else set()))
@@ -161,8 +321,10 @@ def demo_cmd(
     _, runtime = load_runtime(cfg, progress=False)
     g = step("generate", lambda: generate(cfg, prompt, 40, 0.7, cfg.output_dir / "ledgers" / "demo-generate.ledger",
                                           None, runtime))
-    con.print(f"[bold]private continuation[/bold] (each token one PMixED query, epsilon spent "
-              f"{g.epsilon_spent:.3f}):\n[bold]{g.prompt}[/bold]{g.text}")
+    con.print(f"[bold]private continuation[/bold] (each token one PMixED query; {budget_line(g)}):", highlight=False)
+    _show(con, g.prompt, g.text)
+    if g.stopped == "budget":
+        con.print(f"the demo's generation budget is spent: {g.ledger_hint}", markup=False)
     total = time.perf_counter() - t0
     (cfg.output_dir / "demo-times.json").write_text(json.dumps({"steps": steps, "total": total}, indent=2))
     con.print("times: " + ", ".join(f"{k} {v:.0f}s" for k, v in steps.items()) + f"; total {total:.0f}s")

@@ -1,9 +1,11 @@
-"""`pmixed privacy ...` commands: plan a budget, count the queries that fit."""
+"""`pmixed privacy ...` commands: plan a budget, count the queries that fit, show a ledger."""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from pathlib import Path
 
 import typer
 
@@ -132,3 +134,108 @@ def plan(
         f"epsilon after {d['queries']} queries = [bold]{d['epsilon_after_queries']:.10g}[/bold] "
         f"(target {epsilon}); at most {d['max_queries_within_target']} queries fit the target"
     )
+
+
+# ----------------------------------------------------------------------------- a ledger's state
+
+
+def queries_left(ledger, rdp: Sequence[float]) -> int:
+    """How many more queries with the per-query RDP curve ``rdp`` (at ``ledger.orders``) the
+    ledger's budget affords now (``Ledger.queries_left`` where the ledger has it)."""
+    if hasattr(ledger, "queries_left"):
+        return int(ledger.queries_left(rdp))
+    from pmixed.privacy.accountant import compose_curve, curve_epsilon
+
+    spent, orders, delta, limit = ledger.spent_rdp(), ledger.orders, ledger.delta, ledger.epsilon
+
+    def fits(k: int) -> bool:
+        return curve_epsilon(orders, compose_curve(spent, rdp, k), delta) <= limit
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi):
+        lo, hi = hi, hi * 2
+        if hi > 1 << 40:  # a free query (rdp 0 everywhere): unbounded
+            return lo
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def ledger_hint(path) -> str:
+    """How a CLI user starts a new budget (or keeps the file's)."""
+    return (f"from the CLI: a new budget needs a new --ledger path (or delete {path}); "
+            f"`pmixed privacy status --ledger {path}` shows the file's budget")
+
+
+def ledger_summary(ledger, per_query_rdp: Sequence[float] | None = None) -> dict:
+    """Spent, limit, remaining, the history by label and, given a per-query RDP curve, the
+    queries the budget still affords."""
+    by_label: dict[str, dict[str, int]] = {}
+    for rec in ledger.history():
+        e = by_label.setdefault(rec.label or "(no label)", {"charges": 0, "queries": 0})
+        e["charges"] += 1
+        e["queries"] += rec.count
+    out = {
+        "ledger": str(ledger.path),
+        "epsilon_limit": ledger.epsilon,
+        "delta": ledger.delta,
+        "epsilon_spent": ledger.epsilon_spent(),
+        "epsilon_remaining": ledger.remaining(),
+        "charges": ledger.charges(),
+        "queries": sum(e["queries"] for e in by_label.values()),
+        "by_label": by_label,
+        "created_at": ledger.created_at,
+        "package_version": ledger.package_version,
+    }
+    if per_query_rdp is not None:
+        out["queries_left"] = queries_left(ledger, per_query_rdp)
+    return out
+
+
+@app.command("status")
+def status(
+    ledger: Path = typer.Option(..., "--ledger", help="The ledger file (never created by this command)."),
+    config: Path | None = typer.Option(
+        None, "--config", "-c", help="Run configuration: count the queries left at its per-query cost."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Show a ledger: spent, limit and remaining epsilon, its history by label and, with
+    --config, how many more queries (tokens) of that config the budget affords."""
+    from pmixed.errors import LedgerError
+    from pmixed.privacy.ledger import Ledger
+
+    if not ledger.is_file():
+        raise LedgerError(f"no ledger at {ledger} (a ledger is created by the first charge, e.g. "
+                          "`pmixed generate --ledger FILE`)")
+    cfg = None
+    if config is not None:
+        from pmixed.config import load_run_config
+
+        cfg = load_run_config(config)
+    with Ledger.open(ledger) as led:
+        rdp = None
+        if cfg is not None:
+            from pmixed.mechanism.pmixed import PMixED
+
+            rdp = PMixED.from_config(cfg.privacy, cfg.data.n_parts).query_rdp(led.orders)
+        d = ledger_summary(led, rdp)
+    if cfg is not None:
+        d["config"] = str(config)
+        d["config_budget_matches"] = (cfg.privacy.epsilon == d["epsilon_limit"] and cfg.privacy.delta == d["delta"])
+    if as_json:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    typer.echo(f"ledger {d['ledger']} (created {d['created_at']}, pmixed {d['package_version']})")
+    typer.echo(f"epsilon spent {d['epsilon_spent']:.6g} of limit {d['epsilon_limit']:g} at delta "
+               f"{d['delta']:g}; remaining {d['epsilon_remaining']:.6g}")
+    labels = ", ".join(f"{k}: {v['charges']} charges, {v['queries']} queries" for k, v in sorted(d["by_label"].items()))
+    typer.echo(f"history: {d['charges']} charges, {d['queries']} queries" + (f" ({labels})" if labels else ""))
+    if cfg is not None:
+        typer.echo(f"queries left at {config}'s per-query cost (N={cfg.data.n_parts}, "
+                   f"q={cfg.privacy.sample_rate:g}, T={cfg.privacy.queries}): {d['queries_left']}")
+        if not d["config_budget_matches"]:
+            typer.echo(f"note: the config's budget (epsilon {cfg.privacy.epsilon:g}, delta {cfg.privacy.delta:g}) "
+                       "is not this ledger's; `pmixed generate` with this config refuses this file")

@@ -93,16 +93,28 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "eval",
     return paths
 
 
+def nonprivate(s: dict[str, Any]) -> dict[str, Any]:
+    """A PMixED summary's non-private diagnostics (``diagnostics_nonprivate``; older results
+    kept them at the top level)."""
+    return s.get("diagnostics_nonprivate") or s
+
+
+NONPRIVATE_TITLE = "non-private diagnostic (a function of the private members, not covered by epsilon)"
+
+
 def lambda_chart(s: dict[str, Any], path: Path) -> None:
     """Which bound binds: the mixing weights lambda of the drawn members, the constraint that set
-    each one, and the radius per order (docs/privacy.md eq. (B2), (K1))."""
+    each one (both non-private diagnostics), and the radius per order (public: docs/privacy.md
+    eq. (B2), (K1))."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    hist = s.get("lambda_histogram") or []
+    diag = nonprivate(s)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.9))
+    fig.suptitle(f"PMixED mixing weights: {NONPRIVATE_TITLE}", fontsize=10)
+    hist = diag.get("lambda_histogram") or []
     if hist:
         edges = [i / len(hist) for i in range(len(hist))]
         axes[0].bar(edges, hist, width=1 / len(hist), align="edge", color="tab:red")
@@ -110,18 +122,29 @@ def lambda_chart(s: dict[str, Any], path: Path) -> None:
     axes[0].set_xlabel("mixing weight lambda of a drawn member")
     axes[0].set_ylabel("drawn (position, member) pairs")
     axes[0].legend(fontsize=8)
-    bind = s.get("binding_constraint", {})
+    axes[0].set_title("lambda of drawn members (non-private)", fontsize=9)
+    bind = diag.get("binding_constraint", {})
     axes[1].bar(list(bind), list(bind.values()), color="tab:blue")
-    axes[1].set_title("constraint that set lambda")
+    axes[1].set_title("constraint that set lambda (non-private)", fontsize=9)
     orders = list(range(2, 2 + len(s["radii"])))
     axes[2].semilogy(orders, s["radii"], marker="o")
     axes[2].set_xticks(orders)
     axes[2].set_xlabel("order k")
     axes[2].set_ylabel("tau_k (moment radius)")
-    axes[2].set_title(f"radius per order (alpha={s['alpha']}, N={s['members']}, q={s['sample_rate']:g})")
+    axes[2].set_title(f"radius per order (public: alpha={s['alpha']}, N={s['members']}, q={s['sample_rate']:g})",
+                      fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def zoom_range(vals: list[float], errs: list[float]) -> tuple[float, float]:
+    """The x-range of the bar chart: where the models differ (the spread plus margins, room on
+    the right for the value labels), not from 0."""
+    a = min(v - e for v, e in zip(vals, errs, strict=True))
+    b = max(v + e for v, e in zip(vals, errs, strict=True))
+    span = max(b - a, 1e-6 * max(abs(b), 1.0))
+    return max(0.0, a - 0.15 * span), b + 0.35 * span
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -136,61 +159,113 @@ def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     errs = [r["std"] or 0.0 for r in rows][::-1]
     colors = ["tab:red" if r["key"] == "pmixed" else "tab:gray" if r["key"] == "public" else "tab:blue"
               for r in rows][::-1]
-    ax.barh(names, vals, xerr=errs, color=colors)
+    lo, hi = zoom_range(vals, errs)
+    ax.barh(names, [v - lo for v in vals], left=lo, xerr=errs, color=colors)
     for i, v in enumerate(vals):
-        ax.text(v, i, f" {v:.2f}", va="center")
-    ax.set_xlabel("test perplexity (lower is better)")
-    ax.set_xlim(0, max(vals) * 1.2)
+        ax.text(v + errs[i], i, f" {v:.2f}", va="center")
+    ax.set_xlabel(f"test perplexity (lower is better; the axis starts at {lo:g}, not 0)")
+    ax.set_xlim(lo, hi)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+SWEEP_HEADER = ["param", "value", "epsilon", "members", "queries", "alpha", "epsilon_order",
+                "sample_rate", "lam_max", "tail", "ppl_mean", "ppl_std", "nonprivate_mean_lambda",
+                "nonprivate_empty_draw_fraction"]
+
+
+def _sweep_rows(points: list[dict[str, Any]]) -> list[list[Any]]:
+    # alpha: the largest order the projection enforces (the config's / the sweep's alpha);
+    # epsilon_order: the order at which the RDP-to-DP conversion attains epsilon;
+    # nonprivate_*: non-private diagnostics (functions of the private members)
+    rows = []
+    for s in points:
+        d = nonprivate(s)
+        for param, value in s["sweep"].items():
+            rows.append([param, value, s["epsilon"], s["members"], s["queries"], s["max_order"], s["alpha"],
+                         s["sample_rate"], s["lam_max"], s["tail"], s["ppl_mean"], s["ppl_std"],
+                         d["mean_lambda"], d["empty_draw_fraction"]])
+    return rows
+
+
 def sweep_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "sweep") -> dict[str, Path]:
-    """CSV of every sweep point and one PNG line plot per swept parameter, with the public and
-    fine-tuned levels drawn in."""
+    """Per swept parameter P: ``stem-P.json`` (the points of P), ``stem-P.csv`` and a PNG line
+    plot ``stem-P.png`` with the public, fine-tuned and DP-SGD levels drawn in. A sweep of one
+    parameter never touches another's files; ``stem.csv`` is rebuilt from every ``stem-*.csv``
+    in the folder (all parameters swept so far)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {"json": out_dir / f"{stem}.json", "csv": out_dir / f"{stem}.csv"}
-    paths["json"].write_text(json.dumps(result, indent=2, default=float))
+    paths: dict[str, Path] = {}
+    by_param: dict[str, list[dict[str, Any]]] = {}
+    for s in result["pmixed"]:
+        for param in s["sweep"]:
+            by_param.setdefault(param, []).append(s)
+    for param, points in by_param.items():
+        paths[f"{param}_json"] = out_dir / f"{stem}-{param}.json"
+        paths[f"{param}_json"].write_text(json.dumps({**result, "pmixed": points}, indent=2, default=float))
+        paths[f"{param}_csv"] = out_dir / f"{stem}-{param}.csv"
+        with paths[f"{param}_csv"].open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(SWEEP_HEADER)
+            w.writerows(_sweep_rows(points))
+        paths[param] = out_dir / f"{stem}-{param}.png"
+        sweep_plot(result, param, points, paths[param])
+        plt.close("all")
+    paths["csv"] = out_dir / f"{stem}.csv"
     with paths["csv"].open("w", newline="") as fh:
         w = csv.writer(fh)
-        # alpha: the largest order the projection enforces (the config's / the sweep's alpha);
-        # epsilon_order: the order at which the RDP-to-DP conversion attains epsilon
-        w.writerow(["param", "value", "epsilon", "members", "queries", "alpha", "epsilon_order",
-                    "sample_rate", "lam_max", "tail", "ppl_mean", "ppl_std", "mean_lambda",
-                    "empty_draw_fraction"])
-        for s in result["pmixed"]:
-            for param, value in s["sweep"].items():
-                w.writerow([param, value, s["epsilon"], s["members"], s["queries"], s["max_order"],
-                            s["alpha"], s["sample_rate"], s["lam_max"], s["tail"], s["ppl_mean"],
-                            s["ppl_std"], s["mean_lambda"], s["empty_draw_fraction"]])
-    models = result["models"]
-    by_param: dict[str, list[tuple[float, float, float]]] = {}
-    for s in result["pmixed"]:
-        for param, value in s["sweep"].items():
-            by_param.setdefault(param, []).append((float(value), s["ppl_mean"], s["ppl_std"]))
-    for param, pts in by_param.items():
-        pts.sort()
-        fig, ax = plt.subplots(figsize=(5.5, 4))
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", color="tab:red", label="PMixED")
-        for key, style, color in (("public", "--", "k"), ("finetune", ":", "k"), ("dpsgd", "-.", "tab:blue"),
-                                  ("dpsgd_unit", "-.", "tab:green")):
-            if key in models:
-                ax.axhline(models[key]["ppl"], linestyle=style, color=color, label=LABELS[key])
-        ax.set_xlabel(param)
-        ax.set_ylabel("test perplexity")
-        if param in ("queries", "members") or (param == "sample_rate" and max(p[0] for p in pts) / min(p[0] for p in pts) > 8):
-            ax.set_xscale("log")
-        ax.legend(fontsize=8)
-        ax.set_title(f"PMixED perplexity vs {param}")
-        fig.tight_layout()
-        paths[param] = out_dir / f"{stem}-{param}.png"
-        fig.savefig(paths[param], dpi=120)
-        plt.close(fig)
+        w.writerow(SWEEP_HEADER)
+        for part in sorted(out_dir.glob(f"{stem}-*.csv")):
+            with part.open(newline="") as src:
+                rows = list(csv.reader(src))
+            if rows and rows[0] == SWEEP_HEADER:
+                w.writerows(rows[1:])
     return paths
+
+
+def sweep_plot(result: dict[str, Any], param: str, points: list[dict[str, Any]], path: Path) -> None:
+    """PMixED perplexity against one swept parameter; the baselines as labelled levels (on the
+    epsilon plot, a DP-SGD baseline is a labelled point at its own epsilon)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    eps = result.get("baseline_epsilon") or {}
+    pts = sorted((float(s["sweep"][param]), s["ppl_mean"], s["ppl_std"]) for s in points)
+    xs = [p[0] for p in pts]
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", color="tab:red", label="PMixED")
+    for key, style, color in (("public", "--", "k"), ("finetune", ":", "k"), ("dpsgd", "-.", "tab:blue"),
+                              ("dpsgd_unit", "-.", "tab:green")):
+        if key not in models:
+            continue
+        ppl = models[key]["ppl"]
+        label = LABELS[key]
+        if eps.get(key) is not None:
+            label += f" eps={epsilon_label(eps[key])}"
+        if param == "epsilon" and eps.get(key) is not None:
+            ax.plot([eps[key]], [ppl], marker="s", linestyle="none", color=color, label=f"{label} (one model)")
+            ax.annotate(label, (eps[key], ppl), textcoords="offset points", xytext=(5, 5), fontsize=7, color=color)
+        else:
+            ax.axhline(ppl, linestyle=style, color=color, label=label)
+            ax.annotate(label, (1.0, ppl), xycoords=("axes fraction", "data"), textcoords="offset points",
+                        xytext=(-3, 3), ha="right", fontsize=7, color=color)
+    ax.set_xlabel(param)
+    ax.set_ylabel("test perplexity")
+    if param in ("queries", "members") or (param == "sample_rate" and max(xs) / min(xs) > 8):
+        ax.set_xscale("log")
+    if param in ("queries", "members", "alpha"):  # plain integer ticks at the swept values
+        ax.minorticks_off()
+        ax.set_xticks(xs, [f"{int(x)}" for x in xs])
+    ax.legend(fontsize=7)
+    ax.set_title(f"PMixED perplexity vs {param}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -3,6 +3,7 @@ build the held-out blocks, evaluate, write the outputs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -37,14 +38,16 @@ def machine() -> dict[str, Any]:
 
 def load_runtime(cfg: Any, *, progress: bool = True):
     """The trained ensemble + the baselines that exist, stacked on one base copy."""
-    from pmixed.engine import EnsembleRuntime
     from pmixed.models.device import resolve_device
     from pmixed.models.ensemble import load_ensemble
+    from pmixed.models.runtime import EnsembleRuntime
 
     device = resolve_device(cfg.run.device)  # a configuration error first
     out = cfg.output_dir
     if not (out / "ensemble.json").is_file():
-        raise EnsembleMismatch(f"no ensemble in {out}: run `pmixed train ensemble --config ...` first")
+        raise EnsembleMismatch(f"no ensemble in {out.resolve()} (run.output_dir {cfg.run.output_dir!r}"
+                               f"{_relative_note(cfg)}): run `pmixed train ensemble --config ...` first")
+    check_ensemble_matches(cfg)  # the config's [data] / [lora] / [train] / base are the ensemble's
     ens = load_ensemble(out, device=device, progress=progress)
     if cfg.eval.dtype != "model":  # after the hash checks: the inference precision ([eval] dtype)
         from pmixed.models.loading import parse_dtype
@@ -59,6 +62,41 @@ def load_runtime(cfg: Any, *, progress: bool = True):
             extras[name] = folder
     runtime = EnsembleRuntime.from_ensemble(ens, extras)
     return ens, runtime
+
+
+def _relative_note(cfg: Any) -> str:
+    if Path(cfg.run.output_dir).expanduser().is_absolute():
+        return ""
+    return ", relative to the current directory"
+
+
+def check_ensemble_matches(cfg: Any) -> None:
+    """Refuse an ensemble that ``pmixed train ensemble`` with ``cfg`` would refuse: the same
+    settings hash and the same reasons (train/ensemble.py's check), computed from the manifest
+    before any weights are loaded. The config's base is compared by name, dtype and (for
+    builtin:tiny-gpt2) its [public_pretrain] section; the weights themselves are checked
+    against the manifest when the ensemble is loaded."""
+    from types import SimpleNamespace
+
+    from pmixed.train.common import prepare_data, read_json, settings_sha256
+    from pmixed.train.ensemble import _check_compatible, _settings
+
+    manifest = read_json(cfg.output_dir / "ensemble.json")
+    entry = manifest.get("base_model", {})
+    same_base = (entry.get("name") == cfg.model.base and entry.get("dtype", "float32") == cfg.model.dtype
+                 and (cfg.model.base != "builtin:tiny-gpt2"
+                      or entry.get("public_pretrain") == dataclasses.asdict(cfg.public_pretrain)))
+    base = SimpleNamespace(
+        weights_sha256=entry.get("weights_sha256") if same_base else "the config's base differs",
+        tokenizer_sha256=manifest.get("tokenizer", {}).get("sha256"),
+    )
+    partition_sha = prepare_data(cfg).partition_sha256
+    try:
+        _check_compatible(manifest, settings_sha256(_settings(cfg, base, partition_sha)), base, partition_sha)
+    except EnsembleMismatch as err:
+        raise EnsembleMismatch(
+            f"{err} (`pmixed train ensemble` refuses this config for the same reason; evaluating "
+            f"the old ensemble would report another configuration's numbers)") from None
 
 
 def eval_blocks(ens: Any, cfg: Any) -> torch.Tensor:
@@ -80,20 +118,36 @@ def eval_blocks(ens: Any, cfg: Any) -> torch.Tensor:
     return blocks[pick]
 
 
+def config_setup(cfg: Any, name: str, *, sweep: dict | None = None, **overrides: Any) -> Setup:
+    """The evaluation setup of ``cfg``'s [privacy] (``PrivacyConfig.calibration_kwargs``, the one
+    mapping from the config to the mechanism), ``overrides`` by calibrate's names."""
+    kw = cfg.privacy.calibration_kwargs(overrides.pop("ensemble_size", cfg.data.n_parts), **overrides)
+    kw["queries"] = kw.pop("query_budget")
+    return make_setup(name, runs=cfg.eval.runs, sweep=sweep, **kw)
+
+
 def main_setup(cfg: Any, queries: int) -> Setup:
-    p = cfg.privacy
-    return make_setup(
-        f"pmixed eps={p.epsilon:g}",
-        epsilon=p.epsilon,
-        delta=p.delta,
-        queries=min(p.queries, queries),
-        ensemble_size=cfg.data.n_parts,
-        sample_rate=p.sample_rate,
-        alpha=p.alpha,
-        lam_max=p.lam_max,
-        tail=p.tail,
-        runs=cfg.eval.runs,
-    )
+    return config_setup(cfg, f"pmixed eps={cfg.privacy.epsilon:g}", query_budget=min(cfg.privacy.queries, queries))
+
+
+def queries_available(cfg: Any) -> int:
+    """Scored positions of the evaluation: ``n_blocks`` blocks of ``block_size`` tokens."""
+    return cfg.eval.n_blocks * (cfg.eval.block_size - 1)
+
+
+#: the non-private diagnostics of a PMixED evaluation: functions of the private members (and of
+#: the hidden draws) that no epsilon covers; kept apart from the released figures
+NONPRIVATE_KEYS = ("mean_lambda", "empty_draw_fraction", "lambda_histogram", "binding_constraint")
+NONPRIVATE_NOTE = ("non-private diagnostic: functions of the private members and of the hidden draws, not "
+                   "covered by epsilon; for tuning on held-out data, do not publish")
+
+
+def split_nonprivate(res: dict[str, Any]) -> dict[str, Any]:
+    """Move each PMixED summary's lambda statistics under ``diagnostics_nonprivate``."""
+    for s in res.get("pmixed", []):
+        diag = {k: s.pop(k) for k in NONPRIVATE_KEYS if k in s}
+        s["diagnostics_nonprivate"] = {"note": NONPRIVATE_NOTE, **diag}
+    return res
 
 
 # adapters evaluated next to PMixED when trained (dpsgd_unit: when [dpsgd_unit] enabled, too)
@@ -110,11 +164,11 @@ def _dpsgd_epsilon(cfg: Any, name: str = "dpsgd") -> float | None:
 def _evaluate(cfg: Any, runtime: Any, blocks: torch.Tensor, setups: list[Setup], ledgers: str,
               progress: bool) -> dict[str, Any]:
     """run_evaluation with the config's [eval] settings; fresh ledgers under ledgers/<ledgers>."""
-    return run_evaluation(
+    return split_nonprivate(run_evaluation(
         runtime, blocks, setups, extras=tuple(runtime.extra_index), seed=cfg.eval.seed,
         ledger_dir=cfg.output_dir / "ledgers" / ledgers, progress=progress,
         average=cfg.eval.ensemble_average, chunk=cfg.eval.chunk_for(runtime.device.type),
-    ).to_dict()
+    ).to_dict())
 
 
 def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -142,33 +196,74 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     return res
 
 
+SWEEP_PARAMS = ("epsilon", "members", "queries", "alpha", "sample_rate", "lam_max", "tail")
+_CALIBRATE_NAME = {"members": "ensemble_size", "queries": "query_budget"}
+
+
+def _check_sweep_value(cfg: Any, param: str, v: float) -> int | float:
+    """A sweep value as the config field it stands for, validated as that field (one line
+    naming the parameter and the value)."""
+    from pmixed.errors import ConfigError
+
+    where = f"sweep {param}={v:g}"
+    if param in ("members", "queries", "alpha"):
+        if not float(v).is_integer():
+            raise ConfigError(where, "must be an integer")
+        v = int(v)
+    if param == "members":
+        if not 1 <= v <= cfg.data.n_parts:
+            raise ConfigError(where, f"must lie in 1..{cfg.data.n_parts} (the trained ensemble's N)")
+        return v
+    field = "queries" if param == "queries" else param
+    try:
+        dataclasses.replace(cfg.privacy, **{field: v})  # [privacy]'s own checks
+    except ConfigError as err:
+        raise ConfigError(where, str(err)) from None
+    return v
+
+
 def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: dict[str, list] | None = None) -> list[Setup]:
+    """The setups of the sweep, all validated and calibrated before any work: an unknown
+    parameter, a value the config would refuse or a point that cannot be calibrated is a
+    ConfigError naming it. Points of the default grids that do not fit this config (too few
+    members drawn, an infeasible order) are skipped with a note."""
+    from pmixed.errors import ConfigError
+
     p = cfg.privacy
     N = cfg.data.n_parts
-    base = dict(epsilon=p.epsilon, delta=p.delta, queries=min(p.queries, queries_available),
-                ensemble_size=N, sample_rate=p.sample_rate, alpha=p.alpha,
-                lam_max=p.lam_max, tail=p.tail)
-    grids = dict(SWEEPS)
+    T = min(p.queries, queries_available)
+    grids: dict[str, list] = dict(SWEEPS)
     grids["members"] = sorted({max(1, N // 4), max(1, N // 2), N})
-    grids["queries"] = sorted({q for q in (128, 256, 512, 1024, 2048, 4096, 8192) if q <= queries_available}
-                              | {base["queries"]})
+    grids["queries"] = sorted({q for q in (128, 256, 512, 1024, 2048, 4096, 8192) if q <= queries_available} | {T})
     grids["lam_max"] = [0.25, 0.5, 0.75, 0.9]
     grids["tail"] = [1.0, 3.0, 10.0, 30.0]
-    grids.update(values or {})
+    given = values or {}
     setups = []
     for param in params:
         if param not in grids:
-            raise DataError(f"unknown sweep parameter {param!r}; choose from {sorted(grids)}")
-        for v in grids[param]:
-            kw = dict(base)
-            key = {"members": "ensemble_size"}.get(param, param)
-            kw[key] = int(v) if param in ("members", "queries", "alpha") else float(v)
-            if param == "sample_rate" and kw["ensemble_size"] * kw["sample_rate"] < 0.5:
-                continue
+            raise ConfigError("param", f"unknown sweep parameter {param!r}; choose from {', '.join(SWEEP_PARAMS)}")
+        explicit = param in given
+        vals = [_check_sweep_value(cfg, param, v) for v in (given[param] if explicit else grids[param])]
+        if explicit and not vals:
+            raise ConfigError("values", "no values given")
+        for v in vals:
+            over = {_CALIBRATE_NAME.get(param, param): v}
+            if "query_budget" not in over:
+                over["query_budget"] = T
+            if not explicit and param == "sample_rate" and N * v < 0.5:
+                continue  # under half a member drawn per query on average
             try:
-                setups.append(make_setup(f"{param}={v:g}", runs=cfg.eval.runs, sweep={param: v}, **kw))
-            except Exception as err:  # an infeasible point (e.g. alpha too low) is reported, not fatal
+                setups.append(config_setup(cfg, f"{param}={v:g}", sweep={param: v}, **over))
+            except ConfigError as err:
+                if explicit:
+                    raise ConfigError(f"sweep {param}={v:g}", str(err)) from None
                 print(f"[sweep] skipping {param}={v}: {err}")
+            except ValueError as err:  # calibration: no feasible mechanism at this point
+                if explicit:
+                    raise ConfigError(f"sweep {param}={v:g}", f"cannot be calibrated: {err}") from None
+                print(f"[sweep] skipping {param}={v}: {err}")
+    if not setups:
+        raise ConfigError("param", "no sweep point fits this config")
     return setups
 
 
@@ -178,11 +273,11 @@ def sweep_config(cfg: Any, params: list[str], *, values: dict[str, list] | None 
     from pmixed.eval.report import sweep_outputs
 
     t0 = time.perf_counter()
+    setups = sweep_setups(cfg, params, queries_available(cfg), values)  # every value checked before any work
     ens, runtime = load_runtime(cfg, progress=progress)
     blocks = eval_blocks(ens, cfg)
-    Q = blocks.shape[0] * (blocks.shape[1] - 1)
-    setups = sweep_setups(cfg, params, Q, values)
     res = _evaluate(cfg, runtime, blocks, setups, "sweep", progress)
+    res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
     res["config"] = cfg.source_path
     res["machine"] = machine()
     res["compute_dtype"] = str(runtime.dtype).removeprefix("torch.")
