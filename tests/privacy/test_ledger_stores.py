@@ -359,3 +359,16 @@ def test_creation_without_hard_links_reports_a_stale_claim(tmp_path, monkeypatch
 
 def test_the_policy_has_no_test_hook():
     assert not [n for n in vars(Ledger) if "hook" in n]
+
+
+def test_ledger_modules_are_stdlib_only():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pmixed.privacy.ledger, pmixed.privacy.ledger_sqlite, pmixed.privacy.ledger_store, "
+        "pmixed.privacy.acceptance, pmixed.privacy.accountant; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    mods = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.split())
+    assert not {"torch", "numpy", "transformers"} & mods
