@@ -56,6 +56,10 @@ def _register() -> None:
     app.command("sweep")(evaluate.sweep_cmd)
     app.command("generate")(evaluate.generate_cmd)
     app.command("demo")(evaluate.demo_cmd)
+    from pmixed.cli import serve
+
+    app.command("serve")(serve.serve_cmd)
+    app.add_typer(serve.app, name="keys", help="API keys of the server: create, list, revoke, reset.")
 
 
 _register()
