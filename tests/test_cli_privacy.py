@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -29,10 +30,38 @@ def test_paper_setting_json():
 def test_paper_setting_table_and_max_queries():
     out = run(*PAPER)
     assert out.returncode == 0 and "epsilon after 1024 queries" in out.stdout
-    out = run(*PAPER, "--max-queries")
-    assert out.returncode == 0 and out.stdout.startswith("1024 queries fit")
-    out = run(*[a if a != "1024" else "100" for a in PAPER], "--max-queries", "--alpha", "3")
-    assert out.returncode == 0
+    assert "ball enforced at orders 2..4 (--max-order" in out.stdout
+    assert "the RDP-to-DP conversion attains epsilon at order 4" in out.stdout
+    # --max-queries answers for other targets, not echo T: fewer at a smaller epsilon, more at a larger
+    out = run(*PAPER, "--max-queries", "--json")
+    assert out.returncode == 0, out.stderr
+    fits = {float(k): v for k, v in json.loads(out.stdout)["max_queries_at_epsilon"].items()}
+    assert sorted(fits) == [2.0, 4.0, 8.0, 16.0] and fits[8.0] == 1024
+    assert fits[4.0] < 1024 < fits[16.0]
+    out = run(*[a if a != "1024" else "100" for a in PAPER], "--max-queries", "--alpha", "3", "--at-epsilon", "9")
+    assert out.returncode == 0 and "epsilon 9:" in out.stdout
+    n = int(out.stdout.split("epsilon 9:")[1].split()[0])
+    assert n > 100
+
+
+def test_max_order_is_not_the_conversion_order():
+    """--max-order 5 enforces the ball at orders 2..5; the conversion may attain epsilon lower."""
+    out = run(*PAPER, "--max-order", "5", "--json")
+    d = json.loads(out.stdout)
+    assert d["max_enforced_order"] == 5 and 2 <= d["chosen_order"] <= 5
+    out = run(*PAPER, "--max-order", "5")
+    assert "ball enforced at orders 2..5" in out.stdout
+    assert f"attains epsilon at order {d['chosen_order']}" in out.stdout
+
+
+def test_queries_is_required():
+    out = run(*[a for a in PAPER if a not in ("--queries", "1024")])
+    assert out.returncode == 2 and "Missing option '--queries'" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = subprocess.run([sys.executable, "-m", "pmixed.cli", "privacy", "plan", "--help"], capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "200"})
+    line = next(x for x in out.stdout.splitlines() if "--queries" in x)
+    assert "required" in line
 
 
 @pytest.mark.parametrize(

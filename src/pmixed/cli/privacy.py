@@ -77,51 +77,66 @@ def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, l
 def plan(
     epsilon: float = typer.Option(..., help="Target epsilon after all queries."),
     delta: float = typer.Option(..., help="Target delta."),
-    queries: int | None = typer.Option(None, help="Query budget T (tokens released)."),
+    queries: int = typer.Option(..., help="Query budget T (tokens released) the mechanism is calibrated for."),
     ensemble_size: int = typer.Option(..., "--ensemble-size", help="N, the number of members."),
     sample_rate: float = typer.Option(..., "--sample-rate", help="q, each member's inclusion probability."),
-    alpha: float | None = typer.Option(None, help="Renyi order (integer); default: the library picks."),
+    max_order: float | None = typer.Option(
+        None, "--max-order", "--alpha",
+        help="The largest Renyi order the ball is enforced at ([privacy] alpha; integer >= 2); default: the "
+             "library picks. The order the epsilon conversion uses is printed separately."),
     lam_max: float | None = typer.Option(None, "--lam-max", help="Cap on each member's mixing weight."),
     max_queries_flag: bool = typer.Option(
-        False, "--max-queries", help="Only answer how many queries fit (calibrated for --queries, default 1024)."
-    ),
+        False, "--max-queries",
+        help="Answer how many queries the mechanism calibrated for T affords at other targets (--at-epsilon)."),
+    at_epsilon: list[float] = typer.Option(
+        [], "--at-epsilon", help="Targets for --max-queries (repeatable; default: epsilon/4, /2, x1, x2)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Calibrate the mechanism for (epsilon, delta, T, N, q) and show what it will charge."""
     from pmixed.privacy.calibration import DEFAULT_LAM_MAX
 
     lam = DEFAULT_LAM_MAX if lam_max is None else lam_max
-    if queries is None and not max_queries_flag:
-        raise ConfigError("queries", "is required (or pass --max-queries)")
-    _check_inputs(epsilon, delta, queries, ensemble_size, sample_rate, alpha, lam)
-    if alpha is not None and not float(alpha).is_integer():
-        raise ConfigError("alpha", f"must be an integer order, got {alpha}")
-    d = plan_dict(epsilon, delta, queries or 1024, ensemble_size, sample_rate, alpha, lam)
+    _check_inputs(epsilon, delta, queries, ensemble_size, sample_rate, max_order, lam)
+    if max_order is not None and not float(max_order).is_integer():
+        raise ConfigError("max-order", f"must be an integer order, got {max_order}")
+    for e in at_epsilon:
+        if not (e > 0 and math.isfinite(e)):
+            raise ConfigError("at-epsilon", f"must be > 0, got {e}")
+    d = plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, max_order, lam)
     if max_queries_flag:
+        from pmixed.privacy.calibration import calibrate, max_queries
+
+        cal = calibrate(epsilon=epsilon, delta=delta, query_budget=queries, ensemble_size=ensemble_size,
+                        sample_rate=sample_rate, alpha=None if max_order is None else int(max_order), lam_max=lam)
+        targets = sorted(set(at_epsilon or [epsilon / 4, epsilon / 2, epsilon, 2 * epsilon]))
+        fits = {e: max_queries(cal.params, e, delta) for e in targets}
         if as_json:
-            typer.echo(json.dumps({"max_queries": d["max_queries_within_target"], **d}, indent=2))
-        else:
-            typer.echo(
-                f"{d['max_queries_within_target']} queries fit epsilon={epsilon}, delta={delta} "
-                f"with the mechanism calibrated for T={d['queries']} (N={ensemble_size}, q={sample_rate})"
-            )
+            typer.echo(json.dumps({"calibrated_for_queries": queries, "delta": delta,
+                                   "max_queries_at_epsilon": {f"{e:g}": n for e, n in fits.items()}}, indent=2))
+            return
+        typer.echo(f"the mechanism calibrated for T={queries} queries at epsilon={epsilon:g} (delta={delta:g}, "
+                   f"N={ensemble_size}, q={sample_rate:g}) affords:")
+        for e, n in fits.items():
+            typer.echo(f"  epsilon {e:g}: {n} queries")
         return
     if as_json:
         typer.echo(json.dumps(d, indent=2))
         return
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(highlight=False, soft_wrap=True)
     console.print(
         f"[bold]PMixED privacy plan[/bold] (adjacency: replace one part)  epsilon={epsilon} delta={delta} "
         f"T={d['queries']} N={ensemble_size} q={sample_rate}"
     )
     console.print(
-        f"chosen order alpha = {d['chosen_order']}  (ball enforced at orders 2..{d['max_enforced_order']}), "
+        f"ball enforced at orders 2..{d['max_enforced_order']} (--max-order; \\[privacy] alpha); "
         f"lam_max = {d['lam_max']}, Gaussian-shape scale t = {d['gaussian_scale_t']:.4g}"
     )
-    table = Table("order k", "per-query RDP", "tau_k (moment radius)", "D_k(pbar||p0) <=")
+    console.print(f"the RDP-to-DP conversion attains epsilon at order {d['chosen_order']}")
+    table = Table("order k", "per-query RDP", "tau_k (moment radius)", "D_k(pbar||p0) <=", box=box.MARKDOWN)
     for k, rad in d["radius_per_order"].items():
         table.add_row(k, f"{d['per_query_rdp'][k]:.6g}", f"{rad['tau']:.6g}", f"{rad['renyi_bound']:.4g}")
     console.print(table)
