@@ -159,8 +159,10 @@ class TestPolicyOverAnyStore:
             Ledger.open(where)
         with Ledger(where, rule=FixedOrderRule(4.0)) as led:  # given explicitly: fine
             assert led.rule.name == "test-fixed-order/4"
-        with pytest.raises(ConfigError, match="order 8 on the grid"):
+        with pytest.raises(LedgerError, match="test-fixed-order/4.*cannot be used"):
             Ledger(where, epsilon=2.0, delta=DELTA, orders=(2.0, 4.0), rule=FIXED_8)
+        with pytest.raises(ConfigError, match="order 8 on the grid"):  # a new ledger: the rule checks the grid
+            Ledger(":memory:", epsilon=2.0, delta=DELTA, orders=(2.0, 4.0), rule=FIXED_8)
 
     def test_charges_replay_from_their_mechanism_and_params(self, where):
         ps = [

@@ -111,7 +111,6 @@ class Ledger(Budget):
             orders = check_orders(orders)
         if rule is not None:
             rule = check_rule(rule)
-            rule.check_orders(orders or DEFAULT_ORDERS)
         opener: StoreOpener = where if callable(where) else SqliteLedgerStore.opener(where)
         label = os.fspath(where) if not callable(where) else repr(where)
 
@@ -121,6 +120,7 @@ class Ledger(Budget):
                     "epsilon" if epsilon is None else "delta",
                     "a new ledger needs a budget" if label == MEMORY else f"a new ledger needs a budget (no ledger at {label})",
                 )
+            (rule or BEST_ORDER).check_orders(orders or DEFAULT_ORDERS)
             return new_meta(epsilon, delta, orders or DEFAULT_ORDERS, (rule or BEST_ORDER).name)
 
         self._path = label
