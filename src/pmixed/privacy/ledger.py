@@ -68,6 +68,7 @@ from pmixed.privacy.ledger_store import LedgerMeta, LedgerStore, NewCharge, Stor
 __all__ = [
     "APPLICATION_ID",
     "FORMAT",
+    "MEMORY",
     "SCHEMA_VERSION",
     "ChargeRecord",
     "Ledger",
