@@ -77,9 +77,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import naive_reference as nr  # noqa: E402
 from pmixed.eval.block_stats import block_stats  # noqa: E402
-from pmixed.models.runtime import PUBLIC, EnsembleRuntime  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 from pmixed.mechanism.teacher_forcing import released_target_probs  # noqa: E402
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime  # noqa: E402
 
 TARGET_FLOOR = 1.25
 TARGET_REF = 5.0
