@@ -352,6 +352,17 @@ def test_client_disconnect_mid_stream(server):
     assert post(server, C, GOOD).status_code == 200  # and the server keeps serving
 
 
+def test_client_gone_before_a_whole_response(server):
+    before_stats, before = server.decoder.stats(), server.charged()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server.url + C, json={**GOOD, "prompt": "a", "max_tokens": 60, "ignore_eos": True},
+                   headers=auth(server.user_key), timeout=httpx.Timeout(0.1, connect=5.0))
+    wait_idle(server)
+    produced = server.decoder.stats()["tokens_private"] - before_stats["tokens_private"]
+    assert server.charged() - before == produced <= 60
+    assert post(server, C, GOOD).status_code == 200
+
+
 def test_metrics_exposition(server):
     post(server, C, GOOD)
     post(server, C, {**GOOD, "n": 99})
