@@ -38,15 +38,9 @@ def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, l
     from pmixed.privacy.mixture_bound import floor_weight, member_weight, query_rdp
 
     lam_max = DEFAULT_LAM_MAX if lam_max is None else lam_max
-    cal = calibrate(
-        epsilon=epsilon,
-        delta=delta,
-        query_budget=queries,
-        ensemble_size=ensemble_size,
-        sample_rate=sample_rate,
-        alpha=None if alpha is None else int(alpha) if float(alpha).is_integer() else alpha,
-        lam_max=lam_max,
-    )
+    order = None if alpha is None else int(alpha) if float(alpha).is_integer() else alpha
+    cal = calibrate(epsilon=epsilon, delta=delta, query_budget=queries, ensemble_size=ensemble_size,
+                    sample_rate=sample_rate, alpha=order, lam_max=lam_max)
     p = cal.params
     orders = list(range(2, p.max_order + 1))
     return {

@@ -52,32 +52,14 @@ class Setup:
         return self.params.sample_rate
 
 
-def make_setup(
-    name: str,
-    *,
-    epsilon: float,
-    delta: float,
-    queries: int,
-    ensemble_size: int,
-    sample_rate: float,
-    alpha: int | None = None,
-    lam_max: float | None = None,
-    tail: float | None = None,
-    runs: int = 1,
-    sweep: dict | None = None,
-) -> Setup:
-    cal = calibrate(
-        epsilon=epsilon,
-        delta=delta,
-        query_budget=queries,
-        ensemble_size=ensemble_size,
-        sample_rate=sample_rate,
-        alpha=alpha,
-        lam_max=DEFAULT_LAM_MAX if lam_max is None else lam_max,
-        tail=DEFAULT_TAIL if tail is None else tail,
-    )
-    return Setup(name, cal.params, epsilon, delta, queries, cal.alpha, runs,
-                 DEFAULT_TAIL if tail is None else tail, dict(sweep or {}))
+def make_setup(name: str, *, runs: int = 1, sweep: dict | None = None, **calibration: Any) -> Setup:
+    """One evaluation setup: ``calibration`` holds ``calibrate``'s keywords (as
+    ``PrivacyConfig.calibration_kwargs`` gives them; unset lam_max / tail: the library defaults)."""
+    kw = {"alpha": None, "lam_max": DEFAULT_LAM_MAX, "tail": DEFAULT_TAIL,
+          **{k: v for k, v in calibration.items() if v is not None or k == "alpha"}}
+    cal = calibrate(**kw)
+    return Setup(name, cal.params, kw["epsilon"], kw["delta"], kw["query_budget"], cal.alpha, runs,
+                 kw["tail"], dict(sweep or {}))
 
 
 def _seed(*parts: Any) -> int:

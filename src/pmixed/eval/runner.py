@@ -122,7 +122,6 @@ def config_setup(cfg: Any, name: str, *, sweep: dict | None = None, **overrides:
     """The evaluation setup of ``cfg``'s [privacy] (``PrivacyConfig.calibration_kwargs``, the one
     mapping from the config to the mechanism), ``overrides`` by calibrate's names."""
     kw = cfg.privacy.calibration_kwargs(overrides.pop("ensemble_size", cfg.data.n_parts), **overrides)
-    kw["queries"] = kw.pop("query_budget")
     return make_setup(name, runs=cfg.eval.runs, sweep=sweep, **kw)
 
 

@@ -47,21 +47,32 @@ def raise_status(status: np.ndarray, name: str) -> None:
         raise ValueError(f"{name} has a row with zero total mass")
 
 
-def row_totals(p: torch.Tensor, name: str, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Validated float64 row sums of p [M, V] (rows ``idx`` [n], default all) -> [n]."""
+def _check_rows(p: torch.Tensor, name: str) -> None:
     if not p.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor of probabilities, got {p.dtype}")
     if p.dim() != 2:
         raise ValueError(f"{name} must be [rows, V], got shape {tuple(p.shape)}")
-    if not use_fused(p):
-        rows = p if idx is None else p[idx]
-        return check_distribution_rows(rows, name).reshape(-1)
+
+
+def _fused_status(p: torch.Tensor, idx: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+    """The fused check pass over rows ``idx`` of p: (float64 totals [n], status [n])."""
     if idx is not None:
         check_index(idx, p.shape[0], "row index")
     ix = np.arange(p.shape[0], dtype=np.int64) if idx is None else _np(idx.to(torch.int64))
     tot = np.empty(ix.shape[0], dtype=np.float64)
     status = np.empty(ix.shape[0], dtype=np.int64)
     fused.rows_check(_np(p), ix, tot, status)
+    return tot, status
+
+
+def row_totals(p: torch.Tensor, name: str, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Validated float64 row sums of p [M, V] (rows ``idx`` [n], default all) -> [n]; raises
+    ValueError on an invalid row (for the public row: module docstring)."""
+    _check_rows(p, name)
+    if not use_fused(p):
+        rows = p if idx is None else p[idx]
+        return check_distribution_rows(rows, name).reshape(-1)
+    tot, status = _fused_status(p, idx)
     raise_status(status, name)
     return torch.from_numpy(tot)
 
@@ -70,19 +81,10 @@ def member_totals(members: torch.Tensor, idx: torch.Tensor | None = None) -> tup
     """float64 row sums of member rows ``idx`` [n] (default all) of members [M, V] -> (totals [n],
     valid [n] bool). Never raises on the values: an invalid row (non-finite, negative, zero mass)
     is flagged, and its total is set to 1 so that no division by it makes inf or nan."""
-    if not members.is_floating_point():
-        raise TypeError(f"members must be a floating-point tensor of probabilities, got {members.dtype}")
-    if members.dim() != 2:
-        raise ValueError(f"members must be [rows, V], got shape {tuple(members.shape)}")
+    _check_rows(members, "members")
     if use_fused(members):
-        if idx is not None:
-            check_index(idx, members.shape[0], "row index")
-        ix = np.arange(members.shape[0], dtype=np.int64) if idx is None else _np(idx.to(torch.int64))
-        tot = np.empty(ix.shape[0], dtype=np.float64)
-        status = np.empty(ix.shape[0], dtype=np.int64)
-        fused.rows_check(_np(members), ix, tot, status)
-        valid = torch.from_numpy(status == 0)
-        tot_t = torch.from_numpy(tot)
+        tot, status = _fused_status(members, idx)
+        valid, tot_t = torch.from_numpy(status == 0), torch.from_numpy(tot)
     else:
         rows = members if idx is None else members[idx]
         tot_t = rows.sum(dim=-1, dtype=torch.float64)  # [n]

@@ -44,15 +44,8 @@ class PMixED:
         tail: float = DEFAULT_TAIL,
     ):
         self.calibration: Calibration = calibrate(
-            epsilon=epsilon,
-            delta=delta,
-            query_budget=query_budget,
-            ensemble_size=ensemble_size,
-            sample_rate=sample_rate,
-            alpha=alpha,
-            lam_max=lam_max,
-            tail=tail,
-        )
+            epsilon=epsilon, delta=delta, query_budget=query_budget, ensemble_size=ensemble_size,
+            sample_rate=sample_rate, alpha=alpha, lam_max=lam_max, tail=tail)
         self.params: MechanismParams = self.calibration.params
         self.epsilon = float(epsilon)
         self.delta = float(delta)
