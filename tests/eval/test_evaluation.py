@@ -227,7 +227,7 @@ def test_long_step_is_announced_under_quiet(trained_run, capsys, monkeypatch):
     assert capsys.readouterr().err == ""
     tiny = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, base="builtin:tiny-gpt2"))
     monkeypatch.setattr(tg, "is_built", lambda folder: False)
-    announce_long_steps(tiny)
+    announce_long_steps(tiny)  # a trained run to load (the fixture's): announced
     err = capsys.readouterr().err
     assert err.startswith("building the public base builtin:tiny-gpt2") and "expect about" in err and "min" in err
 
@@ -312,3 +312,59 @@ def test_missing_ensemble_is_a_clear_error(tmp_path):
                           "-o", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert out.returncode != 0
     assert "pmixed train ensemble" in out.stderr and "Traceback" not in out.stderr
+    # a relative output_dir: the message says where it looked and from what (issue 12 item 8)
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "quick.toml"
+    out = subprocess.run([sys.executable, "-m", "pmixed", "eval", "--config", str(config), "-o", "nothing/here"],
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 6 and len(out.stderr.strip().splitlines()) == 1
+    assert f"no ensemble in {tmp_path.resolve() / 'nothing' / 'here'}" in out.stderr
+    assert "relative to the current directory" in out.stderr
+
+
+def _figures(monkeypatch):
+    """Keep every figure the report module saves (it closes them after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    saved = []
+    real = Figure.savefig
+
+    def keep(self, *a, **kw):
+        saved.append(self)
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    return saved
+
+
+def test_plots_zoom_label_and_tick_plainly(tmp_path, monkeypatch):
+    """Issue 12 item 9: the bar chart's axis is where the models differ (not from 0); the epsilon
+    sweep labels DP-SGD (a point at its epsilon); the members sweep has integer tick labels."""
+    from pmixed.eval.report import bar_chart, sweep_plot
+
+    saved = _figures(monkeypatch)
+    rows = [{"model": m, "ppl": p, "std": s, "key": k} for m, p, s, k in
+            (("public", 210.1, None, "public"), ("ft", 192.9, None, "finetune"), ("PMixED", 198.8, 0.3, "pmixed"))]
+    bar_chart(rows, tmp_path / "bar.png")
+    lo, hi = saved[-1].axes[0].get_xlim()
+    assert 180 < lo < 192.9 and 210.1 < hi < 230
+
+    result = {"models": {"public": {"ppl": 210.1}, "finetune": {"ppl": 192.9}, "dpsgd": {"ppl": 202.7}},
+              "baseline_epsilon": {"dpsgd": 8.0}}
+
+    def points(param, vals):
+        return [{"sweep": {param: v}, "ppl_mean": 200.0 - i, "ppl_std": 0.1} for i, v in enumerate(vals)]
+
+    sweep_plot(result, "epsilon", points("epsilon", [2.0, 4.0, 8.0]), tmp_path / "e.png")
+    ax = saved[-1].axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert any(x.startswith("DP-SGD eps=8") for x in labels)
+    assert any(t.get_text().startswith("DP-SGD eps=8") for t in ax.texts)  # on the plot, not only the legend
+
+    sweep_plot(result, "members", points("members", [8, 16, 32]), tmp_path / "m.png")
+    ax = saved[-1].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["8", "16", "32"]

@@ -41,10 +41,13 @@ def silence_third_party() -> None:
         pass
 
 
-def announce_long_steps(cfg) -> None:
+def announce_long_steps(cfg, *, trains: bool = False) -> None:
     """One line, printed even under ``-q``, before a step that takes minutes: building the
-    public base ``builtin:tiny-gpt2`` when it is not cached yet, with its expected duration."""
+    public base ``builtin:tiny-gpt2`` when it is not cached yet, with its expected duration
+    (for a command that only loads a trained run: only when there is one to load)."""
     if cfg.model.base != "builtin:tiny-gpt2":
+        return
+    if not trains and not (cfg.output_dir / "ensemble.json").is_file():
         return
     try:
         from pmixed.models.tiny_gpt2 import is_built, tiny_gpt2_dir
@@ -288,7 +291,7 @@ def demo_cmd(
     con = _console()
     t0 = time.perf_counter()
     cfg = load_run_config(config)
-    announce_long_steps(cfg)
+    announce_long_steps(cfg, trains=True)
     needed = {"builtin:sotu": "sotu", "builtin:spam-ham": "spam-assassin", "builtin:brown": "brown"}
     names = sorted({needed[s] for s in (cfg.data.source, cfg.public_pretrain.corpus) if s in needed}
                    | ({"smollm2-135m"} if cfg.model.base == "builtin:smollm2-135m" else set()))
