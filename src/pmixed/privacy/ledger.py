@@ -36,15 +36,19 @@ This module is pure standard library; no torch.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from fractions import Fraction
 
 from pmixed.errors import ConfigError, LedgerError
 from pmixed.privacy.acceptance import BEST_ORDER, AcceptanceRule, check_rule, rule_named
 from pmixed.privacy.accountant import (
     DEFAULT_ORDERS,
+    UNLIMITED,
     Budget,
     ChargeRecord,
     RdpCharge,
@@ -53,8 +57,10 @@ from pmixed.privacy.accountant import (
     check_orders,
     compose_curve,
     project_charge,
+    queries_left,
 )
 from pmixed.privacy.conversion import check_delta, check_epsilon
+from pmixed.privacy.ledger_pg import PostgresLedgerStore, is_postgres_url, parse_url
 from pmixed.privacy.ledger_sqlite import (
     APPLICATION_ID,
     FORMAT,
@@ -69,13 +75,21 @@ __all__ = [
     "APPLICATION_ID",
     "FORMAT",
     "MEMORY",
+    "REFUND",
     "SCHEMA_VERSION",
     "ChargeRecord",
     "Ledger",
     "LedgerStore",
     "Receipt",
+    "Reservation",
     "StoreOpener",
+    "net_count",
+    "record_count",
 ]
+
+#: The ``mechanism`` of a refund record (written by :meth:`Reservation.close`; reserved:
+#: :meth:`Ledger.charge` and :meth:`Ledger.reserve` refuse charges that claim it).
+REFUND = "pmixed/refund"
 
 
 class Ledger(Budget):
@@ -112,8 +126,16 @@ class Ledger(Budget):
             orders = check_orders(orders)
         if rule is not None:
             rule = check_rule(rule)
-        opener: StoreOpener = where if callable(where) else SqliteLedgerStore.opener(where)
-        label = os.fspath(where) if not callable(where) else repr(where)
+        opener: StoreOpener
+        if callable(where):
+            opener = where
+        elif is_postgres_url(where):
+            opener = PostgresLedgerStore.opener(where)  # psycopg is imported when it connects
+        else:
+            opener = SqliteLedgerStore.opener(where)
+        label = repr(where) if callable(where) else (
+            parse_url(where)[3] if is_postgres_url(where) else os.fspath(where)
+        )
 
         def new() -> LedgerMeta:
             if epsilon is None or delta is None:
@@ -188,15 +210,24 @@ class Ledger(Budget):
         self._package_version = meta.package_version
 
     def _verify(self) -> None:
-        """Replay the history and compare with the totals (bit-exact: same arithmetic)."""
+        """Replay the history and compare with the totals (bit-exact: same arithmetic; refund
+        records are checked against the reservation they refund and replayed by
+        :func:`_sub_up`)."""
         path = self._path
         totals, records = self._live().snapshot()
         curve = (0.0,) * len(self._orders)
         last_id, last_eps = 0, 0.0
+        charges: dict[int, ChargeRecord] = {}
+        refunded: dict[int, int] = {}
         for rec in records:
             if isinstance(rec.count, bool) or not isinstance(rec.count, int) or rec.count < 1:
                 raise LedgerError(f"ledger {path} is damaged: charge {rec.id} has count {rec.count!r}")
-            curve = compose_curve(curve, rec.rdp, rec.count)
+            if rec.mechanism == REFUND:
+                _check_refund(path, rec, charges, refunded)
+                curve = _sub_up(curve, rec.rdp)
+            else:
+                charges[rec.id] = rec
+                curve = compose_curve(curve, rec.rdp, rec.count)
             last_id, last_eps = rec.id, rec.epsilon_after
         count = len(records)
         if curve != totals.rdp or count != totals.n_charges or last_id != totals.last_charge_id:
@@ -272,6 +303,7 @@ class Ledger(Budget):
         release).
         """
         rdp = project_charge(charge, self._orders)  # validates before touching the store
+        _not_a_refund(charge)
         with self._lock:
             store = self._live()
             totals = store.lock_totals()
@@ -283,6 +315,83 @@ class Ledger(Budget):
                         charge.mechanism, charge.params,
                     ),
                     curve,
+                )
+                store.commit()
+            except BaseException:
+                store.rollback()
+                raise
+        return self._receipt(charge_id, eps_after)
+
+    # -- reservations -----------------------------------------------------------------------------
+    def reserve(self, charge: RdpCharge, up_to: int) -> Reservation:
+        """Pay in advance for up to ``up_to`` queries of the per-query ``charge`` (count 1).
+
+        One write transaction: under the store's lock, the largest k <= ``up_to`` such that k
+        more queries fit the acceptance rule (k + 1 do not, or k = ``up_to``) is computed from
+        the locked totals and a charge of k queries (the charge's label, mechanism and params,
+        count k) is committed durably before this returns. k may be 0: nothing is recorded.
+        The returned :class:`Reservation` hands the k queries out with :meth:`Reservation.take`
+        (no I/O) and refunds the untaken ones on :meth:`Reservation.close`. Release a token only
+        after its ``take()`` returned True. Raises :class:`LedgerError` when the ledger cannot be
+        written (nothing granted).
+        """
+        if isinstance(up_to, bool) or not isinstance(up_to, int) or up_to < 0:
+            raise ConfigError("up_to", f"must be an integer >= 0, got {up_to!r}")
+        rdp = project_charge(charge, self._orders)
+        if charge.count != 1:
+            raise ConfigError(
+                "count", f"reserve() takes the per-query charge (count 1) and up_to queries; got count {charge.count}"
+            )
+        _not_a_refund(charge)
+        up_to = min(up_to, UNLIMITED)
+        if up_to == 0:
+            self._live()
+            return Reservation(self, None, 0, rdp, (), None)
+        orders, rule, delta, limit = self._orders, self._rule, self._delta, self._epsilon
+        with self._lock:
+            store = self._live()
+            totals = store.lock_totals()
+            try:
+                spent = totals.rdp
+
+                def affords(k: int) -> bool:
+                    if k > up_to:
+                        return False
+                    return rule.epsilon(orders, spent if k == 0 else compose_curve(spent, rdp, k), delta) <= limit
+
+                k = up_to if affords(up_to) else queries_left(affords)
+                if k == 0:
+                    store.rollback()
+                    return Reservation(self, None, 0, rdp, (), None)
+                curve, eps_after = self._decide(spent, rdp, dataclasses.replace(charge, count=k))
+                charge_id = store.append(
+                    NewCharge(time.time(), k, charge.label, rdp, eps_after, charge.mechanism, charge.params),
+                    curve,
+                )
+                store.commit()
+            except BaseException:
+                store.rollback()
+                raise
+        # What this charge added to the totals, exactly (the refund never removes more).
+        added = tuple(
+            None if math.isinf(after) or math.isinf(before) else Fraction(after) - Fraction(before)
+            for before, after in zip(spent, curve, strict=True)
+        )
+        return Reservation(self, charge_id, k, rdp, added, self._receipt(charge_id, eps_after), charge.label)
+
+    def _refund(self, res: Reservation, used: int) -> Receipt:
+        """Commit the refund record of ``res`` (``res.granted - used`` queries) in one
+        transaction."""
+        removed = res._removal(used)
+        params = {"refund_of": res.charge_id, "queries": res.granted - used, "granted": res.granted, "used": used}
+        with self._lock:
+            store = self._live()
+            totals = store.lock_totals()
+            try:
+                curve = _sub_up(totals.rdp, removed)
+                eps_after = self._rule.epsilon(self._orders, curve, self._delta)
+                charge_id = store.append(
+                    NewCharge(time.time(), 1, res.label, removed, eps_after, REFUND, params), curve
                 )
                 store.commit()
             except BaseException:
@@ -310,3 +419,205 @@ class Ledger(Budget):
     def __repr__(self) -> str:
         state = "closed" if self._store is None else f"spent={self.epsilon_spent():.6g}"
         return f"Ledger({self._path!r}, epsilon={self._epsilon!r}, delta={self._delta!r}, {state})"
+
+
+class Reservation:
+    """Queries paid for in advance by :meth:`Ledger.reserve`, handed out without I/O.
+
+    ``granted`` queries were charged durably when the reservation was made. :meth:`take` hands
+    out ``n`` of them (a local counter under a lock: no I/O); it returns False, taking none, when
+    fewer than ``n`` are left or the reservation is closed. Release a token only after ``take``
+    returned True. :meth:`close` (idempotent; also on leaving a ``with`` block) commits, in one
+    transaction, a refund record of the ``granted - used`` queries not taken, so that the budget
+    spent afterwards is what the taken queries cost (never less: the refund removes at most
+    ``granted - used`` times the per-query curve and at most what the grant added minus
+    ``used`` times the curve, computed exactly, and the new totals are rounded up). A process that
+    dies before ``close`` leaves the whole grant charged: budget wasted, never a token released
+    uncharged. Orders where the per-query curve or the spent curve is inf are not refunded.
+
+    The refund record: ``mechanism`` :data:`REFUND`, ``count`` 1, ``rdp`` the curve removed from
+    the totals, ``label`` the reservation's, ``params`` ``{"refund_of": <the grant's charge id>,
+    "queries": granted - used, "granted": ..., "used": ...}``. A reservation belongs to the
+    process that made it (``take`` refuses after a fork).
+    """
+
+    def __init__(self, ledger: Ledger, charge_id: int | None, granted: int, rdp: tuple[float, ...],
+                 added: tuple[Fraction | None, ...], receipt: Receipt | None, label: str = ""):
+        self._ledger = ledger
+        self._charge_id = charge_id
+        self._granted = granted
+        self._rdp = rdp
+        self._added = added
+        self._receipt = receipt
+        self._refund_receipt: Receipt | None = None
+        self.label = label
+        self._used = 0
+        self._state = "open" if granted else "closed"  # open -> closing -> closed
+        self._lock = threading.Lock()
+        self._closing = threading.Lock()
+        self._pid = os.getpid()
+
+    @property
+    def granted(self) -> int:
+        """How many queries were charged for this reservation (0: none, nothing recorded)."""
+        return self._granted
+
+    @property
+    def used(self) -> int:
+        """How many queries :meth:`take` has handed out."""
+        return self._used
+
+    @property
+    def remaining(self) -> int:
+        return self._granted - self._used if self._state == "open" else 0
+
+    @property
+    def charge_id(self) -> int | None:
+        """The id of the grant's charge record (None when nothing was granted)."""
+        return self._charge_id
+
+    @property
+    def receipt(self) -> Receipt | None:
+        """The grant's receipt (None when nothing was granted)."""
+        return self._receipt
+
+    @property
+    def refund(self) -> Receipt | None:
+        """The refund record's receipt, once :meth:`close` has written one."""
+        return self._refund_receipt
+
+    @property
+    def closed(self) -> bool:
+        return self._state == "closed"
+
+    def take(self, n: int = 1) -> bool:
+        """Hand out ``n`` of the granted queries (all or none); False when fewer are left or the
+        reservation is closed (or closing)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError("n", f"must be an integer >= 1, got {n!r}")
+        if os.getpid() != self._pid:
+            raise LedgerError(
+                f"this reservation was made in process {self._pid}; a forked process must reserve its own"
+            )
+        with self._lock:
+            if self._state != "open" or self._used + n > self._granted:
+                return False
+            self._used += n
+            return True
+
+    def close(self) -> Receipt | None:
+        """Stop handing out queries and refund the untaken ones (one transaction); returns the
+        refund's receipt, or None when there was nothing to refund. Idempotent. If the refund
+        cannot be written (:class:`LedgerError`), the untaken queries stay charged and a later
+        ``close()`` tries again."""
+        with self._closing:  # one refund, however many threads close at once
+            with self._lock:
+                if self._state == "closed":
+                    return self._refund_receipt
+                self._state = "closing"
+                used = self._used
+            if used == self._granted or os.getpid() != self._pid:
+                # nothing to refund; or a forked copy: the grant is the parent's to refund
+                self._state = "closed"
+                return None
+            self._refund_receipt = self._ledger._refund(self, used)
+            self._state = "closed"
+            return self._refund_receipt
+
+    def _removal(self, used: int) -> tuple[float, ...]:
+        """The curve to remove from the totals: per order, the largest float <= min((granted -
+        used) * rdp, added - used * rdp), exactly; 0 where rdp is 0 or inf or the grant's
+        contribution is not finite."""
+        n = self._granted - used
+        out = []
+        for r, added in zip(self._rdp, self._added, strict=True):
+            if r == 0.0 or added is None or math.isinf(r):
+                out.append(0.0)
+                continue
+            fr = Fraction(r)
+            bound = min(n * fr, added - used * fr)
+            out.append(_floor_float(bound) if bound > 0 else 0.0)
+        return tuple(out)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Reservation(granted={self._granted}, used={self._used}, {self._state})"
+
+
+def record_count(rec: ChargeRecord) -> int:
+    """The queries a history record adds: its count for a charge, minus the refunded queries for
+    a refund record (:data:`REFUND`)."""
+    if rec.mechanism == REFUND:
+        return -int(rec.params.get("queries", 0))
+    return rec.count
+
+
+def net_count(records: Iterable[ChargeRecord]) -> int:
+    """The queries charged by a history, net of refunds (what was handed out, when every
+    reservation was closed)."""
+    return sum(record_count(r) for r in records)
+
+
+def _not_a_refund(charge: RdpCharge) -> None:
+    if charge.mechanism == REFUND:
+        raise ConfigError("mechanism", f"{REFUND!r} is reserved for the ledger's refund records")
+
+
+def _floor_float(x: Fraction) -> float:
+    """The largest float <= x (x finite)."""
+    f = float(x)
+    if Fraction(f) > x:
+        f = math.nextafter(f, -math.inf)
+    return f
+
+
+def _ceil_float(x: Fraction) -> float:
+    """The smallest float >= x (x finite)."""
+    f = float(x)
+    if Fraction(f) < x:
+        f = math.nextafter(f, math.inf)
+    return f
+
+
+def _sub_up(spent: Sequence[float], removed: Sequence[float]) -> tuple[float, ...]:
+    """``spent - removed`` order by order, rounded up (never below the exact difference, never
+    below 0); inf stays inf. Deterministic, so a replay reproduces the totals bit for bit."""
+    if len(spent) != len(removed):
+        raise ValueError("curves must have the same length")
+    out = []
+    for s, d in zip(spent, removed, strict=True):
+        if d == 0.0 or math.isinf(s):
+            out.append(s)
+        elif math.isinf(d):
+            raise ValueError("a refund cannot remove an infinite amount")
+        else:
+            out.append(max(0.0, _ceil_float(Fraction(s) - Fraction(d))))
+    return tuple(out)
+
+
+def _check_refund(path: str, rec: ChargeRecord, charges: dict[int, ChargeRecord], refunded: dict[int, int]) -> None:
+    """A refund record must refund an earlier grant, no more queries than it granted (over all
+    its refunds), and remove at most that many times the grant's per-query curve."""
+    params = rec.params
+    ref = params.get("refund_of")
+    queries = params.get("queries")
+    grant = charges.get(ref) if isinstance(ref, int) and not isinstance(ref, bool) else None
+    why = ""
+    if grant is None:
+        why = f"it refunds {ref!r}, which is not an earlier charge"
+    elif isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        why = f"it refunds {queries!r} queries"
+    elif refunded.get(ref, 0) + queries > grant.count:
+        why = f"charge {ref} granted {grant.count} queries, more than that are refunded"
+    elif rec.count != 1 or any(math.isinf(d) for d in rec.rdp):
+        why = "its count or curve is malformed"
+    elif any(d > 0.0 and Fraction(d) > queries * Fraction(r) for d, r in zip(rec.rdp, grant.rdp, strict=True)):
+        why = f"it removes more than {queries} queries of charge {ref} cost"
+    if why:
+        raise LedgerError(f"ledger {path} is inconsistent (tampered or partially corrupt): refund record {rec.id} is invalid: {why}")
+    refunded[ref] = refunded.get(ref, 0) + queries
