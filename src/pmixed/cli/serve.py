@@ -141,7 +141,7 @@ def serve_cmd(
     try:  # the ledger before the model: a corrupt or foreign one stops start-up at once
         led = Ledger(where, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
     except LedgerError as err:
-        raise LedgerError(f"{err}; {ledger_hint(where)}") from err
+        raise LedgerError(f"{err}; {ledger_hint(_shown(where))}") from err
     try:
         _, runtime = load_runtime(cfg, progress=False)
         mech = PMixED.from_config(cfg.privacy, runtime.n_members)
@@ -159,7 +159,7 @@ def serve_cmd(
     plog.setLevel(logging.INFO)
     plog.propagate = False
     p = decoder.privacy()
-    typer.echo(f"serving {name!r} on http://{host}:{port} (mode {mode}; ledger {where}: epsilon spent "
+    typer.echo(f"serving {name!r} on http://{host}:{port} (mode {mode}; ledger {_shown(where)}: epsilon spent "
                f"{p['epsilon_spent']:.4f} of {p['epsilon_limit']:g}, {p['queries_left']} tokens left; "
                f"keys {keys_path})", err=True)
     import signal
@@ -180,6 +180,13 @@ def serve_cmd(
         led.close()
         store.close()
     typer.echo("stopped", err=True)
+
+
+def _shown(where: str) -> str:
+    """A ledger location fit to print: a URL's password masked."""
+    import re
+
+    return re.sub(r"(://[^/:@]*):[^@/]*@", r"\1:***@", where)
 
 
 class _Stopped(Exception):
