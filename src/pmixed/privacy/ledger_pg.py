@@ -16,7 +16,8 @@ A charge is one transaction (:meth:`PostgresLedgerStore.lock_totals` .. ``commit
     COMMIT;   -- synchronous_commit = on: returns once the commit record is flushed to disk
 
 The row lock serialises writers of one budget across every connection (process, machine);
-readers are never blocked. Every session sets ``synchronous_commit = on`` (whatever the server's
+readers are never blocked. A writer waits at most 30 s for the lock (``lock_timeout``), and a
+session idle inside its transaction for 60 s is ended by the server, releasing the lock. Every session sets ``synchronous_commit = on`` (whatever the server's
 default), and a server running with ``fsync = off`` is refused on open (its commits would not be
 durable). A connection lost during ``COMMIT`` leaves the outcome unknown: :class:`LedgerError`
 is raised and the caller must not release (the charge may have been recorded: budget wasted,
@@ -60,6 +61,7 @@ SCHEMA = "pmixed_ledger"  # the default schema
 DEFAULT_BUDGET = "default"
 LOCK_TIMEOUT_S = 30.0
 CONNECT_TIMEOUT_S = 10
+IDLE_IN_TRANSACTION_S = 60.0
 #: pg_advisory_xact_lock key serialising schema creation: b"PMXD" as an integer.
 _CREATE_LOCK = 0x504D5844
 
@@ -213,7 +215,9 @@ class PostgresLedgerStore:
         try:
             conn.execute("SET synchronous_commit = on")
             conn.execute(f"SET lock_timeout = '{int(LOCK_TIMEOUT_S * 1000)}ms'")
-            conn.execute("SET idle_in_transaction_session_timeout = 0")
+            # a client that stalls (or is cut off) holding the row lock loses its session, so
+            # it cannot block the budget; its commit then fails and it releases nothing
+            conn.execute(f"SET idle_in_transaction_session_timeout = '{int(IDLE_IN_TRANSACTION_S * 1000)}ms'")
         except pg.Error as e:
             conn.close()
             raise LedgerError(f"cannot set up a session on ledger {self.location}: {_one_line(e)}") from e
