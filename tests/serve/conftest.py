@@ -59,7 +59,9 @@ class Served:
 
     def charged(self) -> int:
         """Tokens charged to the ledger so far (the sum of the charges' counts)."""
-        return sum(r.count for r in self.ledger.history())
+        from pmixed.privacy.ledger import record_count
+
+        return sum(record_count(r) for r in self.ledger.history())
 
 
 def _free_socket() -> socket.socket:

@@ -87,7 +87,7 @@ def _free_port() -> int:
 
 def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
     cfg, cfg_path = serve_run
-    from pmixed.privacy.ledger import Ledger
+    from pmixed.privacy.ledger import Ledger, record_count
     from pmixed.serve.keys import KeyStore
 
     kf, ledger = tmp_path / "keys.db", tmp_path / "serve.ledger"
@@ -125,4 +125,4 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
     assert proc.returncode == 0, err
     assert "serving 'tiny'" in err and "hi" not in err.replace("http", "").replace("chat", "")
     with Ledger(ledger) as led:
-        assert sum(rec.count for rec in led.history()) == r.usage.completion_tokens
+        assert sum(record_count(rec) for rec in led.history()) == r.usage.completion_tokens

@@ -43,7 +43,7 @@ def _start(cfg_path, keys, ledger, port):
 
 def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_run, tmp_path):
     from pmixed.mechanism.pmixed import PMixED
-    from pmixed.privacy.ledger import Ledger
+    from pmixed.privacy.ledger import Ledger, record_count
     from pmixed.serve.keys import KeyStore
 
     cfg, cfg_path = serve_run
@@ -69,7 +69,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_ru
     assert received >= 5
     mech = PMixED.from_config(cfg.privacy, cfg.data.n_parts)
     with Ledger(ledger) as led:
-        spent_queries = sum(rec.count for rec in led.history())
+        spent_queries = sum(record_count(rec) for rec in led.history())
         assert spent_queries >= received  # charge before send survived the kill
         spent = led.epsilon_spent()
         assert spent >= mech.epsilon_after(received) * (1 - 1e-12)
@@ -88,4 +88,4 @@ def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_ru
         except subprocess.TimeoutExpired:
             proc.kill()
     with Ledger(ledger) as led:
-        assert sum(rec.count for rec in led.history()) >= spent_queries + n
+        assert sum(record_count(rec) for rec in led.history()) >= spent_queries + n

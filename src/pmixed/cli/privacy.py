@@ -182,11 +182,13 @@ def ledger_hint(path) -> str:
 def ledger_summary(ledger, per_query_rdp: Sequence[float] | None = None) -> dict:
     """Spent, limit, remaining, the history by label and, given a per-query RDP curve, the
     queries the budget still affords."""
+    from pmixed.privacy.ledger import REFUND, record_count
+
     by_label: dict[str, dict[str, int]] = {}
-    for rec in ledger.history():
-        e = by_label.setdefault(rec.label or "(no label)", {"charges": 0, "queries": 0})
-        e["charges"] += 1
-        e["queries"] += rec.count
+    for rec in ledger.history():  # queries net of refunds (a reservation's untaken part)
+        e = by_label.setdefault(rec.label or "(no label)", {"charges": 0, "refunds": 0, "queries": 0})
+        e["refunds" if rec.mechanism == REFUND else "charges"] += 1
+        e["queries"] += record_count(rec)
     out = {
         "ledger": str(ledger.path),
         "epsilon_limit": ledger.epsilon,

@@ -92,7 +92,8 @@ def check_ensemble_matches(cfg: Any) -> None:
     )
     partition_sha = prepare_data(cfg).partition_sha256
     try:
-        _check_compatible(manifest, settings_sha256(_settings(cfg, base, partition_sha)), base, partition_sha)
+        settings = _settings(cfg, base, partition_sha)
+        _check_compatible(manifest, settings_sha256(settings), base, partition_sha, cfg, settings)
     except EnsembleMismatch as err:
         raise EnsembleMismatch(
             f"{err} (`pmixed train ensemble` refuses this config for the same reason; evaluating "

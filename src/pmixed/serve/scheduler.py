@@ -14,11 +14,16 @@ A background thread advances every active request by one token per step:
 4. per request: check the public row (an invalid one ends that request with "error", before
    its draw is used and without a charge: it depends on public data only), release the token's
    distribution (eq. (M1); constant mode with the work of all N members, ``release_masked``);
-5. charge every private token of the step in **one durable ledger transaction** before any of
-   them is sent. If the budget cannot pay for all, the largest affordable number k is charged
-   and the first k requests in admission order (not a function of private data) get their
-   token; the others end with "budget", or continue from the public model alone when the
-   operator enabled ``public_continuation`` (each such token marked ``public_only``);
+5. pay for each private token before it is sent, from the request's **reservation**: when a
+   request is admitted, ``Ledger.reserve`` charges its ``max_tokens`` (or as many as the budget
+   affords) in one durable transaction; each token takes one of them without I/O; a request
+   that has used its grant tops it up once more (the budget may have been given back by
+   others); when it ends, the untaken part is refunded in one transaction. So the ledger sees
+   one or two transactions per request, not one per token, and a crash wastes at most the
+   reserved but unsent part, never sends an uncharged token. Admission order (not a function of
+   private data) decides who gets the budget when it runs short. A request that cannot be paid
+   for ends with "budget", or continues from the public model alone when the operator enabled
+   ``public_continuation`` (each such token marked ``public_only``);
 6. sample (temperature / top-k / top-p on the released distribution: post-processing) from the
    OS CSPRNG, put the tokens on the streams, end requests at end of sequence, ``max_tokens``
    or the context.
@@ -44,14 +49,14 @@ from typing import Literal
 
 import torch
 
-from pmixed.errors import BudgetExhausted, PMixEDError, PromptTooLong
+from pmixed.errors import PMixEDError, PromptTooLong
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.release import release_masked
 from pmixed.mechanism.sampling import sample
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
-from pmixed.privacy.ledger import Ledger
+from pmixed.privacy.ledger import Ledger, Reservation
 from pmixed.privacy.mixture_bound import MECHANISM, params_record
 from pmixed.serve.stream import SamplingParams, Stream, Token
 
@@ -82,6 +87,7 @@ class _Request:
     idle: dict[int, int] = field(default_factory=dict)  # drawn mode: member -> last step used
     generated: int = 0
     public_only: bool = False
+    reservation: Reservation | None = None  # the private tokens paid for in advance
 
 
 ALL = -2  # constant mode's one group of N + 1 rows
@@ -133,7 +139,6 @@ class Decoder:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._step_no = 0
-        self._exhausted = False
         self._stats = {"steps": 0, "tokens_private": 0, "tokens_public": 0, "requests": 0,
                        "step_seconds_total": 0.0, "last_step_seconds": 0.0, "charges": 0}
         self._step_times: deque[float] = deque(maxlen=1024)
@@ -163,7 +168,7 @@ class Decoder:
             self._thread.join(timeout=30)
             self._thread = None
         for req in list(self._active) + list(self._pending):
-            req.stream.finish("cancelled")
+            self._finish(req, "cancelled")
         self._active.clear()
         self._pending.clear()
 
@@ -263,7 +268,7 @@ class Decoder:
             except Exception:  # never a member-dependent message to a client
                 log.exception("decode step failed; ending the requests it held")
                 for req in self._active:
-                    req.stream.finish("error", "internal error in the decode engine")
+                    self._finish(req, "error", "internal error in the decode engine")
                 self._active.clear()
             dt = time.perf_counter() - t0
             self._step_times.append(dt)
@@ -272,23 +277,29 @@ class Decoder:
                 self._stats["step_seconds_total"] += dt
                 self._stats["last_step_seconds"] = dt
 
-    def _charge(self, count: int) -> int:
-        """Charge ``count`` private tokens in one durable transaction; returns how many were
-        charged (fewer when the budget cannot pay for all: the largest affordable number)."""
-        if count == 0:
-            return 0
-        try:
-            self.ledger.charge(self._query(count))
-            return count
-        except BudgetExhausted:
-            k = min(count, self.ledger.queries_left(self._rdp))
-            if k == 0:
-                return 0
+    def _finish(self, req: _Request, reason, error: str | None = None) -> None:
+        """End a request: refund the untaken part of its reservation (one transaction), then
+        close its stream."""
+        if req.reservation is not None:
             try:
-                self.ledger.charge(self._query(k))
-                return k
-            except BudgetExhausted:  # another process spent in between
-                return 0
+                req.reservation.close()
+            except Exception:  # the refund is lost (budget wasted), never a release
+                log.exception("refund of a reservation failed")
+            req.reservation = None
+        req.stream.finish(reason, error)
+
+    def _pay(self, req: _Request) -> bool:
+        """Take one paid-for query for ``req``'s next private token; when its grant is used up,
+        reserve what it may still generate (one transaction). False: the budget cannot pay."""
+        if req.reservation is not None and req.reservation.take():
+            return True
+        if req.reservation is not None:
+            req.reservation.close()
+        req.reservation = self.ledger.reserve(self._query(1), req.params.max_tokens - req.generated)
+        if req.reservation.granted:
+            with self._lock:
+                self._stats["charges"] += 1
+        return req.reservation.take()
 
     def _query(self, count: int) -> RdpCharge:
         return RdpCharge(self.ledger.orders, self._rdp, count=count, label="serve",
@@ -303,15 +314,19 @@ class Decoder:
             active = list(self._active)
         for req in active:
             if req.stream.cancelled:
-                req.stream.finish("cancelled")
+                self._finish(req, "cancelled")
+            elif req.reservation is None and not req.public_only and req.generated == 0:
+                # admission: pay for max_tokens in advance (or what the budget affords)
+                req.reservation = self.ledger.reserve(self._query(1), req.params.max_tokens)
+                if req.reservation.granted:
+                    with self._lock:
+                        self._stats["charges"] += 1
+                elif not self.public_continuation:
+                    self._finish(req, "budget")  # nothing to run: no forward for it
+                else:
+                    req.public_only = True
         active = [r for r in active if not r.stream.done]
         if not active:
-            with self._lock:
-                self._active = [r for r in self._active if not r.stream.done]
-            return
-        if self._exhausted and not self.public_continuation:  # the budget only ever shrinks
-            for req in active:
-                req.stream.finish("budget")
             with self._lock:
                 self._active = [r for r in self._active if not r.stream.done]
             return
@@ -352,7 +367,7 @@ class Decoder:
             try:
                 row_totals(public[None], "public")
             except ValueError:  # public data only: refuse this request, uncharged
-                req.stream.finish("error", "the public model's distribution is not valid for this prompt")
+                self._finish(req, "error", "the public model's distribution is not valid for this prompt")
                 continue
             if req.public_only:
                 ready.append((req, public, public))
@@ -360,17 +375,10 @@ class Decoder:
                 ready.append((req, release_masked(public, members, mask, self.mechanism.params), public))
             else:
                 ready.append((req, self.mechanism.release(public, members), public))
-        private = [r for r in ready if not r[0].public_only]
-        paid = self._charge(len(private))  # durable before any token of this step is sent
-        self._exhausted = self._exhausted or paid < len(private)
-        if paid:
-            with self._lock:
-                self._stats["charges"] += 1
-        served = {id(r[0]) for r in sorted(private, key=lambda r: r[0].order)[:paid]}
-        for req, dist, public in ready:
-            if not req.public_only and id(req) not in served:
+        for req, dist, public in sorted(ready, key=lambda r: r[0].order):  # admission order
+            if not req.public_only and not self._pay(req):  # paid before it is sent
                 if not self.public_continuation:
-                    req.stream.finish("budget")
+                    self._finish(req, "budget")
                     continue
                 req.public_only, dist = True, public
             p = req.params
@@ -383,9 +391,9 @@ class Decoder:
             eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
             ctx = self.context_length
             if p.stop_at_eos and eos is not None and token == eos:
-                req.stream.finish("stop")
+                self._finish(req, "stop")
             elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
-                req.stream.finish("length")
+                self._finish(req, "length")
         if self.mode == "drawn":  # bound the memory: drop member caches idle for long
             for req in active:
                 for k, last in list(req.idle.items()):
