@@ -114,7 +114,8 @@ def test_status_summarises_the_history(tmp_path):
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     assert d["charges"] == 3 and d["queries"] == 14 and d["epsilon_spent"] == spent
-    assert d["by_label"] == {"generate": {"charges": 2, "queries": 4}, "score": {"charges": 1, "queries": 10}}
+    assert d["by_label"] == {"generate": {"charges": 2, "refunds": 0, "queries": 4},
+                             "score": {"charges": 1, "refunds": 0, "queries": 10}}
     assert d["epsilon_limit"] == 8.0 and math.isclose(d["epsilon_remaining"], 8.0 - spent)
     out = status("--ledger", path)
     assert "history: 3 charges, 14 queries (generate: 2 charges, 4 queries, score: 1 charges, 10 queries)" in out.stdout
