@@ -177,3 +177,23 @@ def test_generation_stops_at_the_context(runtime):
     with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, mech(queries=64), led) as dec:
         s = dec.submit(list(range(1, 61)), SamplingParams(max_tokens=20, stop_at_eos=False))
         assert len(list(s)) == 4 and s.finish_reason == "length"  # 60 + 4 = the 64 positions
+
+
+def test_a_request_is_one_reservation_not_one_transaction_per_token(runtime):
+    """max_tokens are reserved at admission in one transaction and the untaken part refunded in
+    one more when the request ends; the tokens in between cost no ledger I/O."""
+    from pmixed.privacy.ledger import REFUND
+
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, mech(queries=64), led) as dec:
+        s = dec.submit([1, 2], SamplingParams(max_tokens=10, stop_at_eos=False))
+        assert len(list(s)) == 10
+        hist = led.history()
+        assert [(r.count, r.mechanism) for r in hist] == [(10, "pmixed")]  # one grant, nothing to refund
+        s = dec.submit([1, 2], SamplingParams(max_tokens=30, stop_at_eos=False))
+        it = iter(s)
+        got = [next(it) for _ in range(3)]
+        s.cancel()
+        got += list(it)
+        hist = led.history()[1:]
+        assert len(hist) == 2 and hist[0].count == 30 and hist[1].mechanism == REFUND
+        assert sum(record_count(r) for r in hist) == len(got)  # the refund returns the untaken part
