@@ -106,6 +106,61 @@ def test_changed_settings_refuse_to_resume(trained):
     assert res.trained == [] and len(res.skipped) == cfg.data.n_parts
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"lora__r": 3}, "[lora] r 2 -> 3"),
+        ({"lora__alpha": 4}, "[lora] alpha 8 -> 4"),
+        ({"train__lr": 1e-3}, "[train] lr 0.01 -> 0.001"),
+        ({"train__max_steps": 6}, "[train] max_steps 4 -> 6"),
+        ({"run__seed": 1}, "[run] seed 0 -> 1"),
+        ({"data__seed": 5}, "data partition differs ([data] seed 0 -> 5)"),
+        ({"data__block_size": 16}, "[data] block_size 32 -> 16"),
+    ],
+    ids=["lora.r", "lora.alpha", "train.lr", "train.max_steps", "run.seed", "data.seed", "data.block_size"],
+)
+def test_a_changed_member_setting_is_refused_by_name_and_nothing_is_reused(trained, change, named):
+    """Reported: after a refused [data] seed change, a changed [lora] r on the same folder skipped
+    all three members. Not so: every change a member's weights depend on is refused, naming the
+    field, after the [data] seed refusal too; the folder is left as it was."""
+    from pmixed.train.ensemble import train_ensemble
+
+    cfg, _ = trained
+    before = (cfg.output_dir / "ensemble.json").read_text()
+    with pytest.raises(EnsembleMismatch, match="data partition differs"):
+        train_ensemble(cfg.replace(data__seed=5), progress=False)
+    with pytest.raises(EnsembleMismatch, match="other settings") as err:
+        train_ensemble(cfg.replace(**change), progress=False)
+    assert named in str(err.value) and "choose a new run.output_dir" in str(err.value)
+    if "data__seed" not in change:
+        assert "data partition" not in str(err.value)
+    assert (cfg.output_dir / "ensemble.json").read_text() == before
+
+
+def test_without_the_manifest_members_of_other_settings_are_retrained(trained, tmp_path):
+    """A folder whose ensemble.json was deleted: each member's own record decides, so members
+    trained with another [lora] r (or [train] lr) are retrained, never reused."""
+    from pmixed.train.ensemble import train_ensemble
+
+    cfg, _ = trained
+    out = tmp_path / "no-manifest"
+    shutil.copytree(cfg.output_dir, out)
+    (out / "ensemble.json").unlink()
+    old = {i: json.loads((out / "members" / f"member-{i:03d}" / "member.json").read_text()) for i in range(3)}
+    res = train_ensemble(cfg.replace(run__output_dir=str(out), lora__r=3), progress=False)
+    assert res.trained == [0, 1, 2] and res.skipped == []
+    m = json.loads((out / "ensemble.json").read_text())
+    assert m["lora"]["r"] == 3 and m["complete"]
+    for rec in m["members"]:
+        assert rec["settings_sha256"] == m["settings_sha256"] != old[rec["index"]]["settings_sha256"]
+        assert rec["adapter_sha256"] != old[rec["index"]]["adapter_sha256"]
+        cfg_file = json.loads((out / rec["path"] / "adapter_config.json").read_text())
+        assert cfg_file["r"] == 3
+    (out / "ensemble.json").unlink()
+    res = train_ensemble(cfg.replace(run__output_dir=str(out), lora__r=3, train__lr=1e-3), progress=False)
+    assert res.trained == [0, 1, 2] and res.skipped == []
+
+
 def test_load_ensemble_verifies(trained, tiny_base, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -56,13 +56,9 @@ def announce_long_steps(cfg, *, trains: bool = False) -> None:
             return
     except Exception:  # pragma: no cover - the cache layout moved: say nothing rather than fail
         return
-    pp = cfg.public_pretrain
-    params = 12 * pp.n_layer * pp.n_embd ** 2 + pp.vocab_size * pp.n_embd
-    tokens = pp.steps * pp.batch_size * pp.block_size
-    minutes = 6 * params * tokens / 1e11 / 60  # ~1e11 FLOP/s measured on 2 CPU cores (quick config)
-    typer.echo(f"building the public base builtin:tiny-gpt2 (pre-training on {pp.corpus}, at most {pp.steps} "
-               f"steps; expect about {max(1, round(minutes))} min on 2 CPU cores, less on more); cached afterwards",
-               err=True)
+    from pmixed.train.public_pretrain import announce_pretrain  # the build then does not repeat it
+
+    announce_pretrain(cfg.public_pretrain)
 
 
 def _console():

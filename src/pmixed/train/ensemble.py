@@ -7,6 +7,8 @@ Layout of an ensemble folder (``run.output_dir``)::
     eval_records.jsonl         held-out units' records ({"unit", "doc_id", "text"} per line)
     members/member-000/        a PEFT adapter folder (adapter_config.json,
                                adapter_model.safetensors) plus member.json, its record
+                               (with steps, max_steps and short: a member whose part is too
+                               small for max_steps says so, and why, in short_reason)
     members/member-001/ ...
 
 Each member folder is written under a temporary name and renamed into place only after the
@@ -29,6 +31,7 @@ import dataclasses
 import os
 import shutil
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -61,6 +64,8 @@ __all__ = [
     "MANIFEST_VERSION",
     "MEMBER_RECORD",
     "member_name",
+    "short_line",
+    "short_record",
     "EnsembleRunResult",
     "train_ensemble",
 ]
@@ -124,6 +129,26 @@ def _member_done(out: Path, index: int, settings_hash: str, manifest: dict | Non
     return rec
 
 
+def short_record(cfg: RunConfig, steps: int, n_blocks: int) -> dict[str, Any]:
+    """``max_steps`` and whether the member got fewer optimiser steps than that (``short``), with
+    the reason: its part is too small for ``max_steps`` at ``[train] epochs`` and ``batch_size``."""
+    t = cfg.train
+    rec: dict[str, Any] = {"max_steps": t.max_steps, "short": t.max_steps is not None and steps < t.max_steps}
+    if rec["short"]:
+        rec["short_reason"] = (
+            f"its part has only {n_blocks} blocks of {cfg.data.block_size} tokens, and [train] epochs = "
+            f"{t.epochs:g} at batch_size {t.batch_size} gives {steps} steps"
+        )
+    return rec
+
+
+def short_line(rec: dict[str, Any]) -> str | None:
+    """One line for a member record that got fewer steps than ``max_steps``; None otherwise."""
+    if not rec.get("short"):
+        return None
+    return f"{rec['name']}: {rec['steps']} steps, fewer than max_steps = {rec['max_steps']}: {rec['short_reason']}"
+
+
 def _train_member(
     cfg: RunConfig,
     base: BaseInfo,
@@ -155,6 +180,7 @@ def _train_member(
             "part_index": index,
             **part_info,
             **fit_record(fit, blocks),
+            **short_record(cfg, fit.steps, int(blocks.size(0))),
             "seed": seed,
             "adapter_sha256": adapter_sha,
             "settings_sha256": settings_hash,
@@ -213,7 +239,19 @@ def _assemble_manifest(
     }
 
 
-def _check_compatible(previous: dict, settings_hash: str, base: BaseInfo, partition_sha: str):
+def _changed(section: str, old: Any, new: dict[str, Any]) -> list[str]:
+    """``[section] field old -> new`` for every field of ``new`` that ``old`` (a manifest's copy)
+    holds with another value."""
+    if not isinstance(old, dict):
+        return [f"[{section}] not recorded"]
+    return [f"[{section}] {k} {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+
+
+def _check_compatible(previous: dict, settings_hash: str, base: BaseInfo, partition_sha: str,
+                      cfg: RunConfig, settings: dict[str, Any]):
+    """Refuse to add to (or reuse members of) an ensemble trained with other settings, naming
+    what differs: the base, the tokenizer, the partition (and the ``[data]`` fields that changed),
+    or the ``[lora]``/``[train]`` fields and the run seed a member's weights depend on."""
     if previous.get("format") != MANIFEST_FORMAT:
         raise EnsembleMismatch(
             "ensemble.json in the output folder is not a pmixed ensemble manifest"
@@ -226,7 +264,14 @@ def _check_compatible(previous: dict, settings_hash: str, base: BaseInfo, partit
     if previous.get("tokenizer", {}).get("sha256") != base.tokenizer_sha256:
         reasons.append("tokenizer differs")
     if previous.get("partition", {}).get("sha256") != partition_sha:
-        reasons.append("data partition differs")
+        data = _changed("data", previous.get("data"), dataclasses.asdict(cfg.data))
+        reasons.append("data partition differs" + (f" ({', '.join(data)})" if data else ""))
+    else:  # the same partition: the blocks may still be cut otherwise
+        reasons += _changed("data", previous.get("data"), {"block_size": settings["block_size"]})
+    reasons += _changed("lora", previous.get("lora"), settings["lora"])
+    reasons += _changed("train", previous.get("train"), settings["train"])
+    if previous.get("seed") != settings["seed"]:
+        reasons.append(f"[run] seed {previous.get('seed')!r} -> {settings['seed']!r}")
     reasons = reasons or ["LoRA/training settings or seed differ"]
     raise EnsembleMismatch(
         "the output folder holds an ensemble trained with other settings ("
@@ -283,14 +328,14 @@ def train_ensemble(
         def check_and_write() -> dict:
             previous = read_json(manifest_path) if manifest_path.is_file() else None
             if previous is not None:
-                _check_compatible(previous, settings_hash, base, prepared.partition_sha256)
+                _check_compatible(previous, settings_hash, base, prepared.partition_sha256, cfg, settings)
             entry = write_partition_files(prepared, out)
             return {"previous": previous, "partition_entry": entry}
 
         # every rank reads the old manifest (read-only) so that all of them stop on a mismatch
         if dist_info.rank != 0 and manifest_path.is_file():
             _check_compatible(
-                read_json(manifest_path), settings_hash, base, prepared.partition_sha256
+                read_json(manifest_path), settings_hash, base, prepared.partition_sha256, cfg, settings
             )
         state = dist_info.run_collectively(check_and_write, only_rank0=True)
         previous = state["previous"] if state else None
@@ -329,7 +374,7 @@ def train_ensemble(
                     "n_records": len(part),
                     "n_units": len({r.unit for r in part}),
                 }
-                _train_member(
+                record = _train_member(
                     cfg,
                     base,
                     blocks,
@@ -341,6 +386,8 @@ def train_ensemble(
                     progress=progress,
                 )
                 trained.append(i)
+                if progress and (line := short_line(record)) is not None:
+                    bar.write(f"short member: {line}", file=sys.stderr)
                 if not dist_info.active:  # single process: keep the manifest current
                     atomic_write_json(
                         manifest_path,

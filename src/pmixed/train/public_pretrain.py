@@ -23,6 +23,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,11 @@ from pmixed.errors import DataError
 from pmixed.models.builtins import BUILTIN_TINY_GPT2, register_builder
 from pmixed.models.tiny_gpt2 import build_gpt2, is_built, tiny_gpt2_dir, train_bpe_tokenizer
 
-__all__ = ["ensure_tiny_gpt2", "pretrain_tiny_gpt2"]
+__all__ = ["announce_pretrain", "ensure_tiny_gpt2", "pretrain_announcement", "pretrain_tiny_gpt2"]
+
+# folders whose build was announced already in this process (by a command, before its other
+# work): the build itself then does not say it again. A mark is used up by the build it announced.
+_announced: set[str] = set()
 
 
 def _split_documents(records, heldout_fraction: float, seed: int):
@@ -47,6 +52,23 @@ def _split_documents(records, heldout_fraction: float, seed: int):
     train = [r.text for r in records if r.doc_id not in held]
     heldout = [r.text for r in records if r.doc_id in held]
     return train, heldout
+
+
+def pretrain_announcement(cfg: PublicPretrainConfig) -> str:
+    """The one line said before ``builtin:tiny-gpt2`` is pre-trained, with its expected duration."""
+    params = 12 * cfg.n_layer * cfg.n_embd ** 2 + cfg.vocab_size * cfg.n_embd
+    tokens = cfg.steps * cfg.batch_size * cfg.block_size
+    minutes = 6 * params * tokens / 1e11 / 60  # ~1e11 FLOP/s measured on 2 CPU cores (quick config)
+    return (f"building the public base builtin:tiny-gpt2 (pre-training on {cfg.corpus}, at most {cfg.steps} "
+            f"steps; expect about {max(1, round(minutes))} min on 2 CPU cores, less on more); cached afterwards")
+
+
+def announce_pretrain(cfg: PublicPretrainConfig | None = None, *, cache_dir=None) -> None:
+    """Print :func:`pretrain_announcement` to stderr — always, ``-q`` or not: a step of minutes is
+    never silent — and remember it, so the build that follows in this process does not repeat it."""
+    cfg = cfg or PublicPretrainConfig()
+    _announced.add(str(tiny_gpt2_dir(cfg, cache_dir)))
+    print(pretrain_announcement(cfg), file=sys.stderr, flush=True)
 
 
 def pretrain_tiny_gpt2(
@@ -122,13 +144,19 @@ def ensure_tiny_gpt2(
     cache_dir=None,
     progress: bool = True,
 ) -> Path:
-    """Return the cached folder of the tiny GPT-2 for ``cfg``, building it on first use."""
+    """Return the cached folder of the tiny GPT-2 for ``cfg``, building it on first use. A build
+    is announced on stderr first (one line with the expected duration, also with ``progress=False``)
+    unless :func:`announce_pretrain` said it already."""
     from pmixed.data.sources import load_records
 
     cfg = cfg or PublicPretrainConfig()
     final = tiny_gpt2_dir(cfg, cache_dir)
     if is_built(final):
         return final
+    if str(final) in _announced:
+        _announced.discard(str(final))  # said by the command that is now building it
+    else:
+        print(pretrain_announcement(cfg), file=sys.stderr, flush=True)
     records = load_records(cfg.corpus, cache_dir=cache_dir)
     train_texts, heldout_texts = _split_documents(records, cfg.heldout_fraction, cfg.seed)
     model, tokenizer, metrics = pretrain_tiny_gpt2(
