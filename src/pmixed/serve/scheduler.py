@@ -91,6 +91,7 @@ class _Request:
 
 
 ALL = -2  # constant mode's one group of N + 1 rows
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 
 
 class Decoder:
@@ -140,8 +141,9 @@ class Decoder:
         self._thread: threading.Thread | None = None
         self._step_no = 0
         self._stats = {"steps": 0, "tokens_private": 0, "tokens_public": 0, "requests": 0,
-                       "step_seconds_total": 0.0, "last_step_seconds": 0.0, "charges": 0}
+                       "step_seconds_total": 0.0, "last_step_seconds": 0.0, "charges": 0, "rows_total": 0}
         self._step_times: deque[float] = deque(maxlen=1024)
+        self._step_hist = dict.fromkeys(STEP_BUCKETS, 0)  # le -> steps (per bucket, not cumulative)
 
     # ------------------------------------------------------------------ public API
 
@@ -223,12 +225,17 @@ class Decoder:
         }
 
     def stats(self) -> dict:
-        """Counters for /metrics. None of them depends on the draw (in drawn mode the number of
-        rows run would; it is not reported)."""
+        """Counters for /metrics: steps, tokens, requests, ledger transactions, the step-time
+        histogram (seconds) and, in constant-work mode, the rows run (``rows_total``). In drawn
+        mode the rows run depend on the draw and are not reported (the step times do too: /metrics
+        is for the operator, docs/privacy.md 8b)."""
         with self._lock:
             out = dict(self._stats)
             out["active"] = len(self._active)
             out["queued"] = len(self._pending)
+            out["step_duration_seconds"] = {"buckets": dict(self._step_hist), "sum": self._stats["step_seconds_total"]}
+            if self.mode != "constant":
+                out.pop("rows_total", None)
         out["cache_bytes_per_request"] = self.cache_bytes_per_request()
         return out
 
@@ -276,6 +283,7 @@ class Decoder:
                 self._stats["steps"] += 1
                 self._stats["step_seconds_total"] += dt
                 self._stats["last_step_seconds"] = dt
+                self._step_hist[next(b for b in STEP_BUCKETS if dt <= b)] += 1
 
     def _finish(self, req: _Request, reason, error: str | None = None) -> None:
         """End a request: refund the untaken part of its reservation (one transaction), then
@@ -352,6 +360,8 @@ class Decoder:
         multi = [g for g in groups if len(g.tokens) > 1]
         out: dict[int, torch.Tensor] = {}
         persistent = self.mode == "constant"  # the same groups step together: reuse the batch cache
+        with self._lock:
+            self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
         for batch in (multi, single):  # at most two batched forwards
             for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
                 out[id(g)] = probs.double().cpu()  # [b, V]: the mechanism runs on the CPU
