@@ -114,7 +114,7 @@ def dpsgd_unit(config: Path = ConfigOpt, output_dir: Path = OutOpt, quiet: bool 
 
 @app.command("pretrain")
 def pretrain(config: Path = ConfigOpt, quiet: bool = QuietOpt) -> None:
-    """Build (or find cached) the builtin:tiny-gpt2 base from [public_pretrain]."""
+    """Build (or find cached) the builtin:tiny-gpt2 base from the config's public_pretrain section."""
     from pmixed.train.public_pretrain import ensure_tiny_gpt2
 
     cfg = _start(config, None, quiet)
