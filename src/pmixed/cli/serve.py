@@ -96,7 +96,7 @@ def serve_cmd(
                                "serving this deployment must share it."),
     mode: str = typer.Option("constant", "--mode",
                              help="constant: a step's work does not depend on the draw (default); drawn: "
-                                  "only the drawn members run (faster; per-token timing depends on the draw)."),
+                                  "only the drawn members run (less work at small q; per-token timing depends on the draw)."),
     max_active: int = typer.Option(8, "--max-active", min=1, help="Requests decoded at once."),
     max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests waiting beyond --max-active (then 429)."),
     public_continuation: bool = typer.Option(
