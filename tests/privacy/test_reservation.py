@@ -189,7 +189,7 @@ def test_refund_rounding_never_charges_less():
 def test_a_forged_refund_is_detected_on_open(tmp_path):
     """A refund that removes more than the queries it names (totals edited to match) is caught by
     the replay's audit, as is a refund of more queries than were granted."""
-    from pmixed.privacy.ledger_sqlite import _dump_curve
+    from pmixed.privacy.ledger_store import dump_curve as _dump_curve
 
     for forge in ("rdp", "queries"):
         path = str(tmp_path / f"{forge}.ledger")

@@ -43,15 +43,21 @@ install it with the ``postgres`` extra (``pip install 'pmixed[postgres]'``).
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pmixed.errors import ConfigError, LedgerError
 from pmixed.privacy.accountant import ChargeRecord, check_limit, dump_params
-from pmixed.privacy.ledger_store import LedgerMeta, NewCharge, Totals
+from pmixed.privacy.ledger_store import (
+    LedgerMeta,
+    NewCharge,
+    Totals,
+    dump_curve,
+    load_curve,
+    load_params,
+)
 
 __all__ = ["FORMAT", "SCHEMA", "SCHEMA_VERSION", "PostgresLedgerStore", "is_postgres_url", "parse_url"]
 
@@ -153,30 +159,6 @@ def _psycopg():
     return psycopg
 
 
-def _dump_curve(curve: Sequence[float]) -> str:
-    return json.dumps([None if math.isinf(r) else r for r in curve], allow_nan=False)
-
-
-def _load_curve(text: str, n: int) -> tuple[float, ...]:
-    values = json.loads(text)
-    if not isinstance(values, list) or len(values) != n:
-        raise ValueError(f"expected a list of {n} values")
-    out = []
-    for v in values:
-        if v is None:
-            out.append(math.inf)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
-            out.append(float(v))
-        else:
-            raise ValueError(f"bad RDP value {v!r}")
-    return tuple(out)
-
-
-def _load_params(text: str) -> dict:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"charge params must be a JSON object, got {text!r}")
-    return value
 
 
 class PostgresLedgerStore:
@@ -328,7 +310,7 @@ class PostgresLedgerStore:
                 if cur.rowcount == 1:
                     conn.execute(
                         f"INSERT INTO {self.schema}.totals (budget, rdp, n_charges, last_charge_id) VALUES (%s, %s, 0, 0)",
-                        (self.budget, _dump_curve((0.0,) * len(meta.orders))),
+                        (self.budget, dump_curve((0.0,) * len(meta.orders))),
                     )
         except pg.Error as e:
             raise LedgerError(f"cannot open ledger {self.location}: {_one_line(e)}") from e
@@ -367,7 +349,7 @@ class PostgresLedgerStore:
         if row is None:
             raise LedgerError(f"ledger {self.location} is damaged: its totals row is missing")
         try:
-            return Totals(_load_curve(row[0], self._n()), row[1], row[2])
+            return Totals(load_curve(row[0], self._n()), row[1], row[2])
         except (ValueError, TypeError) as e:
             raise LedgerError(f"ledger {self.location} is damaged: bad totals ({e})") from e
 
@@ -404,13 +386,13 @@ class PostgresLedgerStore:
                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     self.budget, charge_id, charge.time, charge.count, charge.label,
-                    _dump_curve(charge.rdp), charge.epsilon_after, charge.mechanism,
+                    dump_curve(charge.rdp), charge.epsilon_after, charge.mechanism,
                     dump_params(charge.params),
                 ),
             )
             conn.execute(
                 f"UPDATE {self.schema}.totals SET rdp = %s, n_charges = %s, last_charge_id = %s WHERE budget = %s",
-                (_dump_curve(spent_after), locked.n_charges + 1, charge_id, self.budget),
+                (dump_curve(spent_after), locked.n_charges + 1, charge_id, self.budget),
             )
         except pg.Error as e:
             raise LedgerError(f"charge not recorded in ledger {self.location}: {_one_line(e)}") from e
@@ -443,7 +425,7 @@ class PostgresLedgerStore:
         n = self._n()
         try:
             return [
-                ChargeRecord(r[0], r[1], r[2], r[3], _load_curve(r[4], n), r[5], r[6], _load_params(r[7]))
+                ChargeRecord(r[0], r[1], r[2], r[3], load_curve(r[4], n), r[5], r[6], load_params(r[7]))
                 for r in rows
             ]
         except (ValueError, TypeError) as e:

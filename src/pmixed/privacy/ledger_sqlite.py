@@ -43,17 +43,23 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import json
-import math
 import os
 import sqlite3
 import stat
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from pmixed.errors import LedgerError
 from pmixed.privacy.accountant import ChargeRecord, check_limit, dump_params
-from pmixed.privacy.ledger_store import LedgerMeta, NewCharge, Totals
+from pmixed.privacy.ledger_store import (
+    LedgerMeta,
+    NewCharge,
+    Totals,
+    dump_curve,
+    load_curve,
+    load_params,
+)
 
 __all__ = ["APPLICATION_ID", "FORMAT", "MEMORY", "SCHEMA_VERSION", "SqliteLedgerStore"]
 
@@ -125,30 +131,6 @@ def new_meta(epsilon: float, delta: float, orders: tuple[float, ...], rule: str)
     )
 
 
-def _dump_curve(curve: Sequence[float]) -> str:
-    return json.dumps([None if math.isinf(r) else r for r in curve], allow_nan=False)
-
-
-def _load_curve(text: str, n: int) -> tuple[float, ...]:
-    values = json.loads(text)
-    if not isinstance(values, list) or len(values) != n:
-        raise ValueError(f"expected a list of {n} values")
-    out = []
-    for v in values:
-        if v is None:
-            out.append(math.inf)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
-            out.append(float(v))
-        else:
-            raise ValueError(f"bad RDP value {v!r}")
-    return tuple(out)
-
-
-def _load_params(text: str) -> dict:
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise ValueError(f"charge params must be a JSON object, got {text!r}")
-    return value
 
 
 def _not_ledger(path: str) -> LedgerError:
@@ -327,7 +309,7 @@ class SqliteLedgerStore:
         if row is None:
             raise LedgerError(f"ledger {self.location} is damaged: its totals row is missing")
         try:
-            return Totals(_load_curve(row[0], self._n()), row[1], row[2])
+            return Totals(load_curve(row[0], self._n()), row[1], row[2])
         except (ValueError, TypeError) as e:
             raise LedgerError(f"ledger {self.location} is damaged: bad totals ({e})") from e
 
@@ -361,14 +343,14 @@ class SqliteLedgerStore:
             cur = conn.execute(
                 f"INSERT INTO charges ({_CHARGE_COLUMNS.removeprefix('id, ')}) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    charge.time, charge.count, charge.label, _dump_curve(charge.rdp), charge.epsilon_after,
+                    charge.time, charge.count, charge.label, dump_curve(charge.rdp), charge.epsilon_after,
                     charge.mechanism, dump_params(charge.params),
                 ),
             )
             charge_id = cur.lastrowid
             conn.execute(
                 "UPDATE totals SET rdp = ?, n_charges = ?, last_charge_id = ? WHERE id = 1",
-                (_dump_curve(spent_after), locked.n_charges + 1, charge_id),
+                (dump_curve(spent_after), locked.n_charges + 1, charge_id),
             )
         except sqlite3.Error as e:
             raise LedgerError(f"charge not recorded in ledger {self.location}: {e}") from e
@@ -396,7 +378,7 @@ class SqliteLedgerStore:
         n = self._n()
         try:
             return [
-                ChargeRecord(r[0], r[1], r[2], r[3], _load_curve(r[4], n), r[5], r[6], _load_params(r[7]))
+                ChargeRecord(r[0], r[1], r[2], r[3], load_curve(r[4], n), r[5], r[6], load_params(r[7]))
                 for r in rows
             ]
         except (ValueError, TypeError) as e:
@@ -460,7 +442,7 @@ def _create_schema(conn: sqlite3.Connection, meta: LedgerMeta) -> None:
         )
         conn.execute(
             "INSERT INTO totals (id, rdp, n_charges, last_charge_id) VALUES (1, ?, 0, 0)",
-            (_dump_curve((0.0,) * len(meta.orders)),),
+            (dump_curve((0.0,) * len(meta.orders)),),
         )
         conn.execute("COMMIT")
     except BaseException:

@@ -28,13 +28,15 @@ Pure standard library.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pmixed.privacy.accountant import ChargeRecord
 
-__all__ = ["LedgerMeta", "LedgerStore", "NewCharge", "StoreOpener", "Totals"]
+__all__ = ["LedgerMeta", "LedgerStore", "NewCharge", "StoreOpener", "Totals", "dump_curve", "load_curve", "load_params"]
 
 
 @dataclass(frozen=True)
@@ -115,3 +117,35 @@ class LedgerStore(Protocol):
 
 
 StoreOpener = Callable[[Callable[[], LedgerMeta] | None], LedgerStore]
+
+
+# ----------------------------------------------------------------- stored encodings (every store)
+
+
+def dump_curve(curve: Sequence[float]) -> str:
+    """An RDP curve as stored: JSON, inf as null."""
+    return json.dumps([None if math.isinf(r) else r for r in curve], allow_nan=False)
+
+
+def load_curve(text: str, n: int) -> tuple[float, ...]:
+    """A stored RDP curve of ``n`` orders back (ValueError on anything but non-negative numbers or null)."""
+    values = json.loads(text)
+    if not isinstance(values, list) or len(values) != n:
+        raise ValueError(f"expected a list of {n} values")
+    out = []
+    for v in values:
+        if v is None:
+            out.append(math.inf)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0:
+            out.append(float(v))
+        else:
+            raise ValueError(f"bad RDP value {v!r}")
+    return tuple(out)
+
+
+def load_params(text: str) -> dict:
+    """A stored charge's parameters (a JSON object)."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"charge params must be a JSON object, got {text!r}")
+    return value
