@@ -52,7 +52,8 @@ def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_ru
     proc, url = _start(cfg_path, keys, ledger, _free_port())
     received = 0
     try:
-        body = {"model": "tiny", "prompt": "apple", "max_tokens": 200, "stream": True}
+        body = {"model": "tiny", "prompt": "apple", "max_tokens": 200, "stream": True,
+                "ignore_eos": True}  # the stream must still run when it is killed
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60,
                           headers={"Authorization": f"Bearer {key}"}) as r:
             assert r.status_code == 200

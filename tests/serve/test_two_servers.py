@@ -37,7 +37,7 @@ def test_two_server_processes_share_one_postgresql_budget(serve_run, tmp_path):
 
     def stream(base: str, i: int) -> None:
         body = {"model": "tiny", "prompt": f"the harbor {i}", "max_tokens": 8, "stream": True,
-                "stream_options": {"include_usage": True}}
+                "stream_options": {"include_usage": True}, "ignore_eos": True}
         finish, tokens = None, 0
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=120,
                           headers={"Authorization": f"Bearer {key}"}) as r:
