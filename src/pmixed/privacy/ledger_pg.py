@@ -54,9 +54,9 @@ from pmixed.privacy.ledger_store import (
     LedgerMeta,
     NewCharge,
     Totals,
+    charge_records,
     dump_curve,
     load_curve,
-    load_params,
 )
 
 __all__ = ["FORMAT", "SCHEMA", "SCHEMA_VERSION", "PostgresLedgerStore", "is_postgres_url", "parse_url"]
@@ -421,16 +421,6 @@ class PostgresLedgerStore:
         except Exception:
             pass
 
-    def _records(self, rows) -> list[ChargeRecord]:
-        n = self._n()
-        try:
-            return [
-                ChargeRecord(r[0], r[1], r[2], r[3], load_curve(r[4], n), r[5], r[6], load_params(r[7]))
-                for r in rows
-            ]
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {self.location} is damaged: {e}") from e
-
     def history(self, limit: int | None = None) -> list[ChargeRecord]:
         check_limit(limit)
         pg = self._psycopg
@@ -443,7 +433,7 @@ class PostgresLedgerStore:
             rows = self._fresh().execute(sql, args).fetchall()
         except pg.Error as e:
             raise LedgerError(f"cannot read ledger {self.location}: {_one_line(e)}") from e
-        return self._records(reversed(rows))
+        return charge_records(reversed(rows), self._n(), self.location)
 
     def snapshot(self) -> tuple[Totals, list[ChargeRecord]]:
         pg = self._psycopg
@@ -458,7 +448,7 @@ class PostgresLedgerStore:
                 ).fetchall()
         except pg.Error as e:
             raise LedgerError(f"cannot read ledger {self.location}: {_one_line(e)}") from e
-        return totals, self._records(rows)
+        return totals, charge_records(rows, self._n(), self.location)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

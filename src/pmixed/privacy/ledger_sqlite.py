@@ -56,9 +56,9 @@ from pmixed.privacy.ledger_store import (
     LedgerMeta,
     NewCharge,
     Totals,
+    charge_records,
     dump_curve,
     load_curve,
-    load_params,
 )
 
 __all__ = ["APPLICATION_ID", "FORMAT", "MEMORY", "SCHEMA_VERSION", "SqliteLedgerStore"]
@@ -374,16 +374,6 @@ class SqliteLedgerStore:
             except sqlite3.Error:
                 pass
 
-    def _records(self, rows) -> list[ChargeRecord]:
-        n = self._n()
-        try:
-            return [
-                ChargeRecord(r[0], r[1], r[2], r[3], load_curve(r[4], n), r[5], r[6], load_params(r[7]))
-                for r in rows
-            ]
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {self.location} is damaged: {e}") from e
-
     def history(self, limit: int | None = None) -> list[ChargeRecord]:
         check_limit(limit)
         sql = f"SELECT {_CHARGE_COLUMNS} FROM charges ORDER BY id DESC"
@@ -395,7 +385,7 @@ class SqliteLedgerStore:
             rows = self._db().execute(sql, args).fetchall()
         except sqlite3.Error as e:
             raise LedgerError(f"cannot read ledger {self.location}: {e}") from e
-        return self._records(reversed(rows))
+        return charge_records(reversed(rows), self._n(), self.location)
 
     def snapshot(self) -> tuple[Totals, list[ChargeRecord]]:
         conn = self._db()
@@ -408,7 +398,7 @@ class SqliteLedgerStore:
                 conn.execute("COMMIT")
         except sqlite3.DatabaseError as e:
             raise _not_ledger(self.location) from e
-        return totals, self._records(rows)
+        return totals, charge_records(rows, self._n(), self.location)
 
     def close(self) -> None:
         conn, self._conn = self._conn, None

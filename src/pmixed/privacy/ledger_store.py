@@ -36,7 +36,7 @@ from typing import Any, Protocol
 
 from pmixed.privacy.accountant import ChargeRecord
 
-__all__ = ["LedgerMeta", "LedgerStore", "NewCharge", "StoreOpener", "Totals", "dump_curve", "load_curve", "load_params"]
+__all__ = ["LedgerMeta", "LedgerStore", "NewCharge", "StoreOpener", "Totals", "charge_records", "dump_curve", "load_curve", "load_params"]
 
 
 @dataclass(frozen=True)
@@ -149,3 +149,18 @@ def load_params(text: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"charge params must be a JSON object, got {text!r}")
     return value
+
+
+def charge_records(rows, n: int, location: str) -> list[ChargeRecord]:
+    """Stored charge rows (id, time, count, label, rdp, epsilon_after, mechanism, params), as
+    every store selects them, -> ChargeRecords over ``n`` orders; a row that does not decode is
+    a damaged ledger (LedgerError)."""
+    from pmixed.errors import LedgerError
+
+    try:
+        return [
+            ChargeRecord(r[0], r[1], r[2], r[3], load_curve(r[4], n), r[5], r[6], load_params(r[7]))
+            for r in rows
+        ]
+    except (ValueError, TypeError) as e:
+        raise LedgerError(f"ledger {location} is damaged: {e}") from e
