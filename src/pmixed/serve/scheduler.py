@@ -385,6 +385,8 @@ class Decoder:
                 ready.append((req, release_masked(public, members, mask, self.mechanism.params), public))
             else:
                 ready.append((req, self.mechanism.release(public, members), public))
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        ctx = self.context_length
         for req, dist, public in sorted(ready, key=lambda r: r[0].order):  # admission order
             if not req.public_only and not self._pay(req):  # paid before it is sent
                 if not self.public_continuation:
@@ -398,8 +400,6 @@ class Decoder:
             req.stream.put(Token(token, public_only=req.public_only))
             with self._lock:
                 self._stats["tokens_public" if req.public_only else "tokens_private"] += 1
-            eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-            ctx = self.context_length
             if p.stop_at_eos and eos is not None and token == eos:
                 self._finish(req, "stop")
             elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
