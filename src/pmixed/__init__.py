@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PMixED",
+    "AdaptivePMixED",
     "PMixEDError",
     "ConfigError",
     "BudgetExhausted",
@@ -36,4 +37,8 @@ def __getattr__(name: str):
         from pmixed.mechanism.pmixed import PMixED
 
         return PMixED
+    if name == "AdaptivePMixED":
+        from pmixed.mechanism.adaptive import AdaptivePMixED
+
+        return AdaptivePMixED
     raise AttributeError(f"module 'pmixed' has no attribute {name!r}")

@@ -379,8 +379,29 @@ class PrivacyConfig:
     alpha: int | None = None
     lam_max: float | None = None  # cap on each member's mixing weight; None: the library default
     tail: float | None = None  # radius shape (docs/privacy.md eq. K1); None: the library default
+    # screened PMixED (docs/privacy.md section 11): mechanism = "adaptive" answers a query from the
+    # public model alone unless the screen's score (public entropy in nats + screen_weight x the
+    # test members' mean divergence score, noised) reaches screen_threshold; private_queries is
+    # the number of private answers (screen rounds) the budget is calibrated for (default:
+    # queries), spent through a Renyi filter at order alpha (chosen from the config when unset)
+    mechanism: str = "pmixed"
+    private_queries: int | None = None
+    screen_threshold: float = 0.0
+    screen_weight: float = 0.0
+    screen_epsilon: float = 0.0
+    screen_rate: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.mechanism not in MECHANISMS:
+            raise ConfigError("privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}, got {self.mechanism!r}")
+        if self.private_queries is not None:
+            _int("privacy.private_queries", self.private_queries, lo=1)
+        _num("privacy.screen_threshold", self.screen_threshold)
+        _num("privacy.screen_weight", self.screen_weight, ge=0)
+        _num("privacy.screen_epsilon", self.screen_epsilon, ge=0)
+        _num("privacy.screen_rate", self.screen_rate, gt=0, le=1)
+        if self.screen_weight > 0 and not self.screen_epsilon > 0:
+            raise ConfigError("privacy.screen_epsilon", "must be > 0 when screen_weight > 0 (a private score needs noise)")
         if self.lam_max is not None:
             _num("privacy.lam_max", self.lam_max, gt=0, le=1)
         if self.tail is not None:
@@ -418,6 +439,28 @@ class PrivacyConfig:
         if kw["tail"] is None:
             kw["tail"] = DEFAULT_TAIL
         return kw
+
+    def adaptive_kwargs(self, ensemble_size: int, **overrides: Any) -> dict[str, Any]:
+        """The one mapping from ``[privacy]`` to ``pmixed.AdaptivePMixED``'s keywords
+        (screened PMixED); ``overrides`` by those names (``private_queries=256``, ...)."""
+        kw = self.calibration_kwargs(ensemble_size)
+        kw.pop("query_budget")
+        kw.update({
+            "private_queries": self.queries if self.private_queries is None else self.private_queries,
+            "screen_threshold": self.screen_threshold,
+            "screen_weight": self.screen_weight,
+            "screen_epsilon": self.screen_epsilon,
+            "screen_rate": self.screen_rate,
+        })
+        unknown = set(overrides) - set(kw)
+        if unknown:
+            raise TypeError(f"unknown adaptive keyword(s): {sorted(unknown)}")
+        kw.update(overrides)
+        return kw
+
+
+#: ``privacy.mechanism``: plain PMixED, or screened PMixED through a Renyi filter (section 11)
+MECHANISMS = ("pmixed", "adaptive")
 
 
 @dataclass(frozen=True)

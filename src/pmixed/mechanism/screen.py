@@ -1,0 +1,90 @@
+"""The sparse-vector screen of screened PMixED (docs/privacy.md section 11, eq. (S1)-(S2)).
+
+    score s_t = H(p_0(. | x_t)) + w / (q_s N) * sum_{i in S_r} g_i(x_t),   g_i = min(1, sqrt(a_2))
+
+A round (AboveThreshold, Dwork & Roth 2014, Algorithm 1) draws its test subsample S_r
+(Poisson q_s) and its threshold noise rho_r ~ Lap(2 Delta / eps_s) once; each query of the round
+draws nu_t ~ Lap(4 Delta / eps_s) and is private iff s_t + nu_t >= theta + rho_r. The first
+private query closes the round. Randomness: the OS CSPRNG unless a torch.Generator is given.
+The parameters and the cost are in pmixed.privacy.screening.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pmixed.mechanism.subsample import _csprng_uniform, poisson_mask
+from pmixed.privacy.screening import ScreenParams
+
+__all__ = ["Screen", "laplace", "member_score", "public_entropy"]
+
+
+def public_entropy(public: torch.Tensor) -> torch.Tensor:
+    """H(p_0) in nats of each row: public [..., V] (probabilities, any float) -> [...] float64.
+    Renormalised in float64; 0 log 0 = 0. A function of public data only."""
+    p = public.to(torch.float64)
+    p = p / p.sum(dim=-1, keepdim=True)
+    return -(torch.special.xlogy(p, p)).sum(dim=-1)
+
+
+def member_score(a2: torch.Tensor) -> torch.Tensor:
+    """g_i = min(1, sqrt(a_2(p_i))) in [0, 1] from the chi-square moment a_2 (eq. (B2), k = 2).
+    An invalid member row (a_2 = inf or nan) scores 1, the largest value: still within (S2)."""
+    g = torch.sqrt(a2.to(torch.float64)).clamp(max=1.0)
+    return torch.where(torch.isnan(g), torch.ones_like(g), g)
+
+
+def laplace(scale: float, generator: torch.Generator | None = None) -> float:
+    """One Lap(scale) draw by inversion (0 when scale is 0), from the CSPRNG unless a generator."""
+    if scale == 0.0:
+        return 0.0
+    u = _csprng_uniform((2,)) if generator is None else torch.rand(2, generator=generator, dtype=torch.float64)
+    magnitude = -math.log1p(-float(u[0]))  # Exp(1): u in [0, 1) keeps it finite
+    return scale * magnitude * (1.0 if float(u[1]) < 0.5 else -1.0)
+
+
+class Screen:
+    """The state of one stream of screened queries: the open round's test subsample and threshold
+    noise. Never leaves the engine (like the Poisson draw)."""
+
+    def __init__(self, params: ScreenParams, generator: torch.Generator | None = None):
+        self.params = params
+        self.generator = generator
+        self.test_members: torch.Tensor = torch.zeros(0, dtype=torch.long)  # S_r, [m]
+        self._rho = 0.0
+        self.is_open = False
+
+    def open_round(self) -> torch.Tensor:
+        """Start a round: draw S_r and rho_r. Returns S_r's member indices [m] (empty for a public
+        screen: no member is read)."""
+        p = self.params
+        if p.private:
+            mask = poisson_mask(p.ensemble_size, p.test_rate, None, self.generator)
+            self.test_members = torch.nonzero(mask).flatten()
+        else:
+            self.test_members = torch.zeros(0, dtype=torch.long)
+        self._rho = laplace(p.threshold_scale, self.generator)
+        self.is_open = True
+        return self.test_members
+
+    def score(self, entropy: float, member_scores: torch.Tensor | None = None) -> float:
+        """s_t of eq. (S1): entropy of p_0 (nats) + w / (q_s N) * sum of S_r's g_i."""
+        p = self.params
+        s = float(entropy)
+        if p.private:
+            if member_scores is None or member_scores.shape != self.test_members.shape:
+                raise ValueError(f"the round's {self.test_members.numel()} test members need their scores")
+            s += p.weight / (p.test_rate * p.ensemble_size) * float(member_scores.to(torch.float64).sum())
+        return s
+
+    def decide(self, entropy: float, member_scores: torch.Tensor | None = None) -> bool:
+        """One query of the open round: True = private (the round closes), False = public."""
+        if not self.is_open:
+            raise RuntimeError("no open screen round: open_round() first (it is charged)")
+        nu = laplace(self.params.query_scale, self.generator)
+        private = self.score(entropy, member_scores) + nu >= self.params.threshold + self._rho
+        if private:
+            self.is_open = False
+        return bool(private)
