@@ -98,7 +98,7 @@ class Oracle:
                 continue
             bt, bq = self.b_threshold, self.b_query
 
-            def f(rho: float) -> float:
+            def f(rho: float, hist=hist, bt=bt, bq=bq) -> float:
                 v = _lap_pdf(rho, bt)
                 for sc, b in hist:
                     c = _lap_cdf(theta + rho - sc, bq)  # P(nu < theta + rho - s)

@@ -30,7 +30,12 @@ from pmixed.privacy.acceptance import RenyiFilterRule
 from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge
 from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
 from pmixed.privacy.conversion import epsilon_at_order
-from pmixed.privacy.screening import AdaptiveCalibration, ScreenParams, adaptive_charge, calibrate_adaptive
+from pmixed.privacy.screening import (
+    AdaptiveCalibration,
+    ScreenParams,
+    adaptive_charge,
+    calibrate_adaptive,
+)
 
 __all__ = ["AdaptivePMixED", "Answer"]
 
