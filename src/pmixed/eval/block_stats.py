@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 
 from pmixed.mechanism.pairs import pair_moments, row_totals
+from pmixed.mechanism.screen import public_entropy
 from pmixed.mechanism.teacher_forcing import BlockStats, member_stats
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, softmax_
 
@@ -80,7 +81,7 @@ def block_stats(
         mom, mt = stats_of(runtime, inputs, ids, targets, public, public_total, need, max_order)
         moments[:, s : s + len(ids)] = mom
         member_target[:, s : s + len(ids)] = mt
-    stats = BlockStats(moments.cpu(), member_target.cpu(), public_target.cpu())
+    stats = BlockStats(moments.cpu(), member_target.cpu(), public_target.cpu(), public_entropy(public).cpu())
     extra_target = {name: t.cpu() for name, t in extra_target.items()}
     return BlockResult(stats, extra_target, stats.member_target.mean(dim=1) if average else None)
 

@@ -24,9 +24,11 @@ from pmixed.errors import DataError
 from pmixed.eval.block_stats import block_stats
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
 from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
+from pmixed.privacy.acceptance import RenyiFilterRule
 from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.mixture_bound import pmixed_charge
 from pmixed.privacy.params import MechanismParams
+from pmixed.privacy.screening import AdaptiveParams, ScreenParams, calibrate_adaptive
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class Setup:
     runs: int
     tail: float = 1.0
     sweep: dict = field(default_factory=dict, compare=False)  # {param: value} for sweeps
+    adaptive: AdaptiveParams | None = None  # screened PMixED (section 11); params = its release
+
+    @property
+    def mechanism(self) -> str:
+        return "pmixed" if self.adaptive is None else "adaptive"
 
     @property
     def members(self) -> int:
@@ -62,6 +69,19 @@ def make_setup(name: str, *, runs: int = 1, sweep: dict | None = None, **calibra
                  kw["tail"], dict(sweep or {}))
 
 
+def make_adaptive_setup(name: str, *, runs: int = 1, sweep: dict | None = None, queries: int,
+                        **adaptive: Any) -> Setup:
+    """One screened-PMixED setup over sessions of ``queries`` queries each; ``adaptive`` holds
+    ``AdaptivePMixED``'s keywords (``PrivacyConfig.adaptive_kwargs``)."""
+    kw = {"alpha": None, "lam_max": DEFAULT_LAM_MAX, "tail": DEFAULT_TAIL,
+          **{k: v for k, v in adaptive.items() if v is not None or k == "alpha"}}
+    screen = ScreenParams(kw["ensemble_size"], kw.pop("screen_threshold", 0.0), kw.pop("screen_weight", 0.0),
+                          kw.pop("screen_epsilon", 0.0), kw.pop("screen_rate", 1.0))
+    cal = calibrate_adaptive(screen=screen, **kw)
+    return Setup(name, cal.params.release, kw["epsilon"], kw["delta"], queries, cal.order, runs,
+                 kw["tail"], dict(sweep or {}), cal.params)
+
+
 def _seed(*parts: Any) -> int:
     h = hashlib.sha256("/".join(map(str, parts)).encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
@@ -77,12 +97,13 @@ def _draws(setup: Setup, run: int, B: int, T: int, n_total: int, seed: int, scor
 
 
 def _fresh_ledger(ledger_dir: Path | None, name: str, s: Setup) -> Ledger:
+    rule = RenyiFilterRule(s.adaptive.order) if s.adaptive is not None else None
     if ledger_dir is None:
-        return Ledger(":memory:", epsilon=s.epsilon, delta=s.delta)
+        return Ledger(":memory:", epsilon=s.epsilon, delta=s.delta, rule=rule)
     path = ledger_dir / f"{name}.ledger"
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
-    return Ledger(path, epsilon=s.epsilon, delta=s.delta)
+    return Ledger(path, epsilon=s.epsilon, delta=s.delta, rule=rule)
 
 
 def _ppl(nll_sum: float, count: int) -> float:
@@ -137,6 +158,8 @@ def run_evaluation(
     needed = torch.zeros(B, T, N, dtype=torch.bool)
     for m in masks.values():
         needed |= m
+    if any(s.adaptive is not None and s.adaptive.screen.private for s in setups):
+        needed[:] = True  # a private screen reads its round's test members, decided on the way
     k_max = max([s.params.max_order for s in setups], default=2)
 
     t0 = time.perf_counter()
@@ -166,6 +189,9 @@ def run_evaluation(
     if ledger_dir is not None:
         ledger_dir.mkdir(parents=True, exist_ok=True)
     for s in tqdm(setups, desc="PMixED runs", disable=not progress or len(setups) < 2):
+        if s.adaptive is not None:
+            out.append(_score_adaptive(s, stats, masks, B, T, scored, seed, ledger_dir))
+            continue
         ppls, lam_means, empty, binding = [], [], [], {}
         lam_hist = torch.zeros(20, dtype=torch.long)  # lambda of every drawn pair, 20 bins on [0, 1]
         spent = []
@@ -228,6 +254,84 @@ def run_evaluation(
         })
     t_mech = time.perf_counter() - t1
     return EvalResult(Q, models, out, {"forward": t_forward, "mechanism_and_ledger": t_mech})
+
+
+def _score_adaptive(s: Setup, stats: list, masks: dict, B: int, T: int, scored: int, seed: int,
+                    ledger_dir: Path | None) -> dict[str, Any]:
+    """Screened PMixED over the scored positions, in order, in sessions of ``s.queries`` queries
+    (a fresh budget under the Renyi filter each). Per position: open a round if none is open (one
+    unit charged first; refused: this session's remaining queries get p_0 alone), run the screen
+    (public entropy + the round's test members' scores), and at a private position the PMixED
+    release with the run's independent Poisson draw (``masks``)."""
+    from pmixed.errors import BudgetExhausted
+    from pmixed.mechanism.screen import Screen, member_score
+
+    p = s.adaptive
+    n = s.members
+    windows = math.ceil(scored / s.queries)
+    ppls, spent, privates, units, answered = [], [], [], [], []
+    for r in range(s.runs):
+        g = torch.Generator().manual_seed(_seed(seed, s.name, r, "screen"))
+        use = torch.zeros(B, T, n, dtype=torch.bool)  # the release draws actually used
+        n_private = n_units = 0
+        first_refused = []
+        for w in range(windows):
+            name = f"{_safe(s.name)}-run{r:03d}" + (f"-w{w:03d}" if windows > 1 else "")
+            screen = Screen(p.screen, g)
+            refused = None
+            with _fresh_ledger(ledger_dir, name, s) as ledger:
+                charge = None
+                for i in range(w * s.queries, min(scored, (w + 1) * s.queries)):
+                    b, t = divmod(i, T)
+                    if not screen.is_open:
+                        charge = charge or _unit_charge(p, ledger.orders, s.name)
+                        try:
+                            ledger.charge(charge)  # charged before anything of the round is used
+                        except BudgetExhausted:
+                            refused = i - w * s.queries
+                            break
+                        n_units += 1
+                        screen.open_round()
+                    st = stats[b]
+                    scores = None
+                    if p.screen.private:
+                        scores = member_score(st.moments[t, screen.test_members, 0])
+                    if screen.decide(float(st.public_entropy[t]), scores):
+                        use[b, t] = masks[(s.name, r)][b, t, :n]
+                        n_private += 1
+                spent.append(ledger.epsilon_spent())
+            first_refused.append(refused if refused is not None else min(s.queries, scored - w * s.queries))
+        total = 0.0
+        for b in range(B):
+            n_b = min(T, max(0, scored - b * T))
+            if n_b == 0:
+                break
+            probs, _ = released_target_probs(stats[b], use[b], p.release)
+            total -= float(torch.log(probs[:n_b]).sum())
+        ppls.append(_ppl(total, scored))
+        privates.append(n_private / scored)
+        units.append(n_units / windows)
+        answered.append(sum(first_refused) / windows)
+    mean = sum(ppls) / len(ppls)
+    std = math.sqrt(sum((x - mean) ** 2 for x in ppls) / (len(ppls) - 1)) if len(ppls) > 1 else 0.0
+    return {
+        "name": s.name, "mechanism": "adaptive", "sweep": s.sweep, "epsilon": s.epsilon, "delta": s.delta,
+        "queries": s.queries, "members": s.members, "sample_rate": s.sample_rate, "alpha": s.alpha,
+        "filter_order": p.order, "max_order": s.params.max_order, "lam_max": s.params.lam_max, "tail": s.tail,
+        "radii": list(s.params.radii), "private_queries": p.private_queries, "screen": p.screen.record(),
+        "unit_rdp": p.unit_rdp(p.order), "runs": s.runs, "ppl_mean": mean, "ppl_std": std, "ppl_runs": ppls,
+        "positions": scored, "sessions_per_run": windows, "epsilon_spent": max(spent),
+        # released: the screen's bits are covered by the guarantee (section 11), so these are too
+        "private_fraction": sum(privates) / len(privates),
+        "units_per_session": sum(units) / len(units),
+        "queries_before_stop": sum(answered) / len(answered),
+    }
+
+
+def _unit_charge(p: AdaptiveParams, orders, label: str):
+    from pmixed.privacy.screening import adaptive_charge
+
+    return adaptive_charge(p, 1, orders, label)
 
 
 def _safe(name: str) -> str:

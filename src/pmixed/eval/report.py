@@ -49,6 +49,9 @@ def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> li
             rows.append({"model": label, "ppl": models[key]["ppl"], "std": None, "key": key})
     for s in result["pmixed"]:
         label = f"PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, T={s['queries']})"
+        if s.get("mechanism") == "adaptive":
+            label = (f"screened PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, "
+                     f"T={s['queries']}, {s['private_queries']} private, filter order {s['filter_order']})")
         rows.append({"model": label, "ppl": s["ppl_mean"], "std": s["ppl_std"], "key": "pmixed",
                      "runs": s["runs"]})
     pub = models.get("public", {}).get("ppl")
@@ -182,6 +185,7 @@ def _sweep_rows(points: list[dict[str, Any]]) -> list[list[Any]]:
     rows = []
     for s in points:
         d = nonprivate(s)
+        d = {k: d.get(k, float("nan")) for k in ("mean_lambda", "empty_draw_fraction")}
         for param, value in s["sweep"].items():
             rows.append([param, value, s["epsilon"], s["members"], s["queries"], s["max_order"], s["alpha"],
                          s["sample_rate"], s["lam_max"], s["tail"], s["ppl_mean"], s["ppl_std"],

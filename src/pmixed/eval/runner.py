@@ -126,8 +126,23 @@ def config_setup(cfg: Any, name: str, *, sweep: dict | None = None, **overrides:
     return make_setup(name, runs=cfg.eval.runs, sweep=sweep, **kw)
 
 
-def main_setup(cfg: Any, queries: int) -> Setup:
-    return config_setup(cfg, f"pmixed eps={cfg.privacy.epsilon:g}", query_budget=min(cfg.privacy.queries, queries))
+def adaptive_setup(cfg: Any, name: str, *, queries: int, sweep: dict | None = None, **overrides: Any) -> Setup:
+    """The screened-PMixED setup of ``cfg``'s [privacy] (``PrivacyConfig.adaptive_kwargs``) over
+    sessions of ``queries`` queries; ``overrides`` by AdaptivePMixED's names."""
+    from pmixed.eval.perplexity import make_adaptive_setup
+
+    kw = cfg.privacy.adaptive_kwargs(overrides.pop("ensemble_size", cfg.data.n_parts), **overrides)
+    return make_adaptive_setup(name, runs=cfg.eval.runs, sweep=sweep, queries=queries, **kw)
+
+
+def main_setups(cfg: Any, queries: int) -> list[Setup]:
+    """Plain PMixED from the config; with ``privacy.mechanism = "adaptive"`` also the screened
+    mechanism, on the same positions and runs (the comparison of docs/privacy.md section 11)."""
+    T = min(cfg.privacy.queries, queries)
+    setups = [config_setup(cfg, f"pmixed eps={cfg.privacy.epsilon:g}", query_budget=T)]
+    if cfg.privacy.mechanism == "adaptive":
+        setups.append(adaptive_setup(cfg, f"adaptive eps={cfg.privacy.epsilon:g}", queries=T))
+    return setups
 
 
 def queries_available(cfg: Any) -> int:
@@ -180,8 +195,7 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     ens, runtime = load_runtime(cfg, progress=progress)
     blocks = eval_blocks(ens, cfg)
     Q = blocks.shape[0] * (blocks.shape[1] - 1)
-    setup = main_setup(cfg, Q)
-    res = _evaluate(cfg, runtime, blocks, [setup], "eval", progress)
+    res = _evaluate(cfg, runtime, blocks, main_setups(cfg, Q), "eval", progress)
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
     res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
     res["unit_name"] = cfg.data.unit
@@ -196,8 +210,10 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     return res
 
 
-SWEEP_PARAMS = ("epsilon", "members", "queries", "alpha", "sample_rate", "lam_max", "tail")
+SWEEP_PARAMS = ("epsilon", "members", "queries", "alpha", "sample_rate", "lam_max", "tail",
+                "private_queries", "screen_threshold")
 _CALIBRATE_NAME = {"members": "ensemble_size", "queries": "query_budget"}
+ADAPTIVE_ONLY = ("private_queries", "screen_threshold")
 
 
 def _check_sweep_value(cfg: Any, param: str, v: float) -> int | float:
@@ -206,7 +222,7 @@ def _check_sweep_value(cfg: Any, param: str, v: float) -> int | float:
     from pmixed.errors import ConfigError
 
     where = f"sweep {param}={v:g}"
-    if param in ("members", "queries", "alpha"):
+    if param in ("members", "queries", "alpha", "private_queries"):
         if not float(v).is_integer():
             raise ConfigError(where, "must be an integer")
         v = int(v)
@@ -237,6 +253,10 @@ def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: di
     grids["queries"] = sorted({q for q in (128, 256, 512, 1024, 2048, 4096, 8192) if q <= queries_available} | {T})
     grids["lam_max"] = [0.25, 0.5, 0.75, 0.9]
     grids["tail"] = [1.0, 3.0, 10.0, 30.0]
+    adaptive = p.mechanism == "adaptive"
+    K = p.queries if p.private_queries is None else p.private_queries
+    grids["private_queries"] = sorted({max(1, K // 4), max(1, K // 2), K})
+    grids["screen_threshold"] = [p.screen_threshold + d for d in (-1.0, -0.5, 0.0, 0.5, 1.0)]
     given = values or {}
     setups = []
     for param in params:
@@ -246,6 +266,8 @@ def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: di
         vals = [_check_sweep_value(cfg, param, v) for v in (given[param] if explicit else grids[param])]
         if explicit and not vals:
             raise ConfigError("values", "no values given")
+        if param in ADAPTIVE_ONLY and not adaptive:
+            raise ConfigError("param", f"{param} is a parameter of privacy.mechanism = \"adaptive\" (--mechanism adaptive)")
         for v in vals:
             over = {_CALIBRATE_NAME.get(param, param): v}
             if "query_budget" not in over:
@@ -253,6 +275,13 @@ def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: di
             if not explicit and param == "sample_rate" and N * v < 0.5:
                 continue  # under half a member drawn per query on average
             try:
+                if adaptive:
+                    queries = over.pop("query_budget")
+                    if param == "queries" and p.private_queries is None:
+                        over["private_queries"] = queries  # private_queries unset: = queries
+                    setups.append(adaptive_setup(cfg, f"adaptive {param}={v:g}", queries=queries,
+                                                 sweep={param: v}, **over))
+                    continue
                 setups.append(config_setup(cfg, f"{param}={v:g}", sweep={param: v}, **over))
             except ConfigError as err:
                 if explicit:

@@ -27,14 +27,16 @@ from pmixed.privacy.params import MechanismParams
 class BlockStats:
     """What the mechanism needs from one block, for every member.
 
-    moments:       [T, N, K-1] float64   a_2..a_K of member i at position t (nan: not computed)
-    member_target: [T, N]      float64   p_i(y_t | x_t), renormalised
-    public_target: [T]         float64   p_0(y_t | x_t), renormalised
+    moments:        [T, N, K-1] float64   a_2..a_K of member i at position t (nan: not computed)
+    member_target:  [T, N]      float64   p_i(y_t | x_t), renormalised
+    public_target:  [T]         float64   p_0(y_t | x_t), renormalised
+    public_entropy: [T]         float64   H(p_0(. | x_t)) in nats (the screen's public score), or None
     """
 
     moments: torch.Tensor
     member_target: torch.Tensor
     public_target: torch.Tensor
+    public_entropy: torch.Tensor | None = None
 
     @property
     def max_order(self) -> int:
