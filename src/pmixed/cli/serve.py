@@ -97,6 +97,11 @@ def serve_cmd(
     mode: str = typer.Option("constant", "--mode",
                              help="constant: a step's work does not depend on the draw (default); drawn: "
                                   "only the drawn members run (less work at small q; per-token timing depends on the draw)."),
+    mechanism: str | None = typer.Option(
+        None, "--mechanism",
+        help="pmixed: every token one PMixED query; adaptive: screened PMixED under a Renyi filter (a unit = one "
+             "screen round and its one private answer, taken before the round opens; tokens the screen answers from "
+             "the public model cost nothing more; the ledger must use the filter). Default: [privacy] mechanism."),
     max_active: int = typer.Option(8, "--max-active", min=1, help="Requests decoded at once."),
     max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests waiting beyond --max-active (then 429)."),
     public_continuation: bool = typer.Option(
@@ -110,14 +115,18 @@ def serve_cmd(
     log_text: bool = typer.Option(False, "--log-text", help="Log prompts and completions (off: never logged)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
 ) -> None:
-    """Serve the ensemble over an OpenAI-compatible HTTP API; every token is charged first."""
-    from pmixed.config import load_run_config
+    """Serve the ensemble over an OpenAI-compatible HTTP API; every token is charged first
+    (--mechanism adaptive: every token is covered by a unit charged before its screen round)."""
+    from pmixed.config import MECHANISMS, load_run_config
     from pmixed.errors import ConfigError, LedgerError
     from pmixed.serve.keys import KeyStore
 
     if mode not in ("constant", "drawn"):
         raise ConfigError("mode", f"must be 'constant' or 'drawn', got {mode!r}")
+    if mechanism is not None and mechanism not in MECHANISMS:
+        raise ConfigError("mechanism", f"must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
     cfg = load_run_config(config, output_dir)
+    kind = mechanism or cfg.privacy.mechanism
     keys_path = keys or cfg.output_dir / "keys.db"
     store = KeyStore(keys_path, create=False)
     if store.active_count() == 0:
@@ -127,6 +136,7 @@ def serve_cmd(
 
     from pmixed.cli.privacy import ledger_hint
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
+    from pmixed.mechanism.adaptive import AdaptivePMixED
     from pmixed.mechanism.pmixed import PMixED
     from pmixed.privacy.ledger import Ledger
     from pmixed.serve.app import create_app
@@ -138,13 +148,17 @@ def serve_cmd(
     where = ledger or str(cfg.output_dir / "ledgers" / "serve.ledger")
     if "://" not in where:
         Path(where).parent.mkdir(parents=True, exist_ok=True)
-    try:  # the ledger before the model: a corrupt or foreign one stops start-up at once
-        led = Ledger(where, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
+    # screened PMixED is calibrated before the ledger opens (the ledger needs its Renyi filter);
+    # N is the config's, which check_ensemble_matches held against the trained ensemble
+    adaptive = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts) if kind == "adaptive" else None
+    rule = {} if adaptive is None else {"rule": adaptive.rule}
+    try:  # the ledger before the model: a corrupt or foreign one (or another rule's) stops start-up at once
+        led = Ledger(where, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, **rule)
     except LedgerError as err:
         raise LedgerError(f"{err}; {ledger_hint(_shown(where))}") from err
     try:
         _, runtime = load_runtime(cfg, progress=False)
-        mech = PMixED.from_config(cfg.privacy, runtime.n_members)
+        mech = adaptive if adaptive is not None else PMixED.from_config(cfg.privacy, runtime.n_members)
         decoder = Decoder(runtime, mech, led, mode=mode, max_active=max_active, max_queue=max_queue,
                           public_continuation=public_continuation, unit=cfg.data.unit or "part")
     except BaseException:
@@ -159,8 +173,13 @@ def serve_cmd(
     plog.setLevel(logging.INFO)
     plog.propagate = False
     p = decoder.privacy()
-    typer.echo(f"serving {name!r} on http://{host}:{port} (mode {mode}; ledger {_shown(where)}: epsilon spent "
-               f"{p['epsilon_spent']:.4f} of {p['epsilon_limit']:g}, {p['queries_left']} tokens left; "
+    if adaptive is None:
+        what, left = "", f"{p['queries_left']} tokens left"
+    else:
+        what = f"; mechanism adaptive, Renyi filter order {p['filter_order']}"
+        left = f"{p['queries_left']} units left (a unit: one screen round and its one private answer)"
+    typer.echo(f"serving {name!r} on http://{host}:{port} (mode {mode}{what}; ledger {_shown(where)}: epsilon spent "
+               f"{p['epsilon_spent']:.4f} of {p['epsilon_limit']:g}, {left}; "
                f"keys {keys_path})", err=True)
     import signal
 

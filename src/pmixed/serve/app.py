@@ -6,7 +6,11 @@ Routes (all but /healthz need ``Authorization: Bearer <key>``; pmixed.serve.keys
   formats, streamed as server-sent events (``data: {...}`` chunks, then ``data: [DONE]``) or not
   (pmixed.serve.protocol says what is refused and the fields added).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one served model.
-- ``GET /v1/privacy``: the budget (``Decoder.privacy()``) and the caller's quota.
+- ``GET /v1/privacy``: the budget (``Decoder.privacy()``) and the caller's quota. With screened
+  PMixED (``--mechanism adaptive``) it adds ``filter_order``, ``units_left``, ``private_queries``,
+  ``screen`` and ``queries_left_note``, and ``queries_left`` counts units (one screen round and
+  its one private answer; the tokens the screen answers from the public model cost nothing more).
+  Per-key quotas count every token sent, whichever answered it.
 - ``GET /healthz``: liveness, no key.
 - admin keys only: ``GET /metrics`` (Prometheus), ``GET /v1/admin/keys``,
   ``POST /v1/admin/keys/{id}/reset`` (start a new quota window for a key).

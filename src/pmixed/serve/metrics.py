@@ -3,9 +3,10 @@
 Counted by the app: requests by route and status, tokens released (private / public-only),
 prompt tokens, request duration, time to the first token, and the time between two tokens of a
 stream (a histogram of the decode step time as clients see it). Read from the engine at scrape time:
-the budget (``Decoder.privacy()``: epsilon spent / left / limit, queries left) and the decode
-loop's counters (``Decoder.stats()``: steps, tokens, step seconds, batch rows, and a step-time
-histogram where the engine keeps one).
+the budget (``Decoder.privacy()``: epsilon spent / left / limit, queries left; screened PMixED:
+units left and the Renyi filter's order) and the decode loop's counters (``Decoder.stats()``:
+steps, tokens, step seconds, batch rows, a step-time histogram where the engine keeps one;
+screened PMixED: units taken and the tokens its screen answered from the public model).
 
 /metrics needs an admin key: in drawn mode the batch rows and step times of single steps depend on
 how many members were drawn, which the guarantee needs hidden (docs/privacy.md); aggregates over
@@ -37,6 +38,9 @@ _ENGINE_COUNTERS = {
     "step_seconds_total": "Seconds spent in decode steps.",
     "charges": "Durable ledger transactions.",
     "batch_rows": "Rows run in decode forwards (constant mode: does not depend on the draw).",
+    "units": "Screened PMixED: screen rounds opened, each paid by one unit taken before it opened.",
+    "tokens_screened_public": "Screened PMixED: tokens the screen answered from the public model "
+                              "(covered by their round's unit; also counted in tokens_private).",
 }
 _ENGINE_GAUGES = {
     "active": "Requests being decoded.",
@@ -69,8 +73,9 @@ class _EngineCollector(Collector):
         for key, help_ in (("epsilon_spent", "Privacy budget spent (epsilon at the ledger's delta)."),
                            ("epsilon_left", "Privacy budget left (epsilon)."),
                            ("epsilon_limit", "The deployment's epsilon limit."),
-                           ("queries_left", "Tokens the budget still affords at the per-token cost."),
-                           ("delta", "The guarantee's delta.")):
+                           ("queries_left", "Tokens (screened PMixED: units) the budget still affords."),
+                           ("delta", "The guarantee's delta."),
+                           ("filter_order", "Screened PMixED: the Renyi filter's order.")):
             v = _num(priv.get(key))
             if v is not None:
                 yield GaugeMetricFamily(f"pmixed_budget_{key}", help_, value=v)

@@ -19,6 +19,11 @@ carries ``public_only_tokens`` (tokens sampled from the public model alone after
 out, with ``--public-continuation``) and ``public_text_offset`` (where in the text they begin, or
 null); a streamed chunk's choice carries ``public_only`` (its text came from the public model
 alone). The ``usage`` block counts charged completion tokens.
+
+Screened PMixED (``pmixed serve --mechanism adaptive``) changes none of these formats: a token
+the screen answers from the public model is part of the mechanism's output (covered by its
+round's unit) and is neither marked ``public_only`` nor left out of ``usage``; ``public_only``
+still means public continuation after the budget ran out.
 """
 
 from __future__ import annotations

@@ -28,6 +28,20 @@ A background thread advances every active request by one token per step:
    OS CSPRNG, put the tokens on the streams, end requests at end of sequence, ``max_tokens``
    or the context.
 
+Screened PMixED (``AdaptivePMixED``, docs/privacy.md section 11): each request (each choice)
+has its own :class:`~pmixed.mechanism.screen.Screen` (OS CSPRNG). The ledger must use the
+mechanism's Renyi filter, and the reservation's per-"query" charge is one *unit* (a screen
+round and its one private answer): when a request's screen has no open round, one unit is taken
+from its reservation (refused: "budget", or public continuation) and only then does the round
+open; the screen then decides each token (its score reads the round's test members' rows only
+when ``screen_weight`` > 0); a private token is a PMixED release with an independent Poisson
+draw (and closes the round), a public one is the public model's distribution. In constant-work
+mode all N members run for every token, the test members' scores are computed from all N rows,
+a mask is drawn and ``release_masked`` runs for every token (an all-False mask for a public
+answer), so a step's work depends neither on the screen's decision nor on the draw. In drawn
+mode a public answer runs no member (the test members run while the screen is private, the
+drawn ones at a private token; timing then reveals the decisions).
+
 What leaves the engine: tokens, finish reasons, the budget's state, and counters that do not
 depend on the draw (drawn mode's ``stats()`` omits the rows it ran). Error messages never name
 a member. Memory: a request holds at most N + 1 caches of at most the model's context (constant
@@ -49,15 +63,19 @@ from typing import Literal
 
 import torch
 
-from pmixed.errors import PMixEDError, PromptTooLong
+from pmixed.errors import LedgerError, PMixEDError, PromptTooLong
+from pmixed.mechanism.adaptive import AdaptivePMixED, _chi_square
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.release import release_masked
 from pmixed.mechanism.sampling import sample
+from pmixed.mechanism.screen import Screen, member_score, public_entropy
+from pmixed.mechanism.subsample import poisson_draw, poisson_mask
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.ledger import Ledger, Reservation
 from pmixed.privacy.mixture_bound import MECHANISM, params_record
+from pmixed.privacy.screening import adaptive_charge
 from pmixed.serve.stream import SamplingParams, Stream, Token
 
 __all__ = ["Decoder", "Mode", "QueueFull"]
@@ -87,7 +105,8 @@ class _Request:
     idle: dict[int, int] = field(default_factory=dict)  # drawn mode: member -> last step used
     generated: int = 0
     public_only: bool = False
-    reservation: Reservation | None = None  # the private tokens paid for in advance
+    reservation: Reservation | None = None  # the private tokens (adaptive: units) paid for in advance
+    screen: Screen | None = None  # adaptive: this stream's screen (never leaves the engine)
 
 
 ALL = -2  # constant mode's one group of N + 1 rows
@@ -100,7 +119,7 @@ class Decoder:
     def __init__(
         self,
         runtime: EnsembleRuntime,
-        mechanism: PMixED,
+        mechanism: PMixED | AdaptivePMixED,
         ledger: Ledger,
         *,
         mode: Mode = "constant",
@@ -130,8 +149,18 @@ class Decoder:
         self.public_continuation = public_continuation
         self.max_idle_steps = max_idle_steps
         self.unit = unit
-        self._rdp = tuple(mechanism.query_rdp(ledger.orders))
-        self._params = params_record(mechanism.params)
+        self.adaptive = isinstance(mechanism, AdaptivePMixED)
+        if self.adaptive:
+            if ledger.rule != mechanism.rule:
+                raise LedgerError(
+                    f"screened PMixED needs a ledger under its Renyi filter {mechanism.rule.name!r}; the ledger "
+                    f"{ledger.path} uses the acceptance rule {ledger.rule.name!r}")
+            self._rdp = tuple(mechanism.charge(ledger.orders).rdp)  # one unit
+            self._release_params = mechanism.release_params
+        else:
+            self._rdp = tuple(mechanism.query_rdp(ledger.orders))
+            self._params = params_record(mechanism.params)
+            self._release_params = mechanism.params
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: deque[_Request] = deque()
@@ -142,6 +171,8 @@ class Decoder:
         self._step_no = 0
         self._stats = {"steps": 0, "tokens_private": 0, "tokens_public": 0, "requests": 0,
                        "step_seconds_total": 0.0, "last_step_seconds": 0.0, "charges": 0, "rows_total": 0}
+        if self.adaptive:  # rounds opened (one unit taken each) and tokens the screen answered from p_0
+            self._stats.update({"units": 0, "tokens_screened_public": 0})
         self._step_times: deque[float] = deque(maxlen=1024)
         self._step_hist = dict.fromkeys(STEP_BUCKETS, 0)  # le -> steps (per bucket, not cumulative)
 
@@ -209,20 +240,37 @@ class Decoder:
         return stream
 
     def privacy(self) -> dict:
-        """The shared budget's state (functions of the charges only)."""
+        """The shared budget's state (functions of the charges only). Screened PMixED adds the
+        filter's order and rule, and ``queries_left`` counts units (``units_left``)."""
         spent = self.ledger.epsilon_spent()
-        return {
+        left = self.ledger.queries_left(self._rdp)
+        out = {
+            "mechanism": "adaptive" if self.adaptive else "pmixed",
             "epsilon_spent": spent,
             "epsilon_limit": self.ledger.epsilon,
             "epsilon_left": max(0.0, self.ledger.epsilon - spent),
             "delta": self.ledger.delta,
-            "queries_left": self.ledger.queries_left(self._rdp),
+            "queries_left": left,
             "per_token_rdp_orders": list(self.ledger.orders),
+            "acceptance_rule": self.ledger.rule.name,
             "unit": self.unit,
             "mode": self.mode,
             "ensemble_size": self.mechanism.ensemble_size,
             "sample_rate": self.mechanism.sample_rate,
         }
+        if self.adaptive:
+            m, sc = self.mechanism, self.mechanism.screen_params
+            out.update({
+                "filter_order": m.order,
+                "units_left": left,
+                "queries_left_note": "counted in units: a unit is one screen round and its one private answer (a PMixED "
+                                       "release), charged before the round opens; the tokens the screen answers "
+                                       "from the public model between units cost nothing more",
+                "private_queries": m.private_queries,
+                "screen": {"threshold": sc.threshold, "weight": sc.weight, "epsilon": sc.svt_epsilon,
+                           "rate": sc.test_rate, "private": sc.private},
+            })
+        return out
 
     def stats(self) -> dict:
         """Counters for /metrics: steps, tokens, requests, ledger transactions, the step-time
@@ -310,6 +358,8 @@ class Decoder:
         return req.reservation.take()
 
     def _query(self, count: int) -> RdpCharge:
+        if self.adaptive:  # ``count`` units
+            return adaptive_charge(self.mechanism.params, count, self.ledger.orders, "serve")
         return RdpCharge(self.ledger.orders, self._rdp, count=count, label="serve",
                          mechanism=MECHANISM, params=self._params)
 
@@ -339,6 +389,9 @@ class Decoder:
                 self._active = [r for r in self._active if not r.stream.done]
             return
         self._step_no += 1
+        if self.adaptive:
+            self._step_adaptive(active)
+            return
         N = self.mechanism.ensemble_size
         plan: list[tuple[_Request, list[int], torch.Tensor | None]] = []  # (req, group keys, mask)
         for req in active:
@@ -412,3 +465,172 @@ class Decoder:
                         req.idle.pop(k, None)
         with self._lock:
             self._active = [r for r in self._active if not r.stream.done]
+
+    # ------------------------------------------------------------------ screened PMixED
+
+    def _forward(self, groups: list[RowGroup], persistent: bool) -> dict[int, torch.Tensor]:
+        """At most two batched forwards (rows with several pending tokens, rows with one) ->
+        id(group) -> [b, V] float64 on the CPU."""
+        single = [g for g in groups if len(g.tokens) == 1]
+        multi = [g for g in groups if len(g.tokens) > 1]
+        out: dict[int, torch.Tensor] = {}
+        with self._lock:
+            self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
+        for batch in (multi, single):
+            for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
+                out[id(g)] = probs.double().cpu()
+        return out
+
+    def _member_group(self, req: _Request, k: int) -> RowGroup:
+        """Drawn mode: member (or public) row ``k``'s group, caught up on the tokens it missed."""
+        g = req.groups.setdefault(k, RowGroup([k]))
+        g.tokens = req.seq[g.seen:]
+        req.idle[k] = self._step_no
+        return g
+
+    def _round_paid(self, req: _Request) -> bool:
+        """True when ``req``'s screen has an open round: when it has none, one unit is taken from
+        the reservation first (``_pay``) and only then does the round open. False: the budget
+        cannot pay; the request has ended with "budget" or (public continuation) is public only."""
+        if req.public_only:
+            return False
+        if req.screen.is_open:
+            return True
+        if self._pay(req):  # the unit is paid before the round opens
+            req.screen.open_round()
+            with self._lock:
+                self._stats["units"] += 1
+            return True
+        if not self.public_continuation:
+            self._finish(req, "budget")
+        else:
+            req.public_only = True
+        return False
+
+    def _scores(self, req: _Request, public: torch.Tensor, a2: torch.Tensor | None) -> torch.Tensor | None:
+        """The round's test members' scores g_i (None for a public screen); ``a2``: [|S_r|] chi-square
+        moments of the test members against ``public``."""
+        if not self.mechanism.screen_params.private:
+            return None
+        if a2 is None or a2.numel() == 0:
+            return torch.zeros(0, dtype=torch.float64)
+        return member_score(a2)
+
+    def _decide(self, req: _Request, public: torch.Tensor, scores: torch.Tensor | None) -> bool:
+        h = float(public_entropy(public[None])[0])
+        return req.screen.decide(h, scores)
+
+    def _step_adaptive(self, active: list[_Request]) -> None:
+        """One decode step of screened PMixED over the admitted, running requests."""
+        m: AdaptivePMixED = self.mechanism
+        N, q = m.ensemble_size, m.sample_rate
+        private_screen = m.screen_params.private
+        for req in active:
+            if req.screen is None:
+                req.screen = m.new_screen()  # CSPRNG
+        ready: list[tuple[_Request, torch.Tensor, bool]] = []  # (req, distribution, screened public)
+        order = sorted(active, key=lambda r: r.order)  # admission order decides who is paid
+        if self.mode == "constant":
+            for req in active:
+                g = req.groups.setdefault(ALL, RowGroup([PUBLIC, *range(N)]))
+                g.tokens = req.seq[g.seen:]
+            out = self._forward([req.groups[ALL] for req in active], persistent=True)
+            no_draw = torch.zeros(N, dtype=torch.bool)
+            for req in order:
+                rows = out[id(req.groups[ALL])]  # [N + 1, V]
+                public, members = rows[0], rows[1:]
+                try:
+                    row_totals(public[None], "public")
+                except ValueError:  # public data only: refuse this request before any unit is taken
+                    self._finish(req, "error", "the public model's distribution is not valid for this prompt")
+                    continue
+                if not self._round_paid(req):
+                    if not req.stream.done:  # public continuation: the public model alone, marked
+                        ready.append((req, public, False))
+                    continue
+                # the same work whatever the screen decides and whatever is drawn: every member's
+                # chi-square, a fresh mask, one release_masked over all N rows
+                a2 = _chi_square(public, members) if private_screen else None  # [N]
+                scores = self._scores(req, public, None if a2 is None else a2[req.screen.test_members])
+                mask = poisson_mask(N, q)  # the private answer's own draw, independent of the screen's
+                private = self._decide(req, public, scores)
+                dist = release_masked(public, members, mask if private else no_draw, self._release_params)
+                ready.append((req, dist, not private))
+        else:
+            # phase 1: the public rows, and the open rounds' test members when the score is private
+            need: list[tuple[_Request, list[int]]] = []
+            for req in active:
+                keys = [PUBLIC]
+                if private_screen and req.screen.is_open and not req.public_only:
+                    keys += [int(i) for i in req.screen.test_members]
+                need.append((req, keys))
+            out = self._forward([self._member_group(r, k) for r, keys in need for k in keys], persistent=False)
+            now: dict[int, dict[int, torch.Tensor]] = {  # req order -> row -> [V] (rows run this step)
+                r.order: {k: out[id(r.groups[k])][0] for k in keys} for r, keys in need}
+            opened: list[_Request] = []
+            for req in order:
+                public = now[req.order][PUBLIC]
+                try:
+                    row_totals(public[None], "public")
+                except ValueError:
+                    self._finish(req, "error", "the public model's distribution is not valid for this prompt")
+                    continue
+                if not self._round_paid(req):
+                    if not req.stream.done:
+                        ready.append((req, public, False))
+                    continue
+                opened.append(req)
+
+            def run_members(wanted: list[tuple[_Request, list[int]]]) -> None:
+                missing = [(r, k) for r, ks in wanted for k in ks if k not in now[r.order]]
+                got = self._forward([self._member_group(r, k) for r, k in missing], persistent=False)
+                for r, k in missing:
+                    now[r.order][k] = got[id(r.groups[k])][0]
+
+            if private_screen:  # phase 2: the test members of rounds opened in this step
+                run_members([(r, [int(i) for i in r.screen.test_members]) for r in opened])
+            decided: list[tuple[_Request, list[int] | None]] = []  # (req, drawn members or None: public)
+            for req in opened:
+                public, rows = now[req.order][PUBLIC], now[req.order]
+                a2 = None
+                ids = [int(i) for i in req.screen.test_members] if private_screen else []
+                if ids:
+                    a2 = _chi_square(public, torch.stack([rows[k] for k in ids]))
+                private = self._decide(req, public, self._scores(req, public, a2))
+                decided.append((req, [int(i) for i in poisson_draw(N, q)] if private else None))
+            run_members([(r, d) for r, d in decided if d])  # phase 3: the drawn members
+            for req, drawn in decided:
+                public = now[req.order][PUBLIC]
+                members = (torch.stack([now[req.order][k] for k in drawn]) if drawn
+                           else public.new_zeros((0, public.shape[-1])))
+                ready.append((req, m.release(public, members), drawn is None))
+        self._emit(ready)
+        if self.mode == "drawn":  # bound the memory: drop member caches idle for long
+            for req in active:
+                for k, last in list(req.idle.items()):
+                    if k != PUBLIC and self._step_no - last > self.max_idle_steps:
+                        req.groups.pop(k, None)
+                        req.idle.pop(k, None)
+        with self._lock:
+            self._active = [r for r in self._active if not r.stream.done]
+
+    def _emit(self, ready: list[tuple[_Request, torch.Tensor, bool]]) -> None:
+        """Sample and send one token per request (each already paid for: its round's unit)."""
+        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        ctx = self.context_length
+        for req, dist, screened in sorted(ready, key=lambda r: r[0].order):
+            if req.stream.done:
+                continue
+            p = req.params
+            token = sample(dist, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
+            req.seq.append(token)
+            req.generated += 1
+            req.stream.put(Token(token, public_only=req.public_only))
+            with self._lock:
+                self._stats["tokens_public" if req.public_only else "tokens_private"] += 1
+                if screened and not req.public_only:
+                    self._stats["tokens_screened_public"] += 1
+            if p.stop_at_eos and eos is not None and token == eos:
+                self._finish(req, "stop")
+            elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
+                self._finish(req, "length")
