@@ -10,6 +10,12 @@ What leaves the object is the released tokens, the budget's state and why genera
 never the drawn set S (the amplification by subsampling in docs/privacy.md (R1)-(R2) needs S
 hidden), and never an error that depends on a member: an invalid member row gets lam = 0
 (pmixed.mechanism.pairs); only an invalid *public* row refuses, before anything is drawn.
+
+With :class:`pmixed.mechanism.adaptive.AdaptivePMixED` (screened PMixED, docs/privacy.md
+section 11) the ledger must use the mechanism's Renyi filter (``Ledger(..., rule=mech.rule)``).
+Each generation has its own screen; a *unit* (one screen round and its one private answer) is
+charged durably before its round opens, tokens the screen sends to the public model cost
+nothing more, and ``queries_left`` counts units.
 """
 
 from __future__ import annotations
@@ -19,7 +25,14 @@ from typing import Literal
 
 import torch
 
-from pmixed.errors import BudgetExhausted, EnsembleMismatch, GenerationInterrupted, PromptTooLong
+from pmixed.errors import (
+    BudgetExhausted,
+    EnsembleMismatch,
+    GenerationInterrupted,
+    LedgerError,
+    PromptTooLong,
+)
+from pmixed.mechanism.adaptive import AdaptivePMixED
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.subsample import sample_token
@@ -27,8 +40,9 @@ from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.mixture_bound import MECHANISM, params_record
+from pmixed.privacy.screening import adaptive_charge
 
-__all__ = ["Generation", "PrivatePredictor", "StopReason"]
+__all__ = ["Generation", "PrivatePredictor", "ScreenedGeneration", "StopReason"]
 
 StopReason = Literal["length", "eos", "budget"]
 
@@ -44,17 +58,30 @@ class Generation:
     epsilon_spent: float  # the ledger's total after the last charge
     stopped: StopReason  # max_new_tokens or the model's context / end of sequence / budget
     epsilon_limit: float = float("nan")
-    queries_left: int = 0  # further tokens the ledger affords at this mechanism's per-query cost
+    queries_left: int = 0  # further tokens (adaptive: units) the ledger affords at this mechanism's cost
     prompt_tokens: int = 0  # after any left truncation
 
 
+@dataclass
+class ScreenedGeneration(Generation):
+    """A screened-PMixED generation (``AdaptivePMixED``): ``queries_left`` counts units, and the
+    extra figures are functions of the screen's decisions (outputs of the AboveThreshold screen,
+    covered by the units charged) and of the configuration; none depends on a Poisson draw."""
+
+    charged: int = 0  # units this generation charged: one per screen round opened
+    private_answers: int = 0  # tokens released by PMixED; the others are the screen's public answers
+    filter_order: int = 0  # the Renyi filter's order (fixed by the configuration)
+    mechanism: str = "adaptive"
+
+
 class PrivatePredictor:
-    """Answers queries with PMixED, charging each one to the ledger before it is released."""
+    """Answers queries with PMixED, charging each one to the ledger before it is released
+    (or with screened PMixED, charging each unit before its screen round opens)."""
 
     def __init__(
         self,
         runtime: EnsembleRuntime,
-        mechanism: PMixED,
+        mechanism: PMixED | AdaptivePMixED,
         ledger: Ledger,
         *,
         generator: torch.Generator | None = None,
@@ -68,15 +95,25 @@ class PrivatePredictor:
         self.mechanism = mechanism
         self.ledger = ledger
         self.generator = generator  # None: CSPRNG (serving); a seeded one for experiments
-        self._rdp = tuple(mechanism.query_rdp(ledger.orders))
-        self._params = params_record(mechanism.params)  # stored with each charge (replay, audit)
+        self.adaptive = isinstance(mechanism, AdaptivePMixED)
+        if self.adaptive:
+            if ledger.rule != mechanism.rule:
+                raise LedgerError(
+                    f"screened PMixED needs a budget under its Renyi filter {mechanism.rule.name!r}, but the "
+                    f"ledger {getattr(ledger, 'path', '')} uses the acceptance rule {ledger.rule.name!r}")
+            self._rdp = tuple(mechanism.charge(ledger.orders).rdp)  # one unit
+        else:
+            self._rdp = tuple(mechanism.query_rdp(ledger.orders))
+            self._params = params_record(mechanism.params)  # stored with each charge (replay, audit)
 
     def _query_charge(self, count: int, label: str) -> RdpCharge:
+        if self.adaptive:  # ``count`` units
+            return adaptive_charge(self.mechanism.params, count, self.ledger.orders, label)
         return RdpCharge(self.ledger.orders, self._rdp, count=count, label=label,
                          mechanism=MECHANISM, params=self._params)
 
     def charge(self, count: int, label: str) -> None:
-        """Durably record ``count`` queries; raises BudgetExhausted (nothing recorded) if over."""
+        """Durably record ``count`` queries (adaptive: units); raises BudgetExhausted (nothing recorded) if over."""
         self.ledger.charge(self._query_charge(count, label))
 
     def check_budget(self, count: int) -> None:
@@ -87,7 +124,8 @@ class PrivatePredictor:
             raise BudgetExhausted(self.ledger.epsilon_spent(), self.ledger.epsilon_if(charge), self.ledger.epsilon)
 
     def queries_left(self) -> int:
-        """Further queries the ledger affords at this mechanism's per-query cost."""
+        """Further queries the ledger affords at this mechanism's per-query cost (adaptive: further
+        units under the filter; tokens the screen answers from the public model cost nothing)."""
         return self.ledger.queries_left(self._rdp)
 
     def prompt_ids(self, prompt: str, *, truncate: bool = False) -> list[int]:
@@ -123,6 +161,13 @@ class PrivatePredictor:
         ``max_new_tokens`` or the model's context ("length"), end of sequence ("eos"), or when
         the budget cannot pay for one more token ("budget"). An error after a token was released
         raises GenerationInterrupted carrying the released tokens.
+
+        Screened PMixED (``AdaptivePMixED``): the public row first (an invalid one refuses,
+        uncharged); when the generation's screen has no open round, one unit is charged durably
+        (refused: "budget") and the round opens; then ``AdaptivePMixED.answer``: the screen decides
+        (reading only its test members' rows when its score is private), a private token is a
+        PMixED release with an independent Poisson draw (and closes the round), a public one is
+        p_0 alone and runs no member.
         """
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
@@ -136,6 +181,9 @@ class PrivatePredictor:
         eos = tok.eos_token_id
         released: list[int] = []
         stopped: StopReason = "length"
+        adaptive = self.adaptive
+        screen = self.mechanism.new_screen(self.generator) if adaptive else None  # this stream's
+        counts = {"charged": 0, "private": 0}
 
         def dists(row_ids: list[int]) -> torch.Tensor:  # [len(row_ids), V] float64 on the CPU
             batch = []
@@ -146,7 +194,9 @@ class PrivatePredictor:
             return torch.cat(self.runtime.decode(batch)).double().cpu()
 
         def result() -> Generation:
-            return Generation(
+            extra = ({"charged": counts["charged"], "private_answers": counts["private"],
+                      "filter_order": self.mechanism.order} if adaptive else {})
+            return (ScreenedGeneration if adaptive else Generation)(
                 prompt=prompt,
                 text=tok.decode(released, skip_special_tokens=True),
                 token_ids=list(released),
@@ -155,30 +205,48 @@ class PrivatePredictor:
                 epsilon_limit=self.ledger.epsilon,
                 queries_left=self.queries_left(),
                 prompt_tokens=n_prompt,
+                **extra,
             )
+
+        def member_probs(ids: torch.Tensor) -> torch.Tensor:  # adaptive: only the named members run
+            return dists([int(i) for i in ids])
 
         try:
             for _ in range(max_new_tokens):
                 if ctx is not None and len(seq) >= ctx:
                     break  # "length": the next token would have no position
-                try:
-                    self.check_budget(1)
-                except BudgetExhausted:
-                    stopped = "budget"
-                    break
-                public = dists([PUBLIC])[0]  # [V]
-                row_totals(public[None], "public")  # an invalid public row refuses before the draw
-                drawn = self.mechanism.draw(self.generator)  # [m]; never leaves this method
-                members = dists([int(i) for i in drawn]) if len(drawn) else public.new_zeros(0, public.shape[0])
-                dist = self.mechanism.release(public, members)  # [V] float64
-                try:
-                    self.charge(1, "generate")
-                except BudgetExhausted:  # another process spent in between: nothing released
-                    stopped = "budget"
-                    break
-                if temperature != 1.0:
-                    dist = torch.softmax(torch.log(dist.clamp(min=1e-300)) / temperature, dim=-1)
-                token = sample_token(dist, self.generator)
+                if adaptive:
+                    if not screen.is_open and not self.ledger.can_afford(self._query_charge(1, "check")):
+                        stopped = "budget"  # read-only check: no forward for a unit that cannot be paid
+                        break
+                    public = dists([PUBLIC])[0]  # [V]
+                    row_totals(public[None], "public")  # an invalid public row refuses before any charge
+                    try:  # charges the unit (durably) before the round opens, then screens
+                        ans = self.mechanism.answer(self.ledger, screen, public, member_probs,
+                                                    generator=self.generator, label="generate")
+                    except BudgetExhausted:  # another process spent in between: nothing released
+                        stopped = "budget"
+                        break
+                    dist = ans.dist  # [V] float64: the release, or p_0 renormalised
+                    counts["charged"] += int(ans.charged)
+                    counts["private"] += int(ans.private)
+                else:
+                    try:
+                        self.check_budget(1)
+                    except BudgetExhausted:
+                        stopped = "budget"
+                        break
+                    public = dists([PUBLIC])[0]  # [V]
+                    row_totals(public[None], "public")  # an invalid public row refuses before the draw
+                    drawn = self.mechanism.draw(self.generator)  # [m]; never leaves this method
+                    members = dists([int(i) for i in drawn]) if len(drawn) else public.new_zeros(0, public.shape[0])
+                    dist = self.mechanism.release(public, members)  # [V] float64
+                    try:
+                        self.charge(1, "generate")
+                    except BudgetExhausted:  # another process spent in between: nothing released
+                        stopped = "budget"
+                        break
+                token = self._sample(dist, temperature)
                 seq.append(token)
                 released.append(token)
                 if stop_at_eos and eos is not None and token == eos:
@@ -189,3 +257,9 @@ class PrivatePredictor:
                 raise GenerationInterrupted(result(), err) from err
             raise
         return result()
+
+    def _sample(self, dist: torch.Tensor, temperature: float) -> int:
+        """Temperature (post-processing of the released distribution, free), then one token."""
+        if temperature != 1.0:
+            dist = torch.softmax(torch.log(dist.clamp(min=1e-300)) / temperature, dim=-1)
+        return sample_token(dist, self.generator)

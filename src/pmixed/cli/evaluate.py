@@ -74,9 +74,25 @@ def _show(con, prompt: str, text: str) -> None:
     con.print(Text.assemble((prompt, "bold"), text))
 
 
+MechanismOpt = typer.Option(
+    None, "--mechanism", "-m",
+    help="pmixed or adaptive (screened PMixED through a Renyi filter, docs/privacy.md section 11); "
+         "default: the config's privacy.mechanism.")
+
+
+def with_mechanism(cfg, mechanism: str | None):
+    """``cfg`` with ``privacy.mechanism`` replaced (validated as the config field)."""
+    import dataclasses
+
+    if mechanism is None:
+        return cfg
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, mechanism=mechanism))
+
+
 def eval_cmd(
     config: Path = ConfigOpt,
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
+    mechanism: str | None = MechanismOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """Teacher-forced perplexity: public, fine-tuned, DP-SGD, ensemble average and PMixED."""
@@ -84,7 +100,7 @@ def eval_cmd(
 
     if quiet:
         silence_third_party()
-    cfg = load_run_config(config, output_dir)
+    cfg = with_mechanism(load_run_config(config, output_dir), mechanism)
     announce_long_steps(cfg)
     res = evaluate_config(cfg, progress=not quiet)
     con = _console()
@@ -93,6 +109,8 @@ def eval_cmd(
     con.print(f"PMixED: {s['runs']} runs x {s['queries']} queries, epsilon spent per run "
               f"{s['epsilon_spent']:.4f} <= {s['epsilon']}", markup=False)
     con.print(nonprivate_line(s), markup=False, highlight=False)
+    for a in res["pmixed"][1:]:
+        con.print(adaptive_line(a), markup=False, highlight=False)
     con.print(f"wrote ({res['seconds']['total']:.1f}s): " + " ".join(res["outputs"].values()), markup=False)
     for name, why in res["baseline_warnings"].items():
         con.print(f"warning: the {name} baseline does not match this config "
@@ -114,14 +132,25 @@ def nonprivate_line(s: dict) -> str:
             f"binding constraint {bind}")
 
 
+def adaptive_line(s: dict) -> str:
+    """A screened-PMixED summary in one line (its counts are functions of released bits)."""
+    return (f"adaptive: {s['runs']} runs x {s['queries']} queries under a Renyi filter at order "
+            f"{s['filter_order']}, epsilon spent per run {s['epsilon_spent']:.4f} <= {s['epsilon']}; "
+            f"{s['units_per_session']:.0f} of {s['private_queries']} private answers used, "
+            f"{100 * s['private_fraction']:.1f}% of queries private, the filter stopped private answers after "
+            f"{s['queries_before_stop']:.0f} queries on average")
+
+
 def sweep_cmd(
     config: Path = ConfigOpt,
     param: list[str] = typer.Option(
         ["epsilon", "members", "queries", "alpha", "sample_rate"], "--param", "-p",
-        help="Parameter(s) to sweep: epsilon, members, queries, alpha, sample_rate, lam_max, tail.",
+        help="Parameter(s) to sweep: epsilon, members, queries, alpha, sample_rate, lam_max, tail; with "
+             "--mechanism adaptive also private_queries, screen_threshold.",
     ),
     values: str | None = typer.Option(None, "--values", help="Comma-separated values (one --param only)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
+    mechanism: str | None = MechanismOpt,
     quiet: bool = QuietOpt,
 ) -> None:
     """PMixED perplexity over the paper's ablation grids (CSV + PNG line plots)."""
@@ -130,7 +159,7 @@ def sweep_cmd(
 
     if quiet:
         silence_third_party()
-    cfg = load_run_config(config, output_dir)
+    cfg = with_mechanism(load_run_config(config, output_dir), mechanism)
     announce_long_steps(cfg)
     vals = None
     if values is not None:
@@ -143,6 +172,10 @@ def sweep_cmd(
     res = sweep_config(cfg, list(param), values=vals, progress=not quiet)
     con = _console()
     for s in res["pmixed"]:
+        if s.get("mechanism") == "adaptive":
+            con.print(f"{s['name']:>22}: PPL {s['ppl_mean']:.2f} ± {s['ppl_std']:.2f}  ({100 * s['private_fraction']:.1f}% "
+                      f"private, stopped after {s['queries_before_stop']:.0f} queries)", markup=False)
+            continue
         con.print(f"{s['name']:>22}: PPL {s['ppl_mean']:.2f} ± {s['ppl_std']:.2f}  (non-private diagnostic: "
                   f"mean lambda {nonprivate(s)['mean_lambda']:.3f})", markup=False)
     con.print("wrote: " + " ".join(res["outputs"].values()), markup=False)
@@ -162,21 +195,28 @@ def generate_cmd(
         help="An experiment: charge a fresh in-memory ledger (nothing durable); required by --seed, refuses --ledger."),
     truncate_prompt: bool = typer.Option(
         False, "--truncate-prompt", help="Cut a prompt longer than the model's context from the left (default: refuse)."),
+    mechanism: str | None = typer.Option(
+        None, "--mechanism",
+        help="pmixed: every token one PMixED query; adaptive: screened PMixED under a Renyi filter (a unit = "
+             "one screen round and its one private answer, charged before the round; tokens the screen answers "
+             "from the public model cost nothing more; the ledger must use the filter). Default: [privacy] mechanism."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o"),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Generate privately: every token is one PMixED query, charged to the durable ledger first."""
+    """Generate privately: every token is one PMixED query, charged to the durable ledger first
+    (--mechanism adaptive: one unit per screen round, charged before the round opens)."""
     from pmixed.errors import BudgetExhausted, GenerationInterrupted
 
     if quiet:
         silence_third_party()
     cfg = load_run_config(config, output_dir)
     check_seed(seed, experiment, ledger)
+    check_mechanism(mechanism)
     announce_long_steps(cfg)
     con = _console()
     try:
         res = generate(cfg, prompt, max_new_tokens, temperature, ledger, seed, experiment=experiment,
-                       truncate_prompt=truncate_prompt, progress=not quiet)
+                       truncate_prompt=truncate_prompt, progress=not quiet, mechanism=mechanism)
     except GenerationInterrupted as err:  # print what was released (and charged), then the error
         _show(con, err.partial.prompt, err.partial.text)
         con.print(f"({len(err.partial.token_ids)} tokens released before the error)", markup=False)
@@ -203,35 +243,61 @@ def check_seed(seed, experiment: bool, ledger_path) -> None:
                                   "durable ledger; add --experiment (fresh in-memory ledger) or drop --seed")
 
 
+def check_mechanism(mechanism: str | None) -> str | None:
+    """``--mechanism``: None (the config's ``privacy.mechanism``), "pmixed" or "adaptive"."""
+    from pmixed.config import MECHANISMS
+    from pmixed.errors import ConfigError
+
+    if mechanism is not None and mechanism not in MECHANISMS:
+        raise ConfigError("mechanism", f"must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
+    return mechanism
+
+
 def budget_line(res) -> str:
     where = "in-memory experiment ledger" if res.ledger_path is None else f"ledger {res.ledger_path}"
+    if getattr(res, "mechanism", "pmixed") == "adaptive":
+        return (f"{where} (Renyi filter, order {res.filter_order}): epsilon spent {res.epsilon_spent:.4f} of "
+                f"{res.epsilon_limit:g}; {res.charged} units charged by this generation "
+                f"({res.private_answers} private answers, {len(res.token_ids) - res.private_answers} "
+                f"screened public answers); {res.queries_left} units left at this config's cost "
+                f"(a unit: one screen round and its one private answer)")
     return (f"{where}: epsilon spent {res.epsilon_spent:.4f} of {res.epsilon_limit:g}, "
             f"{res.queries_left} tokens left at this config's cost")
 
 
 def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, seed=None, runtime=None, *,
-             experiment=False, truncate_prompt=False, progress=False):
-    """One private generation with ``cfg``'s mechanism (``PMixED.from_config``). Returns the
-    engine's Generation with ``epsilon_limit``, ``queries_left``, ``ledger_path`` (None for an
-    experiment's in-memory ledger) and ``ledger_hint`` (how to start a new budget) set."""
+             experiment=False, truncate_prompt=False, progress=False, mechanism=None):
+    """One private generation with ``cfg``'s mechanism (``PMixED.from_config``, or with
+    ``mechanism="adaptive"`` / ``privacy.mechanism = "adaptive"`` ``AdaptivePMixED.from_config``,
+    whose ledger is opened under its Renyi filter: a ledger file written under another rule is
+    refused before any model is loaded). Returns the engine's Generation with ``epsilon_limit``,
+    ``queries_left`` (adaptive: units), ``ledger_path`` (None for an experiment's in-memory ledger)
+    and ``ledger_hint`` (how to start a new budget) set."""
     import torch
 
     from pmixed.cli.privacy import ledger_hint, queries_left
     from pmixed.engine import PrivatePredictor
     from pmixed.errors import BudgetExhausted, LedgerError
     from pmixed.eval.runner import load_runtime
+    from pmixed.mechanism.adaptive import AdaptivePMixED
     from pmixed.mechanism.pmixed import PMixED
     from pmixed.privacy.ledger import MEMORY, Ledger
 
     check_seed(seed, experiment, ledger_path)
     p = cfg.privacy
+    kind = check_mechanism(mechanism) or p.mechanism
+    adaptive = None
+    if kind == "adaptive":  # calibrated before the ledger opens: the ledger needs its filter
+        n = runtime.n_members if runtime is not None else cfg.data.n_parts
+        adaptive = AdaptivePMixED.from_config(p, n)
     if experiment:
         path = None
     else:
         path = Path(ledger_path or cfg.output_dir / "ledgers" / "generate.ledger")
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # the ledger first: a file of another budget is refused before any model is loaded
-        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta)
+    rule = {} if adaptive is None else {"rule": adaptive.rule}
+    try:  # the ledger first: a file of another budget (or rule) is refused before any model is loaded
+        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta, **rule)
     except LedgerError as err:
         raise LedgerError(f"{err}; {ledger_hint(path)}") from err
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -239,16 +305,19 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
     with led:
         if runtime is None:
             _, runtime = load_runtime(cfg, progress=progress)
-        mech = PMixED.from_config(p, runtime.n_members)
+        mech = adaptive if adaptive is not None else PMixED.from_config(p, runtime.n_members)
         try:
             res = PrivatePredictor(runtime, mech, led, generator=gen).generate(
                 prompt, max_new_tokens=max_new_tokens, temperature=temperature, **kw)
         except BudgetExhausted:  # refused before the first token: nothing released
-            from pmixed.engine import Generation
+            from pmixed.engine import Generation, ScreenedGeneration
 
-            res = Generation(prompt=prompt, text="", token_ids=[], epsilon_spent=led.epsilon_spent(), stopped="budget")
+            extra = {} if adaptive is None else {"filter_order": adaptive.order}
+            res = (Generation if adaptive is None else ScreenedGeneration)(
+                prompt=prompt, text="", token_ids=[], epsilon_spent=led.epsilon_spent(), stopped="budget", **extra)
         limit = led.epsilon  # the engine's Generation carries the same figures; the ledger is the authority
-        left = queries_left(led, mech.query_rdp(led.orders))
+        per_query = mech.charge(led.orders).rdp if adaptive is not None else mech.query_rdp(led.orders)
+        left = queries_left(led, per_query)
     hint = "an experiment's ledger lives only for this command" if path is None else ledger_hint(path)
     return Released(res, limit, left, path, hint)
 
