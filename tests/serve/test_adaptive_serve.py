@@ -328,6 +328,9 @@ def test_privacy_endpoint_and_completions_in_adaptive_mode(serve_run, serve_runt
         assert p2["queries_left"] == p["queries_left"] - 2
         assert abs(p2["epsilon_spent"] - m.epsilon_after(2)) < 1e-9
         assert p2["key"]["used"] >= n + 1  # the quota counts tokens sent, not units
+        text = httpx.get(s.url + "/metrics", headers={"Authorization": f"Bearer {s.admin_key}"}, timeout=10).text
+        assert f"pmixed_budget_filter_order {float(m.order)}" in text
+        assert "pmixed_engine_units_total 2.0" in text and "pmixed_engine_tokens_screened_public_total" in text
     finally:
         _stop(s, server, thread)
 
@@ -349,3 +352,53 @@ def test_serve_cli_refuses_a_ledger_of_another_rule_in_one_line(serve_run, tmp_p
     with pytest.raises(SystemExit) as ex:
         main(["serve", "--config", str(cfg_path), "--keys", str(kf), "--mechanism", "screened"])
     assert ex.value.code == 2 and "mechanism" in capsys.readouterr().err
+
+
+def test_pmixed_serve_mechanism_adaptive_on_loopback(serve_run, tmp_path):
+    """The real command: ``pmixed serve --mechanism adaptive`` opens its ledger under the filter,
+    says so at start-up and in GET /v1/privacy, and stops cleanly on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pmixed.serve.keys import KeyStore
+    from tests.serve.test_cli import _free_port
+
+    cfg, cfg_path = serve_run
+    kf, path = tmp_path / "keys.db", tmp_path / "serve.ledger"
+    _, key = KeyStore(kf).create("c")
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pmixed", "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
+         "--port", str(port), "--keys", str(kf), "--ledger", str(path), "--mechanism", "adaptive",
+         "--mode", "drawn", "--model-name", "tiny"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):  # bounded: 60 s
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.25)
+        else:
+            raise AssertionError("pmixed serve did not come up")
+        p = httpx.get(url + "/v1/privacy", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
+        m = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts)
+        assert p["mechanism"] == "adaptive" and p["filter_order"] == m.order and p["mode"] == "drawn"
+        assert p["queries_left"] == m.max_units()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err
+    assert f"mechanism adaptive, Renyi filter order {m.order}" in err and "units left" in err
+    with Ledger.open(path) as led:
+        assert led.rule == m.rule and led.charges() == 0
