@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from scipy import integrate
 
-from pmixed.mechanism.adaptive import _chi_square
-from pmixed.mechanism.screen import member_score, public_entropy
+from pmixed.mechanism.screen import chi_square, member_score, public_entropy
 from pmixed.privacy.screening import AdaptiveParams
 from tests.exact.harness import exact_mixture, pmixed_release_fn, renyi, subset_weights
 
@@ -78,7 +77,7 @@ class Oracle:
         h = float(public_entropy(torch.from_numpy(public)[None])[0])
         if not s.private:
             return {(): h}
-        g = member_score(_chi_square(torch.from_numpy(public), torch.from_numpy(members))).numpy()
+        g = member_score(chi_square(torch.from_numpy(public), torch.from_numpy(members))).numpy()
         out = {}
         for S, _w in subset_weights(members.shape[0], s.test_rate):
             out[tuple(S)] = h + s.weight / (s.test_rate * s.ensemble_size) * math.fsum(g[list(S)])

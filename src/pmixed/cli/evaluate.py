@@ -389,7 +389,9 @@ def demo_cmd(
     _, runtime = load_runtime(cfg, progress=False)
     g = step("generate", lambda: generate(cfg, prompt, 40, 0.7, cfg.output_dir / "ledgers" / "demo-generate.ledger",
                                           None, runtime))
-    con.print(f"[bold]private continuation[/bold] (each token one PMixED query; {budget_line(g)}):", highlight=False)
+    each = ("each round of the screen one unit" if getattr(g, "mechanism", "pmixed") == "adaptive"
+            else "each token one PMixED query")
+    con.print(f"[bold]private continuation[/bold] ({each}; {budget_line(g)}):", highlight=False)
     _show(con, g.prompt, g.text)
     if g.stopped == "budget":
         con.print(f"the demo's generation budget is spent: {g.ledger_hint}", markup=False)

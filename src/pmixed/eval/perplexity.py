@@ -23,8 +23,8 @@ import torch
 from pmixed.errors import DataError
 from pmixed.eval.block_stats import block_stats
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
-from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.acceptance import RenyiFilterRule
+from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.mixture_bound import pmixed_charge
 from pmixed.privacy.params import MechanismParams

@@ -21,8 +21,11 @@ __all__ = ["score_block"]
 def score_block(predictor: PrivatePredictor, block: torch.Tensor, *, label: str = "score") -> torch.Tensor:
     """block [L] -> the released probability of each true next token [L-1] float64."""
     T = block.shape[0] - 1
-    predictor.check_budget(T)
     mech = predictor.mechanism
+    if not hasattr(mech, "draw_block"):
+        raise TypeError("score_block scores plain PMixED; screened PMixED is scored by "
+                        "pmixed.eval.perplexity.run_evaluation (its queries are answered in order)")
+    predictor.check_budget(T)
     mask = mech.draw_block(T, predictor.generator)  # [T, N]
     stats = block_stats(predictor.runtime, block, max_order=mech.params.max_order, needed=mask,
                         average=False).stats

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pmixed.mechanism.release import release
-from pmixed.mechanism.screen import Screen, member_score, public_entropy
+from pmixed.mechanism.screen import Screen, chi_square, member_score, public_entropy
 from pmixed.mechanism.subsample import poisson_draw
 from pmixed.privacy.acceptance import RenyiFilterRule
 from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge
@@ -145,7 +145,7 @@ class AdaptivePMixED:
         scores = None
         if self.screen_params.private:
             ids = screen.test_members
-            scores = (member_score(_chi_square(public, member_probs(ids))) if ids.numel()
+            scores = (member_score(chi_square(public, member_probs(ids))) if ids.numel()
                       else torch.zeros(0, dtype=torch.float64))
         h = float(public_entropy(public[None])[0])
         if screen.decide(h, scores):
@@ -160,14 +160,3 @@ class AdaptivePMixED:
                 f"ensemble_size={self.ensemble_size}, sample_rate={self.sample_rate}, order={self.order}, "
                 f"screen_threshold={s.threshold}, screen_weight={s.weight})")
 
-
-def _chi_square(public: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
-    """a_2 of each member row against public (eq. (B2), k = 2): [m, V] -> [m] float64; an
-    invalid row gives inf (scored 1)."""
-    from pmixed.mechanism.pairs import pair_moments, row_totals
-
-    pub = public[None]
-    tot0 = row_totals(pub, "public")
-    rows = torch.arange(members.shape[0])
-    moments, _, _ = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, 2)
-    return moments[:, 0]

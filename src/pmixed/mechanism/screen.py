@@ -15,10 +15,11 @@ import math
 
 import torch
 
+from pmixed.mechanism.pairs import pair_moments, row_totals
 from pmixed.mechanism.subsample import _csprng_uniform, poisson_mask
 from pmixed.privacy.screening import ScreenParams
 
-__all__ = ["Screen", "laplace", "member_score", "public_entropy"]
+__all__ = ["Screen", "chi_square", "laplace", "member_score", "public_entropy"]
 
 
 def public_entropy(public: torch.Tensor) -> torch.Tensor:
@@ -34,6 +35,17 @@ def member_score(a2: torch.Tensor) -> torch.Tensor:
     An invalid member row (a_2 = inf or nan) scores 1, the largest value: still within (S2)."""
     g = torch.sqrt(a2.to(torch.float64)).clamp(max=1.0)
     return torch.where(torch.isnan(g), torch.ones_like(g), g)
+
+
+def chi_square(public: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+    """a_2 of each member row against the public row (eq. (B2), k = 2): public [V], members
+    [m, V] -> [m] float64, computed exactly as the projection computes it; an invalid member row
+    gives inf (scored 1). The public row is validated (it may refuse: public data only)."""
+    pub = public[None]  # [1, V]
+    tot0 = row_totals(pub, "public")
+    rows = torch.arange(members.shape[0], device=members.device)
+    moments, _, _ = pair_moments(pub, tot0, members, torch.zeros_like(rows), rows, 2)
+    return moments[:, 0]
 
 
 def laplace(scale: float, generator: torch.Generator | None = None) -> float:

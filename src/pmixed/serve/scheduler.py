@@ -64,12 +64,12 @@ from typing import Literal
 import torch
 
 from pmixed.errors import LedgerError, PMixEDError, PromptTooLong
-from pmixed.mechanism.adaptive import AdaptivePMixED, _chi_square
+from pmixed.mechanism.adaptive import AdaptivePMixED
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
 from pmixed.mechanism.release import release_masked
 from pmixed.mechanism.sampling import sample
-from pmixed.mechanism.screen import Screen, member_score, public_entropy
+from pmixed.mechanism.screen import Screen, chi_square, member_score, public_entropy
 from pmixed.mechanism.subsample import poisson_draw, poisson_mask
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
@@ -550,7 +550,7 @@ class Decoder:
                     continue
                 # the same work whatever the screen decides and whatever is drawn: every member's
                 # chi-square, a fresh mask, one release_masked over all N rows
-                a2 = _chi_square(public, members) if private_screen else None  # [N]
+                a2 = chi_square(public, members) if private_screen else None  # [N]
                 scores = self._scores(req, public, None if a2 is None else a2[req.screen.test_members])
                 mask = poisson_mask(N, q)  # the private answer's own draw, independent of the screen's
                 private = self._decide(req, public, scores)
@@ -595,7 +595,7 @@ class Decoder:
                 a2 = None
                 ids = [int(i) for i in req.screen.test_members] if private_screen else []
                 if ids:
-                    a2 = _chi_square(public, torch.stack([rows[k] for k in ids]))
+                    a2 = chi_square(public, torch.stack([rows[k] for k in ids]))
                 private = self._decide(req, public, self._scores(req, public, a2))
                 decided.append((req, [int(i) for i in poisson_draw(N, q)] if private else None))
             run_members([(r, d) for r, d in decided if d])  # phase 3: the drawn members
