@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import sys
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - t0
     pub = res.models["public"]["ppl"]
     ft = res.models.get("finetune", {}).get("ppl")
+    oracle = _oracle_rows(rt, blocks, T, args.runs, base, cfg.eval.seed)
     rows = []
     for s in res.pmixed:
         share = gain_kept(pub, s["ppl_mean"], ft) if ft is not None else float("nan")
@@ -103,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                      "private_fraction": s.get("private_fraction", 1.0),
                      "private_answers": s.get("units_per_session", s["queries"]),
                      "queries_before_stop": s.get("queries_before_stop", s["queries"])})
+    for o in oracle:
+        rows.append({**o, "gain_share": gain_kept(pub, o["ppl_mean"], ft) if ft is not None else float("nan")})
     lines = [f"# screened vs plain PMixED: {cfg.source_path}, {args.runs} runs, {T} positions, "
              f"public {pub:.2f}, fine-tuned {ft:.2f}" if ft else "",
              "", "| setup | PPL | gain share | private answers / session | stopped after |", "|---|---|---|---|---|"]
@@ -123,6 +127,57 @@ def main(argv: list[str] | None = None) -> int:
     _plot(rows, out / "adaptive.png", pub, ft)
     print(f"wrote {out}/adaptive.{{md,json,png}} ({seconds:.0f}s)")
     return 0
+
+
+def _oracle_rows(rt, blocks, T: int, runs: int, base: dict, seed: int) -> list[dict]:
+    """NOT a mechanism (non-private, for reference only): free screens that send to PMixED exactly
+    the K positions of the session where the members differ most from the public model (largest
+    mean chi-square a_2 over all members), or where the ensemble's gain at the true next token is
+    largest (a screen that knows the answer), with the release calibrated for K units at epsilon 2
+    and 8. The second bounds what any screen with K private answers could keep here."""
+    import torch
+
+    from pmixed.eval.block_stats import block_stats
+    from pmixed.mechanism.teacher_forcing import released_target_probs
+    from pmixed.privacy.screening import ScreenParams, calibrate_adaptive
+
+    B, L = blocks.shape
+    stats = [block_stats(rt, blocks[b], max_order=32, average=True).stats for b in range(B)]
+    N = base["ensemble_size"]
+    chi = torch.cat([st.moments[:, :, 0].mean(dim=1) for st in stats])[:T]  # [T]
+    # the ensemble's own gain at the true token: a screen that knows the answer
+    gain = torch.cat([torch.log(st.member_target.mean(dim=1)) - torch.log(st.public_target) for st in stats])[:T]
+    rows = []
+    for (how, score), eps, K in itertools.product((("divergence", chi), ("true gain", gain)), (2.0, 8.0),
+                                                  (128, 256, 512)):
+        kw = {k: v for k, v in base.items() if k != "ensemble_size"}
+        cal = calibrate_adaptive(epsilon=eps, private_queries=K, ensemble_size=N,
+                                 screen=ScreenParams(N, threshold=0.0), **kw)
+        rel = cal.params.release
+        if rel.max_order > 32:
+            continue
+        top = torch.zeros(B * (L - 1), dtype=torch.bool)
+        top[score.topk(K).indices] = True
+        ppls = []
+        for r in range(runs):
+            g = torch.Generator().manual_seed(seed * 1000 + r)
+            total = 0.0
+            for b in range(B):
+                n_b = min(L - 1, max(0, T - b * (L - 1)))
+                if n_b == 0:
+                    break
+                draw = torch.rand(L - 1, N, generator=g, dtype=torch.float64) < rel.sample_rate
+                use = draw & top[b * (L - 1):(b + 1) * (L - 1), None]
+                probs, _ = released_target_probs(stats[b], use, rel)
+                total -= float(torch.log(probs[:n_b]).sum())
+            ppls.append(math.exp(total / T))
+        mean = sum(ppls) / len(ppls)
+        std = math.sqrt(sum((x - mean) ** 2 for x in ppls) / max(1, len(ppls) - 1))
+        rows.append({"name": f"ORACLE screen by {how} (non-private bound) eps={eps:g} K={K}", "epsilon": eps,
+                     "queries": T, "ppl_mean": mean, "ppl_std": std, "epsilon_spent": float("nan"),
+                     "mechanism": "oracle", "private_fraction": K / T, "private_answers": K,
+                     "queries_before_stop": T})
+    return rows
 
 
 def _plot(rows, path: Path, pub: float, ft: float | None) -> None:

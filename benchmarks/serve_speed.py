@@ -25,7 +25,11 @@ file (fsync'd, one transaction per step), sampled from the OS CSPRNG. Timed in O
        public row and the drawn members, then the mechanism (timed on ``--recompute-tokens``
        steps spread over the 256 and scaled: the output says so);
   (S) today's serial path: ``PrivatePredictor.generate`` (public row, then the drawn members,
-       per-row caches, one charge per token).
+       per-row caches, one charge per token);
+  (AD), (AC) screened PMixED (docs/privacy.md section 11) with a public screen that sends every
+       query to the ensemble (the most work screening adds: a unit taken and the entropy computed
+       per token), drawn-only and constant-work; (APD) with a private screen (test members drawn
+       at rate 0.5 and scored every token), drawn-only. Issue 14's target: at most 1.25x plain.
 
 Load (``--streams 1,8,32``): S concurrent streams of ``--load-tokens`` tokens each, in both modes,
 each configuration in a fresh subprocess (its peak RSS is its own): aggregate tokens/s, p50/p95
@@ -131,8 +135,20 @@ def prompt(args, seed: int) -> list[int]:
     return torch.randint(1, vocab, (args.prompt,), generator=g).tolist()
 
 
+def adaptive_mech(args, private: bool):
+    """Screened PMixED with every query private (threshold -1e9: the most work screening can
+    add), a public screen or a private one (test members at rate 0.5, weight 1)."""
+    from pmixed.mechanism.adaptive import AdaptivePMixED
+
+    return AdaptivePMixED(epsilon=8.0, delta=1e-5, private_queries=10**6, ensemble_size=args.members,
+                          sample_rate=args.sample_rate, screen_threshold=-1e9,
+                          screen_weight=1.0 if private else 0.0, screen_epsilon=1e-4 if private else 0.0,
+                          screen_rate=0.5)
+
+
 def decoder_per_token(rt, mech, args, mode: str, led_path: Path) -> float:
-    with Ledger(led_path, epsilon=8.0, delta=1e-5) as led, Decoder(rt, mech, led, mode=mode) as dec:
+    rule = getattr(mech, "rule", None)
+    with Ledger(led_path, epsilon=8.0, delta=1e-5, rule=rule) as led, Decoder(rt, mech, led, mode=mode) as dec:
         s = dec.submit(prompt(args, 1), SamplingParams(max_tokens=args.tokens, stop_at_eos=False))
         it = iter(s)
         next(it)  # the first token includes the prefill
@@ -259,7 +275,10 @@ def main(argv=None) -> dict:
         res["Fc"] = floor_per_token(rt, args, args.members + 1)
         res["R"], res["R_steps"] = recompute_per_token(rt, mech, args)
         res["S"] = serial_per_token(rt, mech, args, Path(tmp) / "s.ledger")
-    res["ratios"] = {"D/Fd": res["D"] / res["Fd"], "C/Fc": res["C"] / res["Fc"], "R/D": res["R"] / res["D"],
+        res["AD"] = decoder_per_token(rt, adaptive_mech(args, False), args, "drawn", Path(tmp) / "ad.ledger")
+        res["AC"] = decoder_per_token(rt, adaptive_mech(args, False), args, "constant", Path(tmp) / "ac.ledger")
+        res["APD"] = decoder_per_token(rt, adaptive_mech(args, True), args, "drawn", Path(tmp) / "apd.ledger")
+    res["ratios"] = {"AD/D": res["AD"] / res["D"], "AC/C": res["AC"] / res["C"], "APD/D": res["APD"] / res["D"],"D/Fd": res["D"] / res["Fd"], "C/Fc": res["C"] / res["Fc"], "R/D": res["R"] / res["D"],
                      "R/C": res["R"] / res["C"], "S/D": res["S"] / res["D"], "C/D": res["C"] / res["D"]}
     res["load"] = []
     for mode in args.modes.split(","):
@@ -286,6 +305,11 @@ def main(argv=None) -> dict:
     print(f"  (R)  recompute the prefix (original's way; {res['R_steps']} of {args.tokens} steps timed, mean)  "
           f"{ms(res['R'])}   R/D = {res['ratios']['R/D']:.1f}x, R/C = {res['ratios']['R/C']:.1f}x (target >= 5)")
     print(f"  (S)  today's serial path (PrivatePredictor.generate)  {ms(res['S'])}   S/D = {res['ratios']['S/D']:.2f}x")
+    print(f"  (AD) screened, public screen, every query private, drawn-only  {ms(res['AD'])}   AD/D = "
+          f"{res['ratios']['AD/D']:.2f}x (target <= 1.25)")
+    print(f"  (AC) the same, constant-work  {ms(res['AC'])}   AC/C = {res['ratios']['AC/C']:.2f}x (target <= 1.25)")
+    print(f"  (APD) screened, private screen (test members at q_s 0.5), every query private, drawn-only  "
+          f"{ms(res['APD'])}   APD/D = {res['ratios']['APD/D']:.2f}x")
     print("load: mode | streams | tokens/s | x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
     for r in res["load"]:
         print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {r['x_single']:.2f}x | "
