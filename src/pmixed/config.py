@@ -440,6 +440,17 @@ class PrivacyConfig:
             kw["tail"] = DEFAULT_TAIL
         return kw
 
+    def shape_source(self) -> str:
+        """How the radius shape (lam_max, tail, alpha) was chosen, for tables: "default rule"
+        (all three unset: the data-independent rule of privacy/calibration.py), "config" (all set
+        by the user: say how they chose them), or which ones each."""
+        unset = [f for f in ("lam_max", "tail", "alpha") if getattr(self, f) is None]
+        if len(unset) == 3:
+            return "default rule"
+        if not unset:
+            return "config"
+        return f"config, {'/'.join(unset)} by the default rule"
+
     def adaptive_kwargs(self, ensemble_size: int, **overrides: Any) -> dict[str, Any]:
         """The one mapping from ``[privacy]`` to ``pmixed.AdaptivePMixED``'s keywords
         (screened PMixED); ``overrides`` by those names (``private_queries=256``, ...)."""

@@ -52,6 +52,8 @@ def table_rows(result: dict[str, Any], dpsgd_epsilon: float | None = None) -> li
         if s.get("mechanism") == "adaptive":
             label = (f"screened PMixED eps={s['epsilon']:g} (N={s['members']}, q={s['sample_rate']:g}, "
                      f"T={s['queries']}, {s['private_queries']} private, filter order {s['filter_order']})")
+        if s.get("shape_source"):  # how lam_max / tail / alpha were chosen
+            label = label[:-1] + f", shape: {s['shape_source']})"
         rows.append({"model": label, "ppl": s["ppl_mean"], "std": s["ppl_std"], "key": "pmixed",
                      "runs": s["runs"]})
     pub = models.get("public", {}).get("ppl")

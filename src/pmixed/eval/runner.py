@@ -196,6 +196,8 @@ def evaluate_config(cfg: Any, *, out_dir: Path | None = None, progress: bool = T
     blocks = eval_blocks(ens, cfg)
     Q = blocks.shape[0] * (blocks.shape[1] - 1)
     res = _evaluate(cfg, runtime, blocks, main_setups(cfg, Q), "eval", progress)
+    for s in res["pmixed"]:
+        s["shape_source"] = cfg.privacy.shape_source()
     res["dpsgd_epsilon"] = _dpsgd_epsilon(cfg)
     res["baseline_epsilon"] = {name: _dpsgd_epsilon(cfg, name) for name in ("dpsgd", "dpsgd_unit")}
     res["unit_name"] = cfg.data.unit
