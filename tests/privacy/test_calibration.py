@@ -18,7 +18,8 @@ from pmixed.privacy.original_rules import reference_budget, solve_beta
 
 
 def test_paper_setting_meets_target():
-    cal = calibrate(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03)
+    cal = calibrate(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03,
+                    lam_max=0.75, tail=1.0)  # the shape of docs/privacy.md section 6's worked example
     assert cal.epsilon_after(1024) <= 8.0
     assert cal.epsilon_after(1024) > 7.99  # the budget is used, not wasted
     assert max_queries(cal.params, 8.0, 1e-5) == 1024

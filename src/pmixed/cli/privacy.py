@@ -34,7 +34,13 @@ def _check_inputs(epsilon, delta, queries, ensemble_size, sample_rate, alpha, la
 
 def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, lam_max=None) -> dict:
     """The plan as a JSON-ready dict (also used by the evaluation's reports)."""
-    from pmixed.privacy.calibration import DEFAULT_LAM_MAX, calibrate, max_queries, scale_of
+    from pmixed.privacy.calibration import (
+        DEFAULT_LAM_MAX,
+        DEFAULT_TAIL,
+        calibrate,
+        max_queries,
+        scale_of,
+    )
     from pmixed.privacy.mixture_bound import floor_weight, member_weight, query_rdp
 
     lam_max = DEFAULT_LAM_MAX if lam_max is None else lam_max
@@ -54,6 +60,7 @@ def plan_dict(epsilon, delta, queries, ensemble_size, sample_rate, alpha=None, l
         "max_enforced_order": p.max_order,
         "per_query_rdp": {str(a): query_rdp(a, p) for a in orders},
         "lam_max": p.lam_max,
+        "tail": DEFAULT_TAIL,
         "gaussian_scale_t": scale_of(p),
         "radius_per_order": {
             str(k): {"tau": p.tau(k), "renyi_bound": p.renyi_radius(k)} for k in orders
@@ -127,7 +134,8 @@ def plan(
     )
     console.print(
         f"ball enforced at orders 2..{d['max_enforced_order']} (--max-order; \\[privacy] alpha); "
-        f"lam_max = {d['lam_max']}, Gaussian-shape scale t = {d['gaussian_scale_t']:.4g}"
+        f"lam_max = {d['lam_max']}, tail = {d['tail']:g} (the default rule's), Gaussian-shape scale t = "
+        f"{d['gaussian_scale_t']:.4g}"
     )
     console.print(f"the RDP-to-DP conversion attains epsilon at order {d['chosen_order']}")
     table = Table("order k", "per-query RDP", "tau_k (moment radius)", "D_k(pbar||p0) <=", box=box.MARKDOWN)
