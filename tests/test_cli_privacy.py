@@ -30,8 +30,10 @@ def test_paper_setting_json():
 def test_paper_setting_table_and_max_queries():
     out = run(*PAPER)
     assert out.returncode == 0 and "epsilon after 1024 queries" in out.stdout
-    assert "ball enforced at orders 2..4 (--max-order" in out.stdout
-    assert "the RDP-to-DP conversion attains epsilon at order 4" in out.stdout
+    d = json.loads(run(*PAPER, "--json").stdout)  # the default rule's shape (lam_max 0.5, tail 10): orders 2..3
+    assert d["max_enforced_order"] == 3 and d["lam_max"] == 0.5 and d["tail"] == 10.0
+    assert "ball enforced at orders 2..3 (--max-order" in out.stdout and "tail = 10" in out.stdout
+    assert f"the RDP-to-DP conversion attains epsilon at order {d['chosen_order']}" in out.stdout
     # --max-queries answers for other targets, not echo T: fewer at a smaller epsilon, more at a larger
     out = run(*PAPER, "--max-queries", "--json")
     assert out.returncode == 0, out.stderr

@@ -61,7 +61,8 @@ def test_block_equals_separate_queries():
 
 
 def test_public_contract():
-    mech = pmixed.PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03, alpha=None)
+    mech = pmixed.PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=80, sample_rate=0.03, alpha=None,
+                         lam_max=0.75, tail=1.0)  # docs/privacy.md section 6's shape: orders 2..4
     g = torch.Generator().manual_seed(0)
     S = mech.draw(generator=g)
     assert S.dtype == torch.long and len(set(S.tolist())) == len(S) and all(0 <= i < 80 for i in S.tolist())
