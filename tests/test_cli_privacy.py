@@ -135,3 +135,31 @@ def test_queries_left_is_the_largest_count_that_fits():
         assert k > 0
         assert led.can_afford(RdpCharge(led.orders, rdp, count=k))
         assert not led.can_afford(RdpCharge(led.orders, rdp, count=k + 1))
+
+
+def test_status_of_a_filter_ledger_counts_units(tmp_path):
+    """A screened-PMixED ledger (Renyi filter rule): status names the rule and, with an adaptive
+    config, counts the units left at its cost."""
+    from pathlib import Path
+
+    from pmixed.config import load_config
+    from pmixed.mechanism.adaptive import AdaptivePMixED
+    from pmixed.privacy.ledger import Ledger
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "configs" / "quick.toml").read_text().replace(
+        "[privacy]\n", '[privacy]\nmechanism = "adaptive"\nscreen_threshold = 5.0\nprivate_queries = 100\n')
+    cfg_path = tmp_path / "adaptive.toml"
+    cfg_path.write_text(text.replace('output_dir = "runs/quick"', f'output_dir = "{tmp_path / "run"}"'))
+    cfg = load_config(cfg_path)
+    mech = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts)
+    path = tmp_path / "f.ledger"
+    with Ledger(path, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, rule=mech.rule) as led:
+        led.charge(mech.charge(led.orders))
+        led.charge(mech.charge(led.orders))
+        left = led.queries_left(mech.charge(led.orders).rdp)
+    assert left == mech.max_units() - 2 >= 98
+    out = status("--ledger", path, "--config", cfg_path)
+    assert out.returncode == 0, out.stderr
+    assert f"acceptance rule renyi-filter/alpha={mech.order}" in out.stdout
+    assert f"units left under the Renyi filter at {cfg_path}'s cost" in out.stdout and out.stdout.strip().endswith(str(left))

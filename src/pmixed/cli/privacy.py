@@ -203,6 +203,7 @@ def ledger_summary(ledger, per_query_rdp: Sequence[float] | None = None) -> dict
         "delta": ledger.delta,
         "epsilon_spent": ledger.epsilon_spent(),
         "epsilon_remaining": ledger.remaining(),
+        "acceptance_rule": ledger.rule.name,
         "charges": ledger.charges(),
         "queries": sum(e["queries"] for e in by_label.values()),
         "by_label": by_label,
@@ -236,7 +237,12 @@ def status(
         cfg = load_run_config(config)
     with Ledger.open(ledger) as led:
         rdp = None
-        if cfg is not None:
+        adaptive = cfg is not None and cfg.privacy.mechanism == "adaptive"
+        if adaptive:  # the budget's unit is one screen round and its private answer
+            from pmixed.mechanism.adaptive import AdaptivePMixED
+
+            rdp = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts).charge(led.orders).rdp
+        elif cfg is not None:
             from pmixed.mechanism.pmixed import PMixED
 
             rdp = PMixED.from_config(cfg.privacy, cfg.data.n_parts).query_rdp(led.orders)
@@ -249,10 +255,13 @@ def status(
         return
     typer.echo(f"ledger {d['ledger']} (created {d['created_at']}, pmixed {d['package_version']})")
     typer.echo(f"epsilon spent {d['epsilon_spent']:.6g} of limit {d['epsilon_limit']:g} at delta "
-               f"{d['delta']:g}; remaining {d['epsilon_remaining']:.6g}")
+               f"{d['delta']:g}; remaining {d['epsilon_remaining']:.6g} (acceptance rule {d['acceptance_rule']})")
     labels = ", ".join(f"{k}: {v['charges']} charges, {v['queries']} queries" for k, v in sorted(d["by_label"].items()))
     typer.echo(f"history: {d['charges']} charges, {d['queries']} queries" + (f" ({labels})" if labels else ""))
-    if cfg is not None:
+    if adaptive:
+        typer.echo(f"units left under the Renyi filter at {config}'s cost (a unit: one screen round and its one "
+                   f"private answer; the screen's public answers between units cost nothing more): {d['queries_left']}")
+    elif cfg is not None:
         typer.echo(f"queries left at {config}'s per-query cost (N={cfg.data.n_parts}, "
                    f"q={cfg.privacy.sample_rate:g}, T={cfg.privacy.queries}): {d['queries_left']}")
         if not d["config_budget_matches"]:
