@@ -12,6 +12,21 @@ import pytest
 from pmixed.privacy.ledger import Ledger
 
 
+@pytest.fixture
+def own_sweep_files(trained_run):
+    """The shared trained run's sweep folder is shared with tests/eval/test_evaluation.py: remove
+    the files these tests add (and restore the ones they replace), whatever the test order."""
+    cfg, _ = trained_run
+    folder = cfg.output_dir / "sweep"
+    before = {p: p.read_bytes() for p in folder.glob("*")} if folder.is_dir() else {}
+    yield
+    for p in list(folder.glob("*")) if folder.is_dir() else []:
+        if p not in before:
+            p.unlink()
+    for p, data in before.items():
+        p.write_bytes(data)
+
+
 def _adaptive(cfg, **privacy):
     return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, mechanism="adaptive", **privacy))
 
@@ -46,7 +61,7 @@ def test_a_screen_that_always_fires_stops_at_the_filter(trained_run, tmp_path):
     assert ad["private_fraction"] == pytest.approx(ad["units_per_session"] / 93)
 
 
-def test_sweep_of_a_screen_parameter_needs_the_adaptive_mechanism(trained_run, tmp_path):
+def test_sweep_of_a_screen_parameter_needs_the_adaptive_mechanism(trained_run, tmp_path, own_sweep_files):
     cfg, cfg_path = trained_run
     out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "-c", str(cfg_path), "-o", str(tmp_path / "x"),
                           "-p", "screen_threshold", "-q"], capture_output=True, text=True)
@@ -61,3 +76,17 @@ def test_sweep_of_a_screen_parameter_needs_the_adaptive_mechanism(trained_run, t
     out = subprocess.run([sys.executable, "-m", "pmixed", "eval", "-c", str(cfg_path), "-o", str(tmp_path / "y"),
                           "--mechanism", "bogus", "-q"], capture_output=True, text=True)
     assert out.returncode == 2 and "privacy.mechanism" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_adaptive_sweep_compares_with_plain_pmixed(trained_run, tmp_path, own_sweep_files):
+    import csv
+
+    cfg, cfg_path = trained_run
+    out = subprocess.run([sys.executable, "-m", "pmixed", "sweep", "-c", str(cfg_path), "--mechanism", "adaptive",
+                          "-p", "epsilon", "--values", "4,8", "-q"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    with (cfg.output_dir / "sweep" / "sweep-epsilon.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert sorted((r["mechanism"], float(r["value"])) for r in rows) == [
+        ("adaptive", 4.0), ("adaptive", 8.0), ("pmixed", 4.0), ("pmixed", 8.0)]
+    assert (cfg.output_dir / "sweep" / "sweep-epsilon.png").is_file()

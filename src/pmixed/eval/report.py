@@ -177,7 +177,7 @@ def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
 SWEEP_HEADER = ["param", "value", "epsilon", "members", "queries", "alpha", "epsilon_order",
                 "sample_rate", "lam_max", "tail", "ppl_mean", "ppl_std", "nonprivate_mean_lambda",
-                "nonprivate_empty_draw_fraction"]
+                "nonprivate_empty_draw_fraction", "mechanism"]
 
 
 def _sweep_rows(points: list[dict[str, Any]]) -> list[list[Any]]:
@@ -191,7 +191,7 @@ def _sweep_rows(points: list[dict[str, Any]]) -> list[list[Any]]:
         for param, value in s["sweep"].items():
             rows.append([param, value, s["epsilon"], s["members"], s["queries"], s["max_order"], s["alpha"],
                          s["sample_rate"], s["lam_max"], s["tail"], s["ppl_mean"], s["ppl_std"],
-                         d["mean_lambda"], d["empty_draw_fraction"]])
+                         d["mean_lambda"], d["empty_draw_fraction"], s.get("mechanism", "pmixed")])
     return rows
 
 
@@ -244,10 +244,15 @@ def sweep_plot(result: dict[str, Any], param: str, points: list[dict[str, Any]],
 
     models = result["models"]
     eps = result.get("baseline_epsilon") or {}
-    pts = sorted((float(s["sweep"][param]), s["ppl_mean"], s["ppl_std"]) for s in points)
-    xs = [p[0] for p in pts]
     fig, ax = plt.subplots(figsize=(6, 4.2))
-    ax.errorbar(xs, [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o", color="tab:red", label="PMixED")
+    xs: list[float] = []
+    for mech, color, label in (("pmixed", "tab:red", "PMixED"), ("adaptive", "tab:purple", "screened PMixED")):
+        pts = sorted((float(s["sweep"][param]), s["ppl_mean"], s["ppl_std"]) for s in points
+                     if s.get("mechanism", "pmixed") == mech)
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                        color=color, label=label)
+            xs = sorted(set(xs) | {p[0] for p in pts})
     for key, style, color in (("public", "--", "k"), ("finetune", ":", "k"), ("dpsgd", "-.", "tab:blue"),
                               ("dpsgd_unit", "-.", "tab:green")):
         if key not in models:
@@ -265,9 +270,9 @@ def sweep_plot(result: dict[str, Any], param: str, points: list[dict[str, Any]],
                         xytext=(-3, 3), ha="right", fontsize=7, color=color)
     ax.set_xlabel(param)
     ax.set_ylabel("test perplexity")
-    if param in ("queries", "members") or (param == "sample_rate" and max(xs) / min(xs) > 8):
+    if param in ("queries", "members", "private_queries") or (param == "sample_rate" and max(xs) / min(xs) > 8):
         ax.set_xscale("log")
-    if param in ("queries", "members", "alpha"):  # plain integer ticks at the swept values
+    if param in ("queries", "members", "alpha", "private_queries"):  # plain integer ticks at the swept values
         ax.minorticks_off()
         ax.set_xticks(xs, [f"{int(x)}" for x in xs])
     ax.legend(fontsize=7)

@@ -277,7 +277,9 @@ def sweep_setups(cfg: Any, params: list[str], queries_available: int, values: di
             if not explicit and param == "sample_rate" and N * v < 0.5:
                 continue  # under half a member drawn per query on average
             try:
-                if adaptive:
+                if adaptive:  # the screened point, and plain PMixED's beside it (same draws' positions)
+                    if param not in ADAPTIVE_ONLY:
+                        setups.append(config_setup(cfg, f"{param}={v:g}", sweep={param: v}, **over))
                     queries = over.pop("query_budget")
                     if param == "queries" and p.private_queries is None:
                         over["private_queries"] = queries  # private_queries unset: = queries
