@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setups = []
     for eps in (0.5, 2.0, 8.0):
-        for t in sorted({128, 256, 512, T}):
+        for t in sorted({x for x in (128, 256, 512) if x < T} | {T}):
             try:
                 setups.append(make_setup(f"plain eps={eps:g} T={t}", runs=args.runs, epsilon=eps,
                                          query_budget=t, sweep={"epsilon": eps, "queries": t}, **base))
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "adaptive.md").write_text(text + "\n")
     (out / "adaptive.json").write_text(json.dumps({"rows": rows, "models": res.models, "thresholds": thresholds,
                                                    "seconds": seconds, "machine": machine()}, indent=2, default=float))
-    _plot(rows, out / "adaptive.png", pub, ft)
+    _plot(rows, spend_curves(setups, H, T), out / "adaptive.png", pub, ft)
     print(f"wrote {out}/adaptive.{{md,json,png}} ({seconds:.0f}s)")
     return 0
 
@@ -148,8 +148,8 @@ def _oracle_rows(rt, blocks, T: int, runs: int, base: dict, seed: int) -> list[d
     # the ensemble's own gain at the true token: a screen that knows the answer
     gain = torch.cat([torch.log(st.member_target.mean(dim=1)) - torch.log(st.public_target) for st in stats])[:T]
     rows = []
-    for (how, score), eps, K in itertools.product((("divergence", chi), ("true gain", gain)), (2.0, 8.0),
-                                                  (128, 256, 512)):
+    ks = [k for k in (128, 256, 512) if k < T] or [max(1, T // 4)]
+    for (how, score), eps, K in itertools.product((("divergence", chi), ("true gain", gain)), (2.0, 8.0), ks):
         kw = {k: v for k, v in base.items() if k != "ensemble_size"}
         cal = calibrate_adaptive(epsilon=eps, private_queries=K, ensemble_size=N,
                                  screen=ScreenParams(N, threshold=0.0), **kw)
@@ -180,29 +180,62 @@ def _oracle_rows(rt, blocks, T: int, runs: int, base: dict, seed: int) -> list[d
     return rows
 
 
-def _plot(rows, path: Path, pub: float, ft: float | None) -> None:
+def spend_curves(setups, H, T: int) -> dict[str, list[float]]:
+    """Epsilon spent after each of the T queries of one session at epsilon 8: plain PMixED (fixed
+    per-query cost, T queries) and each public screen (a unit at every round opened; the screen
+    is a fixed rule on the public entropy H, so the curve is exact, no run needed)."""
+    from pmixed.privacy.calibration import epsilon_after
+    from pmixed.privacy.conversion import epsilon_at_order
+
+    curves = {}
+    for s in setups:
+        if s.epsilon != 8.0:
+            continue
+        if s.adaptive is None and s.queries == T:
+            curves[f"plain PMixED (T = {T})"] = [epsilon_after(s.params, t, s.delta) for t in range(1, T + 1)]
+        elif s.adaptive is not None and not s.adaptive.screen.private:
+            p = s.adaptive
+            u = p.unit_rdp(p.order)
+            out, units, is_open = [], 0, False
+            for t in range(T):
+                if not is_open:
+                    if epsilon_at_order((units + 1) * u, p.order, s.delta) > s.epsilon:
+                        out += [out[-1]] * (T - t)  # the filter stops private answers
+                        break
+                    units, is_open = units + 1, True
+                out.append(epsilon_at_order(units * u, p.order, s.delta))
+                if float(H[t]) >= p.screen.threshold:
+                    is_open = False  # a private answer closes the round
+            curves[f"public screen theta={p.screen.threshold:g} ({p.private_queries} units)"] = out
+    return curves
+
+
+def _plot(rows, curves, path: Path, pub: float, ft: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for mech, marker in (("pmixed", "o"), ("adaptive", "s")):
-        pts = [r for r in rows if r["mechanism"] == mech]
-        axes[0].scatter([r["queries_before_stop"] for r in pts], [r["epsilon_spent"] for r in pts], marker=marker,
-                        label="plain PMixED" if mech == "pmixed" else "screened PMixED")
-        axes[1].scatter([r["epsilon"] for r in pts], [100 * r["gain_share"] for r in pts], marker=marker,
-                        label="plain PMixED" if mech == "pmixed" else "screened PMixED")
-    axes[0].set_xlabel("queries answered before the budget stops private answers (per session)")
-    axes[0].set_ylabel("epsilon spent per session")
-    axes[0].set_xscale("log")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for name, c in curves.items():
+        axes[0].plot(range(1, len(c) + 1), c, label=name)
+    axes[0].set_xlabel("queries answered in the session")
+    axes[0].set_ylabel("epsilon spent (budget 8)")
+    axes[0].set_title("epsilon spent against queries")
+    for mech, marker in (("pmixed", "o"), ("adaptive", "s"), ("oracle", "x")):
+        pts = [r for r in rows if r["mechanism"] == mech and r["queries"] == max(x["queries"] for x in rows)]
+        if mech == "pmixed":
+            pts = [r for r in pts if "T=" not in r["name"] or r["name"].endswith(f"T={r['queries']}")]
+        label = {"pmixed": "plain PMixED, T = 1024", "adaptive": "screened PMixED",
+                 "oracle": "oracle screens (non-private bounds)"}[mech]
+        axes[1].scatter([r["epsilon"] for r in pts], [100 * r["gain_share"] for r in pts], marker=marker, label=label)
     axes[1].set_xlabel("epsilon")
     axes[1].set_ylabel("share of the fine-tuning gain kept (%)")
     axes[1].set_xscale("log")
+    axes[1].set_title("gain share, 1024 queries per session")
     for ax in axes:
-        ax.legend()
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle("screened vs plain PMixED (same positions, same runs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,47 @@
+"""Smoke tests of benchmarks/adaptive_gain.py and benchmarks/default_rule.py on the tiny trained run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"_pmixed_benchmarks_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adaptive_gain_writes_the_comparison(trained_run, tmp_path):
+    _, cfg_path = trained_run
+    assert _bench("adaptive_gain").main(["--config", str(cfg_path), "--runs", "1", "--queries", "64",
+                                         "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "adaptive.json").read_text())
+    mechs = {r["mechanism"] for r in d["rows"]}
+    assert {"pmixed", "adaptive", "oracle"} <= mechs
+    assert all(0 <= r["private_fraction"] <= 1 for r in d["rows"])
+    assert (tmp_path / "adaptive.png").stat().st_size > 0 and "gain share" in (tmp_path / "adaptive.md").read_text()
+
+
+def test_default_rule_picks_by_mean_relative_share(monkeypatch, trained_run, tmp_path):
+    mod = _bench("default_rule")
+    studies = [{"grid": {"a": 0.5, "b": 0.4, "c": 0.1}}, {"grid": {"a": 0.1, "b": 0.3, "c": 0.3}}]
+    assert mod.pick(studies) == "b"  # (0.8 + 1.0) / 2 beats a's (1.0 + 0.33) / 2 and c's
+    # the study itself on a small grid
+    monkeypatch.setattr(mod, "TAILS", (1.0, 10.0))
+    monkeypatch.setattr(mod, "LAM_MAX", (0.5,))
+    monkeypatch.setattr(mod, "ALPHAS", (None,))
+    monkeypatch.setattr(mod, "MEMBERS", (2.4,))
+    _, cfg_path = trained_run
+    assert mod.main(["--config", str(cfg_path), "--config", str(cfg_path), "--runs", "1", "--queries", "64",
+                     "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "loco.json").read_text())
+    assert len(d["studies"]) == 2 and set(d["studies"][0]["grid"]) == {
+        "tail=1 lam_max=0.5 alpha=auto m=2.4", "tail=10 lam_max=0.5 alpha=auto m=2.4"}
+    assert d["rule"] in d["studies"][0]["grid"] and "left-out corpus" in (tmp_path / "loco.md").read_text()
