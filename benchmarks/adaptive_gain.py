@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     from pmixed.eval.perplexity import make_adaptive_setup, make_setup, run_evaluation
     from pmixed.eval.report import gain_kept
     from pmixed.eval.runner import eval_blocks, load_runtime, machine
+    from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
 
     cfg = load_run_config(Path(args.config), None)
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, runs=args.runs))
@@ -50,8 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     T = min(args.queries, Q)
     p = cfg.privacy
     N = cfg.data.n_parts
-    base = dict(delta=p.delta, ensemble_size=N, sample_rate=p.sample_rate, lam_max=p.lam_max or 0.75,
-                tail=p.tail or 1.0, alpha=p.alpha)
+    # the config's lam_max and tail; the order is left to the calibration (a config's fixed alpha may
+    # be infeasible at the other epsilons of the grid)
+    base = dict(delta=p.delta, ensemble_size=N, sample_rate=p.sample_rate, lam_max=p.lam_max or DEFAULT_LAM_MAX,
+                tail=p.tail or DEFAULT_TAIL, alpha=None)
 
     # the public model's entropy at the scored positions: public information (the queries' own)
     from pmixed.eval.block_stats import block_stats
@@ -137,6 +140,7 @@ def _oracle_rows(rt, blocks, T: int, runs: int, base: dict, seed: int) -> list[d
     and 8. The second bounds what any screen with K private answers could keep here."""
     import torch
 
+    from pmixed.errors import ConfigError
     from pmixed.eval.block_stats import block_stats
     from pmixed.mechanism.teacher_forcing import released_target_probs
     from pmixed.privacy.screening import ScreenParams, calibrate_adaptive
@@ -151,8 +155,11 @@ def _oracle_rows(rt, blocks, T: int, runs: int, base: dict, seed: int) -> list[d
     ks = [k for k in (128, 256, 512) if k < T] or [max(1, T // 4)]
     for (how, score), eps, K in itertools.product((("divergence", chi), ("true gain", gain)), (2.0, 8.0), ks):
         kw = {k: v for k, v in base.items() if k != "ensemble_size"}
-        cal = calibrate_adaptive(epsilon=eps, private_queries=K, ensemble_size=N,
-                                 screen=ScreenParams(N, threshold=0.0), **kw)
+        try:
+            cal = calibrate_adaptive(epsilon=eps, private_queries=K, ensemble_size=N,
+                                     screen=ScreenParams(N, threshold=0.0), **kw)
+        except ConfigError:
+            continue
         rel = cal.params.release
         if rel.max_order > 32:
             continue
