@@ -430,10 +430,7 @@ class PrivacyConfig:
             "lam_max": self.lam_max,
             "tail": self.tail,
         }
-        unknown = set(overrides) - set(kw)
-        if unknown:
-            raise TypeError(f"unknown calibration keyword(s): {sorted(unknown)}")
-        kw.update(overrides)
+        kw = _with_overrides(kw, overrides, "calibration")
         if kw["lam_max"] is None:
             kw["lam_max"] = DEFAULT_LAM_MAX
         if kw["tail"] is None:
@@ -463,11 +460,15 @@ class PrivacyConfig:
             "screen_epsilon": self.screen_epsilon,
             "screen_rate": self.screen_rate,
         })
-        unknown = set(overrides) - set(kw)
-        if unknown:
-            raise TypeError(f"unknown adaptive keyword(s): {sorted(unknown)}")
-        kw.update(overrides)
-        return kw
+        return _with_overrides(kw, overrides, "adaptive")
+
+
+def _with_overrides(kw: dict[str, Any], overrides: dict[str, Any], what: str) -> dict[str, Any]:
+    """``kw`` updated with ``overrides``, each of which must name one of its keys."""
+    unknown = set(overrides) - set(kw)
+    if unknown:
+        raise TypeError(f"unknown {what} keyword(s): {sorted(unknown)}")
+    return {**kw, **overrides}
 
 
 #: ``privacy.mechanism``: plain PMixED, or screened PMixED through a Renyi filter (section 11)

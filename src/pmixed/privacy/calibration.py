@@ -83,29 +83,41 @@ class Calibration:
         return epsilon_after(self.params, queries, self.delta)
 
 
-def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0):
-    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries."""
-    if rdp_budget(epsilon, delta, alpha) <= 0.0:
-        return None
+def largest_scale(alpha: int, ensemble_size: int, sample_rate: float, lam_max: float, tail: float,
+                  fits) -> MechanismParams | None:
+    """The radii of shape (K1) up to order alpha with the largest scale t for which ``fits(params)``
+    holds (bisection on log t that keeps the feasible end), or None if none does."""
 
     def make(scale: float) -> MechanismParams:
         return MechanismParams(ensemble_size, sample_rate, lam_max, radii_for_scale(alpha, scale, tail))
 
-    def fits(scale: float) -> bool:
-        return epsilon_after(make(scale), queries, delta) <= epsilon * (1.0 - SAFETY)
-
     lo, hi = 1e-9, 1e3
-    if not fits(lo):
+    if not fits(make(lo)):
         return None
-    if fits(hi):
+    if fits(make(hi)):
         return make(hi)
-    for _ in range(100):  # bisection on log(scale); keeps the feasible end
+    for _ in range(100):
         mid = math.sqrt(lo * hi)
-        if fits(mid):
-            lo = mid
-        else:
-            hi = mid
+        lo, hi = (mid, hi) if fits(make(mid)) else (lo, mid)
     return make(lo)
+
+
+def check_shape(sample_rate: float, lam_max: float, tail: float) -> None:
+    """The shape's own checks (ConfigError naming the field)."""
+    if not (isinstance(lam_max, (int, float)) and 0.0 < lam_max <= 1.0):
+        raise ConfigError("lam_max", f"must lie in (0, 1], got {lam_max!r}")
+    if not (isinstance(tail, (int, float)) and math.isfinite(tail) and tail >= 1.0):
+        raise ConfigError("tail", f"must be a number >= 1, got {tail!r}")
+    if sample_rate >= 1.0 and lam_max >= 1.0:
+        raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
+
+
+def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0):
+    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries."""
+    if rdp_budget(epsilon, delta, alpha) <= 0.0:
+        return None
+    return largest_scale(alpha, ensemble_size, sample_rate, lam_max, tail,
+                         lambda p: epsilon_after(p, queries, delta) <= epsilon * (1.0 - SAFETY))
 
 
 def scale_of(params: MechanismParams) -> float:
@@ -134,12 +146,7 @@ def calibrate(
     check_queries(query_budget, "query_budget")
     check_ensemble(ensemble_size, sample_rate)
     check_alpha(alpha)
-    if not (isinstance(lam_max, (int, float)) and 0.0 < lam_max <= 1.0):
-        raise ConfigError("lam_max", f"must lie in (0, 1], got {lam_max!r}")
-    if not (isinstance(tail, (int, float)) and math.isfinite(tail) and tail >= 1.0):
-        raise ConfigError("tail", f"must be a number >= 1, got {tail!r}")
-    if sample_rate >= 1.0 and lam_max >= 1.0:
-        raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
+    check_shape(sample_rate, lam_max, tail)
     candidates = [int(alpha)] if alpha is not None else list(AUTO_ALPHAS)
     best: MechanismParams | None = None
     for a in candidates:

@@ -45,7 +45,8 @@ from pmixed.privacy.calibration import (
     DEFAULT_TAIL,
     SAFETY,
     check_alpha,
-    radii_for_scale,
+    check_shape,
+    largest_scale,
 )
 from pmixed.privacy.conversion import check_delta, check_epsilon, rdp_budget
 from pmixed.privacy.mixture_bound import params_record, query_rdp
@@ -207,22 +208,8 @@ def _release_at(order: int, room: float, units: int, ensemble_size: int, sample_
     """The largest-scale release radii (shape (K1), K = order) with units * eq. (R3) <= room."""
     if room <= 0.0:
         return None
-
-    def make(scale: float) -> MechanismParams:
-        return MechanismParams(ensemble_size, sample_rate, lam_max, radii_for_scale(order, scale, tail))
-
-    def fits(scale: float) -> bool:
-        return units * query_rdp(order, make(scale)) <= room * (1.0 - SAFETY)
-
-    lo, hi = 1e-9, 1e3
-    if not fits(lo):
-        return None
-    if fits(hi):
-        return make(hi)
-    for _ in range(100):  # bisection on log(scale), keeping the feasible end
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return make(lo)
+    return largest_scale(order, ensemble_size, sample_rate, lam_max, tail,
+                         lambda p: units * query_rdp(order, p) <= room * (1.0 - SAFETY))
 
 
 def calibrate_adaptive(
@@ -249,12 +236,7 @@ def calibrate_adaptive(
     check_ensemble(ensemble_size, sample_rate)
     if screen.ensemble_size != ensemble_size:
         raise ConfigError("screen", "the screen and the release must have the same N")
-    if not (isinstance(lam_max, (int, float)) and 0.0 < lam_max <= 1.0):
-        raise ConfigError("lam_max", f"must lie in (0, 1], got {lam_max!r}")
-    if not (isinstance(tail, (int, float)) and math.isfinite(tail) and tail >= 1.0):
-        raise ConfigError("tail", f"must be a number >= 1, got {tail!r}")
-    if sample_rate >= 1.0 and lam_max >= 1.0:
-        raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
+    check_shape(sample_rate, lam_max, tail)
     best: tuple[float, int, MechanismParams] | None = None
     for a in ([int(alpha)] if alpha is not None else list(AUTO_ALPHAS)):
         rho = rdp_budget(epsilon, delta, a)

@@ -457,14 +457,7 @@ class Decoder:
                 self._finish(req, "stop")
             elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
                 self._finish(req, "length")
-        if self.mode == "drawn":  # bound the memory: drop member caches idle for long
-            for req in active:
-                for k, last in list(req.idle.items()):
-                    if k != PUBLIC and self._step_no - last > self.max_idle_steps:
-                        req.groups.pop(k, None)
-                        req.idle.pop(k, None)
-        with self._lock:
-            self._active = [r for r in self._active if not r.stream.done]
+        self._end_step(active)
 
     # ------------------------------------------------------------------ screened PMixED
 
@@ -605,7 +598,12 @@ class Decoder:
                            else public.new_zeros((0, public.shape[-1])))
                 ready.append((req, m.release(public, members), drawn is None))
         self._emit(ready)
-        if self.mode == "drawn":  # bound the memory: drop member caches idle for long
+        self._end_step(active)
+
+    def _end_step(self, active: list[_Request]) -> None:
+        """After a step: in drawn mode drop member caches idle for long (the memory bound); forget
+        the requests that ended."""
+        if self.mode == "drawn":
             for req in active:
                 for k, last in list(req.idle.items()):
                     if k != PUBLIC and self._step_no - last > self.max_idle_steps:
