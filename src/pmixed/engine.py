@@ -20,6 +20,7 @@ nothing more, and ``queries_left`` counts units.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,7 +30,6 @@ from pmixed.errors import (
     BudgetExhausted,
     EnsembleMismatch,
     GenerationInterrupted,
-    LedgerError,
     PromptTooLong,
 )
 from pmixed.mechanism.adaptive import AdaptivePMixED
@@ -39,8 +39,6 @@ from pmixed.mechanism.subsample import sample_token
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.ledger import Ledger
-from pmixed.privacy.mixture_bound import MECHANISM, params_record
-from pmixed.privacy.screening import adaptive_charge
 
 __all__ = ["Generation", "PrivatePredictor", "ScreenedGeneration", "StopReason"]
 
@@ -97,20 +95,12 @@ class PrivatePredictor:
         self.generator = generator  # None: CSPRNG (serving); a seeded one for experiments
         self.adaptive = isinstance(mechanism, AdaptivePMixED)
         if self.adaptive:
-            if ledger.rule != mechanism.rule:
-                raise LedgerError(
-                    f"screened PMixED needs a budget under its Renyi filter {mechanism.rule.name!r}, but the "
-                    f"ledger {getattr(ledger, 'path', '')} uses the acceptance rule {ledger.rule.name!r}")
-            self._rdp = tuple(mechanism.charge(ledger.orders).rdp)  # one unit
-        else:
-            self._rdp = tuple(mechanism.query_rdp(ledger.orders))
-            self._params = params_record(mechanism.params)  # stored with each charge (replay, audit)
+            mechanism.check_rule(ledger)
+        self._unit = mechanism.charge(ledger.orders)  # one query (adaptive: one unit), computed once
+        self._rdp = self._unit.rdp
 
     def _query_charge(self, count: int, label: str) -> RdpCharge:
-        if self.adaptive:  # ``count`` units
-            return adaptive_charge(self.mechanism.params, count, self.ledger.orders, label)
-        return RdpCharge(self.ledger.orders, self._rdp, count=count, label=label,
-                         mechanism=MECHANISM, params=self._params)
+        return dataclasses.replace(self._unit, count=count, label=label)
 
     def charge(self, count: int, label: str) -> None:
         """Durably record ``count`` queries (adaptive: units); raises BudgetExhausted (nothing recorded) if over."""

@@ -18,11 +18,13 @@ the stream (answers from p_0 alone, or ends it) when the next unit would not fit
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 
+from pmixed.errors import LedgerError
 from pmixed.mechanism.release import release
 from pmixed.mechanism.screen import Screen, chi_square, member_score, public_entropy
 from pmixed.mechanism.subsample import poisson_draw
@@ -78,6 +80,7 @@ class AdaptivePMixED:
         self.ensemble_size = int(ensemble_size)
         self.sample_rate = float(sample_rate)
         self.private_queries = int(private_queries)
+        self._charges: dict[tuple[float, ...], RdpCharge] = {}  # one unit's charge per grid of orders
 
     @classmethod
     def from_config(cls, privacy: Any, ensemble_size: int, **overrides: Any) -> AdaptivePMixED:
@@ -94,9 +97,20 @@ class AdaptivePMixED:
         """The acceptance rule every budget of this mechanism must use."""
         return RenyiFilterRule(self.order)
 
-    def charge(self, orders=DEFAULT_ORDERS, label: str = "") -> RdpCharge:
-        """One unit (a screen round and its private release), charged when the round opens."""
-        return adaptive_charge(self.params, 1, orders, label)
+    def charge(self, orders=DEFAULT_ORDERS, label: str = "", count: int = 1) -> RdpCharge:
+        """``count`` units (a unit: a screen round and its private release, charged when the round
+        opens); the curve is computed once per grid of orders."""
+        key = tuple(orders)
+        if key not in self._charges:
+            self._charges[key] = adaptive_charge(self.params, 1, key)
+        return dataclasses.replace(self._charges[key], count=count, label=label)
+
+    def check_rule(self, budget: Any) -> None:
+        """LedgerError unless ``budget`` (a Ledger or RdpAccountant) uses this mechanism's filter."""
+        if budget.rule != self.rule:
+            raise LedgerError(
+                f"screened PMixED needs a budget under its Renyi filter {self.rule.name!r}, but the ledger "
+                f"{getattr(budget, 'path', '')} uses the acceptance rule {budget.rule.name!r}")
 
     def unit_rdp(self) -> float:
         return self.params.unit_rdp(self.order)
@@ -139,7 +153,7 @@ class AdaptivePMixED:
             raise ValueError(f"the budget's rule {budget.rule.name!r} is not this mechanism's {self.rule.name!r}")
         charged = False
         if not screen.is_open:
-            budget.charge(self.charge(budget.orders, label))  # BudgetExhausted propagates
+            budget.charge(self.charge(budget.orders, label=label))  # BudgetExhausted propagates
             screen.open_round()
             charged = True
         scores = None

@@ -4,6 +4,7 @@
     S = mech.draw()                      # LongTensor of distinct member indices (Poisson)
     dist = mech.release(public, members[S])  # the exact distribution the token is sampled from
     mech.query_rdp([2, 3, 4])            # RDP charged per query at each order (inf = no claim)
+    mech.charge(ledger.orders, count=5)  # 5 queries as a charge for a ledger
     mech.epsilon_after(1024)             # <= epsilon
 
 The object holds no budget state: charging is the ledger's job (pmixed.privacy.ledger).
@@ -11,6 +12,7 @@ The object holds no budget state: charging is the ledger's job (pmixed.privacy.l
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +20,7 @@ import torch
 
 from pmixed.mechanism.release import release, release_rows
 from pmixed.mechanism.subsample import poisson_draw, poisson_mask
+from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge
 from pmixed.privacy.calibration import (
     DEFAULT_LAM_MAX,
     DEFAULT_TAIL,
@@ -26,7 +29,7 @@ from pmixed.privacy.calibration import (
     epsilon_after,
     max_queries,
 )
-from pmixed.privacy.mixture_bound import query_rdp
+from pmixed.privacy.mixture_bound import pmixed_charge, query_rdp
 from pmixed.privacy.params import MechanismParams
 
 
@@ -52,6 +55,7 @@ class PMixED:
         self.query_budget = int(query_budget)
         self.ensemble_size = int(ensemble_size)
         self.sample_rate = float(sample_rate)
+        self._charges: dict[tuple[float, ...], RdpCharge] = {}  # one query's charge per grid of orders
 
     @classmethod
     def from_config(cls, privacy: Any, ensemble_size: int, **overrides: Any) -> PMixED:
@@ -83,6 +87,14 @@ class PMixED:
     def release_rows(self, public, member_rows, row_position, *, targets=None):
         """A block of queries as flat (member, position) rows; see release.release_rows."""
         return release_rows(public, member_rows, row_position, self.params, targets=targets)
+
+    def charge(self, orders: Sequence[float] = DEFAULT_ORDERS, label: str = "", count: int = 1) -> RdpCharge:
+        """``count`` queries as a charge (mechanism "pmixed" with its parameters); the curve is
+        computed once per grid of orders."""
+        key = tuple(orders)
+        if key not in self._charges:
+            self._charges[key] = pmixed_charge(self.params, 1, key)
+        return dataclasses.replace(self._charges[key], count=count, label=label)
 
     def query_rdp(self, orders: Sequence[float]) -> list[float]:
         return [query_rdp(a, self.params) for a in orders]

@@ -53,6 +53,7 @@ the per-token KV size (``cache_bytes_per_request``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -63,7 +64,7 @@ from typing import Literal
 
 import torch
 
-from pmixed.errors import LedgerError, PMixEDError, PromptTooLong
+from pmixed.errors import PMixEDError, PromptTooLong
 from pmixed.mechanism.adaptive import AdaptivePMixED
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
@@ -74,8 +75,6 @@ from pmixed.mechanism.subsample import poisson_draw, poisson_mask
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.ledger import Ledger, Reservation
-from pmixed.privacy.mixture_bound import MECHANISM, params_record
-from pmixed.privacy.screening import adaptive_charge
 from pmixed.serve.stream import SamplingParams, Stream, Token
 
 __all__ = ["Decoder", "Mode", "QueueFull"]
@@ -151,16 +150,10 @@ class Decoder:
         self.unit = unit
         self.adaptive = isinstance(mechanism, AdaptivePMixED)
         if self.adaptive:
-            if ledger.rule != mechanism.rule:
-                raise LedgerError(
-                    f"screened PMixED needs a ledger under its Renyi filter {mechanism.rule.name!r}; the ledger "
-                    f"{ledger.path} uses the acceptance rule {ledger.rule.name!r}")
-            self._rdp = tuple(mechanism.charge(ledger.orders).rdp)  # one unit
-            self._release_params = mechanism.release_params
-        else:
-            self._rdp = tuple(mechanism.query_rdp(ledger.orders))
-            self._params = params_record(mechanism.params)
-            self._release_params = mechanism.params
+            mechanism.check_rule(ledger)
+        self._unit = mechanism.charge(ledger.orders, label="serve")  # one token (adaptive: one unit)
+        self._rdp = self._unit.rdp
+        self._release_params = mechanism.release_params if self.adaptive else mechanism.params
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._pending: deque[_Request] = deque()
@@ -358,10 +351,7 @@ class Decoder:
         return req.reservation.take()
 
     def _query(self, count: int) -> RdpCharge:
-        if self.adaptive:  # ``count`` units
-            return adaptive_charge(self.mechanism.params, count, self.ledger.orders, "serve")
-        return RdpCharge(self.ledger.orders, self._rdp, count=count, label="serve",
-                         mechanism=MECHANISM, params=self._params)
+        return dataclasses.replace(self._unit, count=count)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -438,25 +428,15 @@ class Decoder:
                 ready.append((req, release_masked(public, members, mask, self.mechanism.params), public))
             else:
                 ready.append((req, self.mechanism.release(public, members), public))
-        eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
-        ctx = self.context_length
+        paid: list[tuple[_Request, torch.Tensor, bool]] = []
         for req, dist, public in sorted(ready, key=lambda r: r[0].order):  # admission order
             if not req.public_only and not self._pay(req):  # paid before it is sent
                 if not self.public_continuation:
                     self._finish(req, "budget")
                     continue
                 req.public_only, dist = True, public
-            p = req.params
-            token = sample(dist, temperature=p.temperature, top_k=p.top_k, top_p=p.top_p)
-            req.seq.append(token)
-            req.generated += 1
-            req.stream.put(Token(token, public_only=req.public_only))
-            with self._lock:
-                self._stats["tokens_public" if req.public_only else "tokens_private"] += 1
-            if p.stop_at_eos and eos is not None and token == eos:
-                self._finish(req, "stop")
-            elif req.generated >= p.max_tokens or (ctx is not None and len(req.seq) >= ctx):
-                self._finish(req, "length")
+            paid.append((req, dist, False))
+        self._emit(paid)
         self._end_step(active)
 
     # ------------------------------------------------------------------ screened PMixED
@@ -613,7 +593,8 @@ class Decoder:
             self._active = [r for r in self._active if not r.stream.done]
 
     def _emit(self, ready: list[tuple[_Request, torch.Tensor, bool]]) -> None:
-        """Sample and send one token per request (each already paid for: its round's unit)."""
+        """Sample and send one token per request, each already paid for (a token, or its round's
+        unit); ``ready`` holds (request, released distribution, answered by the screen from p_0)."""
         eos = self.tokenizer.eos_token_id if self.tokenizer is not None else None
         ctx = self.context_length
         for req, dist, screened in sorted(ready, key=lambda r: r[0].order):
