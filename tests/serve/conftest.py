@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -64,6 +67,48 @@ class Served:
         return sum(record_count(r) for r in self.ledger.history())
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_serve(cfg_path, keys, ledger, *extra: str, port: int | None = None):
+    """``pmixed serve`` in a subprocess on 127.0.0.1 (``extra``: more CLI arguments); waits,
+    bounded (60 s), until /healthz answers. Returns (process, base URL)."""
+    import httpx
+
+    port = free_port() if port is None else port
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pmixed", "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
+         "--port", str(port), "--keys", str(keys), "--ledger", str(ledger), "--model-name", "tiny", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(240):  # bounded: 60 s
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        time.sleep(0.25)
+    proc.kill()
+    raise AssertionError("pmixed serve did not come up")
+
+
+def stop_serve(proc) -> str:
+    """SIGTERM (a graceful shutdown), bounded; returns what the server wrote to stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        _, err = proc.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+    return err
+
+
 def _free_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -81,7 +126,9 @@ class ServerFactory:
 
     def start(self, *, ledger_epsilon: float | None = None, quota: int | None = None,
               public_continuation: bool = False, mode: str = "constant", max_active: int = 8,
-              max_queue: int = 32, log_text: bool = False, limits=None) -> Served:
+              max_queue: int = 32, log_text: bool = False, limits=None, mechanism=None) -> Served:
+        """``mechanism``: the engine's (default: plain PMixED from the config); its ledger is
+        created under the mechanism's acceptance rule (screened PMixED: its Renyi filter)."""
         import uvicorn
 
         from pmixed.mechanism.pmixed import PMixED
@@ -94,8 +141,9 @@ class ServerFactory:
         folder = self.tmp / f"server{n}"
         folder.mkdir(parents=True)
         p = self.cfg.privacy
-        mech = PMixED.from_config(p, self.runtime.n_members)
-        led = Ledger(folder / "serve.ledger", epsilon=ledger_epsilon or p.epsilon, delta=p.delta)
+        mech = PMixED.from_config(p, self.runtime.n_members) if mechanism is None else mechanism
+        led = Ledger(folder / "serve.ledger", epsilon=ledger_epsilon or p.epsilon, delta=p.delta,
+                     rule=getattr(mech, "rule", None))
         keys = KeyStore(folder / "keys.db")
         _, user = keys.create("user", quota=quota)
         _, admin = keys.create("admin", admin=True, quota=None)

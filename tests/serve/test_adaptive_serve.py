@@ -264,45 +264,13 @@ def test_a_ledger_of_another_rule_is_refused(runtime, tmp_path):
 
 
 # ---------------------------------------------------------------- the server
-def _start(cfg, runtime, folder, *, threshold, mode="constant", quota=None):
-    import uvicorn
-
-    from pmixed.serve.app import create_app
-    from pmixed.serve.keys import KeyStore
-    from tests.serve.conftest import Served, _free_socket
-
-    folder.mkdir(parents=True)
-    m = AdaptivePMixED.from_config(cfg.privacy, runtime.n_members, screen_threshold=threshold)
-    led = Ledger(folder / "serve.ledger", epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, rule=m.rule)
-    keys = KeyStore(folder / "keys.db")
-    _, user = keys.create("user", quota=quota)
-    _, admin = keys.create("admin", admin=True, quota=None)
-    dec = Decoder(runtime, m, led, mode=mode).start()
-    app = create_app(dec, keys=keys, model_name="tiny")
-    sock = _free_socket()
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded: 10 s
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "the test server did not start"
-    return Served(f"http://127.0.0.1:{port}", dec, led, keys, user, admin, app), server, thread, m
-
-
-def _stop(served, server, thread):
-    server.should_exit = True
-    thread.join(timeout=10)
-    served.decoder.close()
-    served.ledger.close()
-    served.keys.close()
-
-
 def test_privacy_endpoint_and_completions_in_adaptive_mode(serve_run, serve_runtime, tmp_path):
+    from tests.serve.conftest import ServerFactory
+
     cfg, _ = serve_run
-    s, server, thread, m = _start(cfg, serve_runtime, tmp_path / "srv", threshold=PUBLIC_SCREEN, quota=100)
+    m = AdaptivePMixED.from_config(cfg.privacy, serve_runtime.n_members, screen_threshold=PUBLIC_SCREEN)
+    servers = ServerFactory(cfg, serve_runtime, tmp_path)
+    s = servers.start(mechanism=m, quota=100)
     try:
         auth = {"Authorization": f"Bearer {s.user_key}"}
         p = httpx.get(s.url + "/v1/privacy", headers=auth, timeout=10).json()
@@ -332,7 +300,7 @@ def test_privacy_endpoint_and_completions_in_adaptive_mode(serve_run, serve_runt
         assert f"pmixed_budget_filter_order {float(m.order)}" in text
         assert "pmixed_engine_units_total 2.0" in text and "pmixed_engine_tokens_screened_public_total" in text
     finally:
-        _stop(s, server, thread)
+        servers.close()
 
 
 def test_serve_cli_refuses_a_ledger_of_another_rule_in_one_line(serve_run, tmp_path, capsys):
@@ -357,47 +325,21 @@ def test_serve_cli_refuses_a_ledger_of_another_rule_in_one_line(serve_run, tmp_p
 def test_pmixed_serve_mechanism_adaptive_on_loopback(serve_run, tmp_path):
     """The real command: ``pmixed serve --mechanism adaptive`` opens its ledger under the filter,
     says so at start-up and in GET /v1/privacy, and stops cleanly on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
 
     from pmixed.serve.keys import KeyStore
-    from tests.serve.test_cli import _free_port
+    from tests.serve.conftest import start_serve, stop_serve
 
     cfg, cfg_path = serve_run
     kf, path = tmp_path / "keys.db", tmp_path / "serve.ledger"
     _, key = KeyStore(kf).create("c")
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pmixed", "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
-         "--port", str(port), "--keys", str(kf), "--ledger", str(path), "--mechanism", "adaptive",
-         "--mode", "drawn", "--model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc, url = start_serve(cfg_path, kf, path, "--mechanism", "adaptive", "--mode", "drawn")
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):  # bounded: 60 s
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.25)
-        else:
-            raise AssertionError("pmixed serve did not come up")
         p = httpx.get(url + "/v1/privacy", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
         m = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts)
         assert p["mechanism"] == "adaptive" and p["filter_order"] == m.order and p["mode"] == "drawn"
         assert p["queries_left"] == m.max_units()
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_serve(proc)
     assert proc.returncode == 0, err
     assert f"mechanism adaptive, Renyi filter order {m.order}" in err and "units left" in err
     with Ledger.open(path) as led:

@@ -3,12 +3,6 @@ real command serving on loopback until SIGTERM."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import tomllib
 
 import httpx
@@ -16,6 +10,7 @@ import openai
 import pytest
 
 from pmixed.cli import main
+from tests.serve.conftest import start_serve, stop_serve
 from tests.train.helpers import write_toml
 
 
@@ -79,12 +74,6 @@ def test_serve_startup_failures_are_one_line(serve_run, tmp_path, capsys):
     assert code == 2 and "mode" in err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
     cfg, cfg_path = serve_run
     from pmixed.privacy.ledger import Ledger, record_count
@@ -92,36 +81,14 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
 
     kf, ledger = tmp_path / "keys.db", tmp_path / "serve.ledger"
     _, key = KeyStore(kf).create("c")
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pmixed", "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
-         "--port", str(port), "--keys", str(kf), "--ledger", str(ledger), "--mode", "drawn",
-         "--model-name", "tiny"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc, url = start_serve(cfg_path, kf, ledger, "--mode", "drawn")
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(240):  # bounded: 60 s
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None, proc.stderr.read()
-            time.sleep(0.25)
-        else:
-            raise AssertionError("pmixed serve did not come up")
         c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
         r = c.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
         p = httpx.get(url + "/v1/privacy", headers={"Authorization": f"Bearer {key}"}, timeout=5).json()
         assert p["mode"] == "drawn" and p["unit"] == "user"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = proc.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
+        err = stop_serve(proc)
     assert proc.returncode == 0, err
     assert "serving 'tiny'" in err and "hi" not in err.replace("http", "").replace("chat", "")
     with Ledger(ledger) as led:

@@ -5,40 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
-import time
 
 import pytest
 
 httpx = pytest.importorskip("httpx")
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cfg_path, keys, ledger, port):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pmixed", "serve", "--config", str(cfg_path), "--host", "127.0.0.1",
-         "--port", str(port), "--keys", str(keys), "--ledger", str(ledger), "--model-name", "tiny"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(240):  # bounded: 60 s
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        time.sleep(0.25)
-    proc.kill()
-    raise AssertionError("pmixed serve did not come up")
+from tests.serve.conftest import start_serve  # noqa: E402
 
 
 def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_run, tmp_path):
@@ -49,7 +22,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_ru
     cfg, cfg_path = serve_run
     keys, ledger = tmp_path / "keys.db", tmp_path / "crash.ledger"
     _, key = KeyStore(keys).create("c")
-    proc, url = _start(cfg_path, keys, ledger, _free_port())
+    proc, url = start_serve(cfg_path, keys, ledger)
     received = 0
     try:
         body = {"model": "tiny", "prompt": "apple", "max_tokens": 200, "stream": True,
@@ -74,7 +47,7 @@ def test_sigkill_mid_stream_then_restart_keeps_every_sent_token_charged(serve_ru
         assert spent_queries >= received  # charge before send survived the kill
         spent = led.epsilon_spent()
         assert spent >= mech.epsilon_after(received) * (1 - 1e-12)
-    proc, url = _start(cfg_path, keys, ledger, _free_port())  # the restart resumes the budget
+    proc, url = start_serve(cfg_path, keys, ledger)  # the restart resumes the budget
     try:
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "apple", "max_tokens": 3},
                        headers={"Authorization": f"Bearer {key}"}, timeout=60)

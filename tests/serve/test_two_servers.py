@@ -14,7 +14,7 @@ httpx = pytest.importorskip("httpx")
 
 from pmixed.privacy.ledger import Ledger, net_count  # noqa: E402
 from tests.privacy.pg import budget_url  # noqa: E402
-from tests.serve.test_crash import _free_port, _start  # noqa: E402
+from tests.serve.conftest import start_serve  # noqa: E402
 from tests.train.helpers import write_toml  # noqa: E402
 
 BUDGET = 60  # queries the config's mechanism affords at its epsilon
@@ -31,7 +31,7 @@ def test_two_server_processes_share_one_postgresql_budget(serve_run, tmp_path):
     url = budget_url()
     keys = tmp_path / "keys.db"
     _, key = KeyStore(keys).create("c")
-    procs = [_start(small, keys, url, _free_port()) for _ in range(2)]
+    procs = [start_serve(small, keys, url) for _ in range(2)]
     results: list[tuple[str | None, int]] = []
     lock = threading.Lock()
 
