@@ -45,3 +45,27 @@ def test_default_rule_picks_by_mean_relative_share(monkeypatch, trained_run, tmp
     assert len(d["studies"]) == 2 and set(d["studies"][0]["grid"]) == {
         "tail=1 lam_max=0.5 alpha=auto m=2.4", "tail=10 lam_max=0.5 alpha=auto m=2.4"}
     assert d["rule"] in d["studies"][0]["grid"] and "left-out corpus" in (tmp_path / "loco.md").read_text()
+
+
+def test_crossover_last_above_stops_at_the_first_drop():
+    mod = _bench("crossover")
+    pts = [(1024, 0.5), (2048, 0.4), (4096, 0.2), (8192, 0.35)]
+    assert mod.last_above(pts, 0.3) == 2048  # the leading run only: a later rebound is noise
+    assert mod.last_above(pts, 0.6) is None
+    assert mod.last_above(pts, 0.1) == 8192
+
+
+def test_crossover_scores_sessions_longer_than_the_held_out_positions(trained_run, tmp_path):
+    _, cfg_path = trained_run
+    assert _bench("crossover").main(["--config", str(cfg_path), "--runs", "1", "--queries", "64,100000",
+                                     "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "crossover.json").read_text())
+    Q = d["positions"]
+    assert Q < 100000
+    long = [r for r in d["rows"] if r["queries"] == 100000]
+    assert {r["mechanism"] for r in long} == {"pmixed", "adaptive"}
+    assert all(r["positions"] == Q for r in d["rows"])  # every point on the same positions
+    plain = {r["queries"]: r["gain_share"] for r in d["rows"] if r["mechanism"] == "pmixed"}
+    assert plain[100000] < plain[64]  # a budget spread over more queries keeps less
+    assert set(d["summary"]) == {"plain", "public screen f=0.5", "public screen f=0.25"}
+    assert (tmp_path / "crossover.png").stat().st_size > 0

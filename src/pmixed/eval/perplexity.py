@@ -148,12 +148,12 @@ def run_evaluation(
     Q = B * T
     N = runtime.n_members
     for s in setups:
-        if s.queries > Q:
-            raise DataError(f"setup {s.name!r} needs {s.queries} queries but the evaluation blocks "
-                            f"hold {Q} scored positions ({B} blocks x {T})")
         if s.members > N:
             raise DataError(f"setup {s.name!r} needs {s.members} members; the ensemble has {N}")
-    scored = max([s.queries for s in setups], default=Q)
+    # every setup is scored on the same positions: the largest budget T, or all Q positions when a
+    # budget exceeds them (then the session's first Q queries, each at the T-query calibration: its
+    # per-query utility estimated on Q positions; what the ledger is charged is the Q released)
+    scored = min(Q, max([s.queries for s in setups], default=Q))
     masks = {(s.name, r): _draws(s, r, B, T, N, seed, scored) for s in setups for r in range(s.runs)}
     needed = torch.zeros(B, T, N, dtype=torch.bool)
     for m in masks.values():
