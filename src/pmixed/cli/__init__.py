@@ -56,6 +56,9 @@ def _register() -> None:
     app.command("sweep")(evaluate.sweep_cmd)
     app.command("generate")(evaluate.generate_cmd)
     app.command("demo")(evaluate.demo_cmd)
+    from pmixed.cli import tune
+
+    app.command("tune")(tune.tune_cmd)
     from pmixed.cli import serve
 
     app.command("serve")(serve.serve_cmd)

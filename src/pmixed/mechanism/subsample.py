@@ -24,6 +24,13 @@ def _csprng_uniform(shape: tuple[int, ...]) -> torch.Tensor:
     return (ints & (_RESOLUTION - 1)).to(torch.float64) / _RESOLUTION
 
 
+def uniforms(shape: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
+    """Uniform [0, 1) float64 values of ``shape``: the OS CSPRNG, or ``generator`` (experiments)."""
+    if generator is None:
+        return _csprng_uniform(shape)
+    return torch.rand(shape, generator=generator, dtype=torch.float64)
+
+
 def poisson_mask(
     ensemble_size: int,
     sample_rate: float,
@@ -34,11 +41,7 @@ def poisson_mask(
     shape = (ensemble_size,) if positions is None else (positions, ensemble_size)
     if sample_rate >= 1.0:
         return torch.ones(shape, dtype=torch.bool)
-    if generator is None:
-        u = _csprng_uniform(shape)
-    else:
-        u = torch.rand(shape, generator=generator, dtype=torch.float64)
-    return u < sample_rate
+    return uniforms(shape, generator) < sample_rate
 
 
 def poisson_draw(ensemble_size: int, sample_rate: float, generator: torch.Generator | None = None) -> torch.Tensor:

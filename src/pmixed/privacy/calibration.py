@@ -17,7 +17,7 @@ is chosen. The order alpha is also the largest order the projection enforces (K 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pmixed.errors import ConfigError
@@ -112,12 +112,13 @@ def check_shape(sample_rate: float, lam_max: float, tail: float) -> None:
         raise ConfigError("lam_max", "must be < 1 when sample_rate is 1 (the bound needs a floor of p_0)")
 
 
-def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0):
-    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries."""
+def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0, spent=None):
+    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries (on top
+    of ``spent``, order -> RDP already charged, when given)."""
     if rdp_budget(epsilon, delta, alpha) <= 0.0:
         return None
     return largest_scale(alpha, ensemble_size, sample_rate, lam_max, tail,
-                         lambda p: epsilon_after(p, queries, delta) <= epsilon * (1.0 - SAFETY))
+                         lambda p: epsilon_after(p, queries, delta, spent) <= epsilon * (1.0 - SAFETY))
 
 
 def scale_of(params: MechanismParams) -> float:
@@ -135,11 +136,15 @@ def calibrate(
     alpha: float | None = None,
     lam_max: float = DEFAULT_LAM_MAX,
     tail: float = DEFAULT_TAIL,
+    spent: Mapping[float, float] | None = None,
 ) -> Calibration:
     """Mechanism parameters meeting (epsilon, delta) after ``query_budget`` queries.
 
     With ``alpha=None`` the order in 2..64 that gives the largest tau_2 (the main radius) is
-    chosen. Raises ConfigError naming the field when the target cannot be met.
+    chosen. ``spent`` (order -> RDP already charged to the same budget, e.g. an accounted tuning,
+    section 12; an order it does not list counts as inf) is composed with the T queries: the
+    target then holds for everything together. Raises ConfigError naming the field when the
+    target cannot be met.
     """
     check_epsilon(epsilon)
     check_delta(delta)
@@ -150,7 +155,7 @@ def calibrate(
     candidates = [int(alpha)] if alpha is not None else list(AUTO_ALPHAS)
     best: MechanismParams | None = None
     for a in candidates:
-        params = _params_at(a, epsilon, delta, query_budget, ensemble_size, sample_rate, lam_max, tail)
+        params = _params_at(a, epsilon, delta, query_budget, ensemble_size, sample_rate, lam_max, tail, spent)
         if params is not None and (best is None or scale_of(params) > scale_of(best)):
             best = params
     if best is None:
@@ -159,10 +164,10 @@ def calibrate(
         raise ConfigError(field, f"epsilon={epsilon} at delta={delta} cannot be met at {where}")
     params = best
     orders = tracked_orders(params)
-    rdp = [query_budget * query_rdp(a, params) for a in orders]
+    rdp = [_spent_at(spent, a) + query_budget * query_rdp(a, params) for a in orders]
     eps, best_order = rdp_to_epsilon(orders, rdp, delta)
     a = int(best_order)
-    rho = rdp_budget(epsilon, delta, a)
+    rho = rdp_budget(epsilon, delta, a) - _spent_at(spent, a)
     return Calibration(
         params=params,
         alpha=a,
@@ -179,15 +184,21 @@ def tracked_orders(params: MechanismParams) -> list[int]:
     return list(range(2, params.max_order + 1))
 
 
-def epsilon_after(params: MechanismParams, queries: int, delta: float) -> float:
-    """Epsilon at ``delta`` after ``queries`` queries, best over the claimed orders."""
+def _spent_at(spent: Mapping[float, float] | None, order: float) -> float:
+    return 0.0 if spent is None else spent.get(float(order), math.inf)
+
+
+def epsilon_after(params: MechanismParams, queries: int, delta: float,
+                  spent: Mapping[float, float] | None = None) -> float:
+    """Epsilon at ``delta`` after ``queries`` queries (on top of ``spent``, order -> RDP, when
+    given), best over the claimed orders."""
     check_delta(delta)
     if isinstance(queries, bool) or not isinstance(queries, int) or queries < 0:
         raise ConfigError("queries", f"must be an integer >= 0, got {queries!r}")
-    if queries == 0:
+    if queries == 0 and spent is None:
         return 0.0
     orders = tracked_orders(params)
-    rdp = [queries * query_rdp(a, params) for a in orders]
+    rdp = [_spent_at(spent, a) + queries * query_rdp(a, params) for a in orders]
     return rdp_to_epsilon(orders, rdp, delta)[0]
 
 

@@ -1,0 +1,121 @@
+"""`pmixed tune`: choose the PMixED shape on the held-out units, paid from the deployment's budget
+(docs/privacy.md section 12; eqs. (H1)-(H3))."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pmixed.cli.evaluate import (
+    ConfigOpt,
+    QuietOpt,
+    _console,
+    announce_long_steps,
+    check_seed,
+    silence_third_party,
+)
+from pmixed.config import load_run_config
+
+
+def _floats(field: str, text: str) -> list[float]:
+    from pmixed.errors import ConfigError
+
+    try:
+        vals = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise ConfigError(field, f"must be comma-separated numbers: {err}") from None
+    if not vals:
+        raise ConfigError(field, "no values given")
+    return vals
+
+
+def tune_cmd(
+    config: Path = ConfigOpt,
+    ledger: Path | None = typer.Option(
+        None, "--ledger", help="The deployment's ledger the tuning is charged to (default: "
+                               "<output_dir>/ledgers/serve.ledger, the one `pmixed serve` uses)."),
+    experiment: bool = typer.Option(
+        False, "--experiment", help="Charge a fresh in-memory ledger instead (nothing durable); required by --seed."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed every draw: only with --experiment (not a private release)."),
+    per_unit: int = typer.Option(16, "--positions-per-unit", min=1,
+                                 help="Scored positions queried per held-out unit (m: the hit count's sensitivity)."),
+    score_epsilon: float = typer.Option(1.0, "--score-epsilon", help="Pure epsilon of each trial's noisy hit count."),
+    gamma: float = typer.Option(0.1, "--gamma", help="Trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
+    eta: float = typer.Option(1.0, "--eta", help="Trial-count law D_{eta,gamma} (1: geometric)."),
+    tails: str = typer.Option("1,3,10,30", "--tails", help="Candidate tails s (comma-separated)."),
+    lam_max: str = typer.Option("0.25,0.5,0.75,0.9", "--lam-max", help="Candidate lam_max (comma-separated)."),
+    output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Choose lam_max and tail on the held-out units with a private selection (Papernot & Steinke),
+    its whole cost charged to the ledger before the first trial; prints the chosen shape, what the
+    tuning spent and the serving calibration in what is left."""
+    import torch
+
+    from pmixed.cli.privacy import ledger_hint
+    from pmixed.errors import BudgetExhausted, ConfigError, LedgerError
+    from pmixed.eval.runner import check_ensemble_matches, load_runtime
+    from pmixed.eval.tuning import plan, serving_calibration, tune, unit_blocks
+    from pmixed.privacy.calibration import scale_of
+    from pmixed.privacy.ledger import MEMORY, Ledger
+    from pmixed.privacy.tuning import expected_trials, tuning_charge
+
+    if quiet:
+        silence_third_party()
+    cfg = load_run_config(config, output_dir)
+    check_seed(seed, experiment, ledger)
+    p = cfg.privacy
+    if p.mechanism != "pmixed":
+        raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
+    tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
+    check_ensemble_matches(cfg)
+    path = None if experiment else Path(ledger or cfg.output_dir / "ledgers" / "serve.ledger")
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the ledger before the model: a foreign or corrupt file stops here
+        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta)
+    except LedgerError as err:
+        raise LedgerError(f"{err}; {ledger_hint(path)}") from err
+    with led:
+        announce_long_steps(cfg)
+        ens, runtime = load_runtime(cfg, progress=not quiet)
+        blocks = unit_blocks(ens, cfg.eval.block_size)  # U, the number of held-out units, is public
+        cands, params = plan(cfg, len(blocks), per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
+        charge = tuning_charge(params, led.orders)
+        if not led.can_afford(charge):  # refused before any forward pass, nothing charged
+            raise BudgetExhausted(led.epsilon_spent(), led.epsilon_if(charge), p.epsilon,
+                                  f"the tuning's charge does not fit; {ledger_hint(path)}")
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=cfg.eval.chunk_for(runtime.device.type))
+        c = res.chosen
+        untuned = c.calibration
+        try:
+            after = serving_calibration(cfg, c, dict(zip(led.orders, led.spent_rdp())))
+        except ConfigError:
+            after = None
+    out = Path(cfg.output_dir) / "tune"
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**res.record(), "config": cfg.source_path,
+              "ledger": None if path is None else str(path), "experiment": experiment,
+              "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
+                                                            "scale": scale_of(after.params),
+                                                            "radii": list(after.params.radii)},
+              "serving_untuned_scale": scale_of(untuned.params)}
+    (out / "tune.json").write_text(json.dumps(record, indent=2, default=float))
+    con = _console()
+    where = "in-memory experiment ledger" if path is None else f"ledger {path}"
+    con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy hit rate "
+              f"{res.noisy_hit_rate:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
+    con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
+              f"(delta {p.delta:g}); {len(cands)} candidates, E[trials] = {expected_trials(eta, gamma):.1f} "
+              "(the number run is not shown: it is part of what eq. (H3) hides)", markup=False)
+    if after is None:
+        con.print(f"what is left cannot pay for {p.queries} queries with this shape: lower privacy.queries", markup=False)
+    else:
+        con.print(f"serving {p.queries} queries after the tuning: radius scale {scale_of(after.params):.4f} at "
+                  f"order {after.alpha} (without the tuning's charge: {scale_of(untuned.params):.4f}); "
+                  f"put in [privacy]: lam_max = {c.lam_max:g}, tail = {c.tail:g}", markup=False)
+    con.print(f"wrote: {out / 'tune.json'}", markup=False)
+

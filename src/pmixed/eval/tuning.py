@@ -1,0 +1,199 @@
+"""`pmixed tune`: the accounted choice of a PMixED shape on the held-out units (docs/privacy.md,
+section 12; the math is privacy/tuning.py, eqs. (H1)-(H3)).
+
+The tuning set is the config's held-out units (in no part): per unit, its first block of
+``eval.block_size`` tokens, of which only the last ``per_unit`` scored positions are queried (the
+tokens before them are their context, from the same unit). One teacher-forced pass of the
+members over those blocks gives every candidate's released probability of the true next token
+for any draw; a trial then draws its candidate, the Poisson draws and the hit of each position
+(the sampled token equals the target with exactly the released probability of the target: the
+same law as sampling the token and comparing), adds Laplace noise of scale per_unit / eps_s to
+the hit count and keeps the best. The whole tuning is charged to the ledger before the first
+trial; only the chosen shape and its noisy count are returned (the number of trials and the
+other trials' counts would void eq. (H3)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pmixed.errors import ConfigError, DataError
+from pmixed.mechanism.screen import laplace
+from pmixed.mechanism.subsample import poisson_mask, uniforms
+from pmixed.mechanism.teacher_forcing import released_target_probs
+from pmixed.privacy.accountant import DEFAULT_ORDERS
+from pmixed.privacy.calibration import calibrate
+from pmixed.privacy.tuning import TuneParams, expected_trials, sample_trials, tuning_charge
+
+#: The default candidates: every (tail, lam_max) of the default-rule study's grid.
+TAILS = (1.0, 3.0, 10.0, 30.0)
+LAM_MAX = (0.25, 0.5, 0.75, 0.9)
+#: The common orders K tried for the candidates when the config leaves alpha unset.
+ALPHAS = (3, 4, 6, 8, 12, 16)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str
+    lam_max: float
+    tail: float
+    calibration: Any  # privacy.calibration.Calibration for the deployment's (epsilon, delta, T)
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What `pmixed tune` releases: the chosen candidate, its noisy hit count (divided by the
+    public nominal count U m of tuning queries), and the tuning's charge."""
+
+    chosen: Candidate
+    noisy_hit_rate: float
+    params: TuneParams
+    epsilon_spent: float  # the ledger's epsilon after the tuning's charge
+
+    def record(self) -> dict[str, Any]:
+        return {"lam_max": self.chosen.lam_max, "tail": self.chosen.tail, "label": self.chosen.label,
+                "alpha": self.chosen.calibration.alpha, "noisy_hit_rate": self.noisy_hit_rate,
+                "tuning": self.params.record(), "epsilon_spent": self.epsilon_spent}
+
+
+def candidates(cfg: Any, tails: Sequence[float] = TAILS, lam_maxes: Sequence[float] = LAM_MAX,
+               alpha: int | None = None) -> list[Candidate]:
+    """Every (tail, lam_max) calibrated for the config's target (its q; the order ``alpha``, else
+    the config's, else each candidate's best); a point that cannot be calibrated is a ConfigError
+    naming it."""
+    out = []
+    for t in tails:
+        for lm in lam_maxes:
+            over = {"lam_max": lm, "tail": t, **({} if alpha is None else {"alpha": alpha})}
+            kw = cfg.privacy.calibration_kwargs(cfg.data.n_parts, **over)
+            try:
+                cal = calibrate(**kw)
+            except ConfigError as err:
+                raise ConfigError(f"tune candidate tail={t:g} lam_max={lm:g}", str(err)) from None
+            out.append(Candidate(f"tail={t:g} lam_max={lm:g}", float(lm), float(t), cal))
+    if not out:
+        raise ConfigError("candidates", "at least one tail and one lam_max are needed")
+    return out
+
+
+def plan(cfg: Any, units: int, per_unit: int, score_epsilon: float, eta: float, gamma: float,
+         tails: Sequence[float] = TAILS, lam_maxes: Sequence[float] = LAM_MAX,
+         orders: Sequence[float] = DEFAULT_ORDERS) -> tuple[list[Candidate], TuneParams]:
+    """The candidates at one common order K (every candidate's curve (R3) is finite up to its own
+    K only, and (H2) takes the worst candidate: a common K keeps the tuning's curve finite there)
+    and the tuner's parameters. K is the config's alpha, else the one of ALPHAS that leaves the
+    serving calibration the largest mean scale after the tuning's charge: a function of the
+    config alone (public), never of data. ConfigError when no order pays for the tuning and the
+    config's T queries."""
+    from pmixed.privacy.calibration import scale_of
+
+    alphas = [cfg.privacy.alpha] if cfg.privacy.alpha is not None else list(ALPHAS)
+    best = None
+    for a in alphas:
+        try:
+            cands = candidates(cfg, tails, lam_maxes, int(a))
+        except ConfigError:
+            continue
+        params = TuneParams(tuple(c.calibration.params for c in cands), units, per_unit, score_epsilon, eta, gamma)
+        spent = dict(zip(orders, params.curve(orders)))
+        scales = []
+        for c in cands:
+            try:
+                scales.append(scale_of(serving_calibration(cfg, c, spent).params))
+            except ConfigError:
+                scales.append(0.0)
+        mean = sum(scales) / len(scales)
+        if mean > 0 and (best is None or mean > best[0]):
+            best = (mean, cands, params)
+    if best is None:
+        raise ConfigError("tune", f"at epsilon {cfg.privacy.epsilon:g} no order in {alphas} pays for the tuning "
+                                  f"({units} units x {per_unit} positions, E[trials] {expected_trials(eta, gamma):.2f}) "
+                                  f"and {cfg.privacy.queries} queries after it: lower --positions-per-unit or "
+                                  "privacy.queries, or raise --gamma")
+    return best[1], best[2]
+
+
+def unit_blocks(ens: Any, block_size: int) -> list[torch.Tensor]:
+    """Per held-out unit (sorted by unit name, a public order), the first ``block_size`` tokens of
+    its texts (fewer when the unit holds fewer): [L_u] int64 each."""
+    from pmixed.data.blocks import tokenize_blocks
+
+    records = ens.eval_records()
+    if not records:
+        raise DataError("the ensemble has no held-out units to tune on (data.eval_units = 0?)")
+    by_unit: dict[str, list[str]] = {}
+    for r in records:
+        by_unit.setdefault(r.unit, []).append(r.text)
+    out = []
+    for unit in sorted(by_unit):
+        ids = tokenize_blocks(by_unit[unit], ens.tokenizer, 1)[:block_size, 0]  # [<= L]: no padding
+        out.append(ids)
+    return out
+
+
+def tuning_stats(runtime: Any, blocks: list[torch.Tensor], per_unit: int, max_order: int, chunk: int = 1):
+    """The members' statistics at each unit's last ``per_unit`` scored positions: a list of
+    (BlockStats, scored position indices [m_u]) (units of under two tokens give nothing)."""
+    from pmixed.eval.block_stats import block_stats
+
+    out = []
+    for block in blocks:
+        T = block.shape[0] - 1
+        if T < 1:
+            continue
+        pos = torch.arange(max(0, T - per_unit), T)
+        needed = torch.zeros(T, runtime.n_members, dtype=torch.bool)
+        needed[pos] = True
+        st = block_stats(runtime, block, max_order=max_order, needed=needed, chunk=chunk, average=False).stats
+        out.append((st, pos))
+    return out
+
+
+def run_trial(stats: list, cand: Candidate, score_epsilon: float, per_unit: int,
+              generator: torch.Generator | None) -> float:
+    """One trial of eq. (H2): the hit count of one PMixED answer per tuning position with the
+    candidate, plus Lap(per_unit / score_epsilon)."""
+    params = cand.calibration.params
+    hits = 0
+    for st, pos in stats:
+        T = st.public_target.shape[0]
+        mask = torch.zeros(T, params.ensemble_size, dtype=torch.bool)
+        mask[pos] = poisson_mask(params.ensemble_size, params.sample_rate, len(pos), generator)
+        probs, _ = released_target_probs(st, mask, params)  # [T]
+        hits += int((uniforms((len(pos),), generator) < probs[pos]).sum())
+    return hits + laplace(per_unit / score_epsilon, generator)
+
+
+def tune(runtime: Any, blocks: list[torch.Tensor], cands: list[Candidate], params: TuneParams, ledger: Any, *,
+         generator: torch.Generator | None = None, chunk: int = 1, stats: list | None = None) -> TuneResult:
+    """The accounted tuner (``plan`` gives ``cands`` and ``params``): charge (H3) to ``ledger``
+    (BudgetExhausted: nothing runs), then K ~ D_{eta,gamma} trials, each a uniformly drawn
+    candidate; the best noisy count wins (ties: the first). ``generator`` only for experiments
+    (otherwise every draw is from the OS CSPRNG)."""
+    if params.units != len(blocks) or params.candidates != tuple(c.calibration.params for c in cands):
+        raise ValueError("params were planned for other candidates or another number of units")
+    per_unit, score_epsilon = params.per_unit, params.score_epsilon
+    ledger.charge(tuning_charge(params, ledger.orders))  # charged before any trial runs
+    if stats is None:
+        stats = tuning_stats(runtime, blocks, per_unit, max(c.calibration.params.max_order for c in cands), chunk)
+    K = sample_trials(float(uniforms((1,), generator)[0]), params.eta, params.gamma)
+    best: tuple[float, Candidate] | None = None
+    for _ in range(K):
+        cand = cands[int(uniforms((1,), generator)[0] * len(cands))]
+        score = run_trial(stats, cand, score_epsilon, per_unit, generator)
+        if best is None or score > best[0]:
+            best = (score, cand)
+    score, cand = best
+    return TuneResult(cand, score / params.positions, params, ledger.epsilon_spent())
+
+
+def serving_calibration(cfg: Any, chosen: Candidate, spent: dict[float, float]) -> Any:
+    """The chosen shape at its order calibrated for the config's T queries on top of ``spent``
+    (order -> RDP already charged, the tuning included; eq. (C1) over everything)."""
+    kw = cfg.privacy.calibration_kwargs(cfg.data.n_parts, lam_max=chosen.lam_max, tail=chosen.tail,
+                                        alpha=chosen.calibration.params.max_order)
+    return calibrate(**kw, spent=spent)

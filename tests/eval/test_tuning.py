@@ -1,0 +1,144 @@
+"""`pmixed tune` on the tiny trained run: the tuning set (held-out units, m positions each), the
+trial's law, the charge before any trial, and the CLI's refusals (docs/privacy.md section 12)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pmixed.cli import main
+from pmixed.errors import BudgetExhausted, ConfigError
+from pmixed.eval import tuning as tuning_mod
+from pmixed.eval.runner import load_runtime
+from pmixed.eval.tuning import candidates, plan, run_trial, serving_calibration, tune, tuning_stats, unit_blocks
+from pmixed.mechanism.teacher_forcing import released_target_probs
+from pmixed.privacy.calibration import epsilon_after
+from pmixed.privacy.conversion import rdp_to_epsilon
+from pmixed.privacy.ledger import MEMORY, Ledger
+from pmixed.privacy.tuning import tuning_charge
+
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    """``pmixed`` in-process through its entry point: (exit code, stdout + stderr)."""
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as ex:
+        code = ex.code or 0
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+@pytest.fixture(scope="module")
+def tuned(trained_run):
+    cfg, cfg_path = trained_run
+    ens, rt = load_runtime(cfg, progress=False)
+    blocks = unit_blocks(ens, cfg.eval.block_size)
+    return cfg, cfg_path, ens, rt, blocks
+
+
+def test_one_block_per_held_out_unit_and_only_its_last_m_positions(tuned):
+    cfg, _, ens, rt, blocks = tuned
+    units = {r.unit for r in ens.eval_records()}
+    assert len(blocks) == len(units) and all(1 <= b.shape[0] <= cfg.eval.block_size for b in blocks)
+    stats = tuning_stats(rt, blocks, per_unit=3, max_order=4)
+    for st, pos in stats:
+        T = st.public_target.shape[0]
+        assert pos.tolist() == list(range(max(0, T - 3), T))
+        computed = ~torch.isnan(st.moments[:, 0, 0])
+        assert computed[pos].all() and not computed[: T - 3].any()  # the context positions are not queried
+
+
+def test_a_trial_counts_hits_with_the_released_law(tuned):
+    """E[hits] = the sum of the released probabilities of the targets (one PMixED answer per position,
+    the sampled token compared with the target); eps_s huge makes the noise negligible."""
+    cfg, _, _, rt, blocks = tuned
+    cand = candidates(cfg, (10.0,), (0.5,), alpha=4)[0]
+    stats = tuning_stats(rt, blocks, per_unit=4, max_order=4)
+    g = torch.Generator().manual_seed(0)
+    n = 400
+    mean = sum(run_trial(stats, cand, 1e9, 4, g) for _ in range(n)) / n
+    # the expectation over the draws as well: average the released probabilities over many draws
+    params = cand.calibration.params
+    want = 0.0
+    for _ in range(200):
+        for st, pos in stats:
+            mask = torch.zeros(st.public_target.shape[0], params.ensemble_size, dtype=torch.bool)
+            mask[pos] = torch.rand(len(pos), params.ensemble_size, generator=g) < params.sample_rate
+            want += float(released_target_probs(st, mask, params)[0][pos].sum()) / 200
+    total = sum(len(pos) for _, pos in stats)
+    assert abs(mean - want) < 4 * math.sqrt(total / 4 / n) + 0.05
+
+
+def test_the_tuning_is_charged_before_any_trial_and_refused_whole(tuned, monkeypatch):
+    cfg, _, _, rt, blocks = tuned
+    cands, params = plan(cfg, len(blocks), 4, 1.0, 1.0, 0.5, (1.0, 10.0), (0.5,))
+    led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
+    seen = []
+    real = tuning_mod.run_trial
+
+    def spy(*a, **k):
+        seen.append(led.epsilon_spent())
+        return real(*a, **k)
+
+    monkeypatch.setattr(tuning_mod, "run_trial", spy)
+    res = tune(rt, blocks, cands, params, led, generator=torch.Generator().manual_seed(1))
+    charge = tuning_charge(params, led.orders)
+    assert seen and all(s == pytest.approx(rdp_to_epsilon(led.orders, charge.rdp, led.delta)[0]) for s in seen)
+    assert res.chosen in cands and res.epsilon_spent == pytest.approx(seen[0])
+    assert [h.mechanism for h in led.history()] == ["tune/pmixed"]
+    # the serving calibration after it fits what is left, tuning included
+    after = serving_calibration(cfg, res.chosen, dict(zip(led.orders, led.spent_rdp())))
+    assert epsilon_after(after.params, cfg.privacy.queries, cfg.privacy.delta,
+                         dict(zip(led.orders, led.spent_rdp()))) <= cfg.privacy.epsilon
+    # a ledger without room: refused before any trial or forward, nothing recorded
+    small = Ledger(MEMORY, epsilon=0.5, delta=cfg.privacy.delta)
+    seen.clear()
+    monkeypatch.setattr(tuning_mod, "tuning_stats", lambda *a, **k: pytest.fail("ran a forward"))
+    with pytest.raises(BudgetExhausted):
+        tune(rt, blocks, cands, params, small)
+    assert not seen and small.history() == [] and small.epsilon_spent() == 0.0
+
+
+def test_the_plan_uses_one_order_for_every_candidate(tuned):
+    cfg, _, _, _, blocks = tuned
+    cands, params = plan(cfg, len(blocks), 4, 1.0, 1.0, 0.5)
+    assert len({c.calibration.params.max_order for c in cands}) == 1
+    assert len(cands) == 16
+    with pytest.raises(ConfigError, match="tune"):
+        plan(cfg, len(blocks), 10_000, 1.0, 1.0, 0.01)  # no order pays for this much tuning
+
+
+def test_cli_tune_experiment_writes_the_choice(trained_run, capsys):
+    cfg, cfg_path = trained_run
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "0", "-q",
+                     "--positions-per-unit", "4", "--gamma", "0.5", "--tails", "1,10", "--lam-max", "0.5")
+    assert code == 0, out
+    assert "chosen shape: tail =" in out and "epsilon spent now" in out
+    rec = json.loads((cfg.output_dir / "tune" / "tune.json").read_text())
+    assert rec["tail"] in (1.0, 10.0) and rec["lam_max"] == 0.5 and rec["experiment"] is True
+    assert 0 < rec["epsilon_spent"] < cfg.privacy.epsilon
+
+
+def test_cli_tune_refusals(trained_run, tmp_path, capsys):
+    _, cfg_path = trained_run
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--seed", "0")
+    assert code == 2 and "--experiment" in out
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--tails", "a,b")
+    assert code == 2 and "tails" in out
+    # a durable ledger without room: exit 3, nothing charged
+    path = tmp_path / "full.ledger"
+    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
+        from pmixed.privacy.accountant import RdpCharge
+
+        led.charge(RdpCharge(led.orders, tuple(5.0 for _ in led.orders), label="spent"))
+        before = led.epsilon_spent()
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--ledger", str(path), "-q",
+                     "--positions-per-unit", "4", "--gamma", "0.5")
+    assert code == 3 and "privacy budget exhausted" in out and "tuning" in out, out
+    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
+        assert led.epsilon_spent() == before and len(led.history()) == 1
