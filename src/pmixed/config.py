@@ -390,8 +390,20 @@ class PrivacyConfig:
     screen_weight: float = 0.0
     screen_epsilon: float = 0.0
     screen_rate: float = 1.0
+    # an accounted tuning's result (`pmixed tune` writes <output_dir>/tune/tune.json): the shape
+    # (lam_max, tail, alpha) and the tuning's RDP curve, which the calibration composes with the
+    # T queries (docs/privacy.md section 12); the shape fields must then be left unset
+    tuning: str | None = None
 
     def __post_init__(self) -> None:
+        if self.tuning is not None:
+            if not isinstance(self.tuning, str) or not self.tuning:
+                raise ConfigError("privacy.tuning", f"must be the path of a tune.json, got {self.tuning!r}")
+            given = [f for f in ("lam_max", "tail", "alpha") if getattr(self, f) is not None]
+            if given:
+                raise ConfigError("privacy.tuning", f"sets the shape; leave {', '.join(given)} unset")
+            if self.mechanism != "pmixed":
+                raise ConfigError("privacy.tuning", "tunes plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
         if self.mechanism not in MECHANISMS:
             raise ConfigError("privacy.mechanism", f"must be one of {', '.join(MECHANISMS)}, got {self.mechanism!r}")
         if self.private_queries is not None:
@@ -430,6 +442,8 @@ class PrivacyConfig:
             "lam_max": self.lam_max,
             "tail": self.tail,
         }
+        if self.tuning is not None:
+            kw.update(self.tuned())
         kw = _with_overrides(kw, overrides, "calibration")
         if kw["lam_max"] is None:
             kw["lam_max"] = DEFAULT_LAM_MAX
@@ -437,10 +451,29 @@ class PrivacyConfig:
             kw["tail"] = DEFAULT_TAIL
         return kw
 
+    def tuned(self) -> dict[str, Any]:
+        """What ``privacy.tuning``'s file fixes: lam_max, tail, alpha and ``spent`` (order -> the
+        tuning's RDP, composed with the T queries by the calibration). ConfigError when the file is
+        missing or not a tune.json."""
+        path = Path(self.tuning)
+        try:
+            rec = json.loads(path.read_text())
+            spent = dict(zip((float(a) for a in rec["spent"]["orders"]),
+                             (math.inf if r == "inf" else float(r) for r in rec["spent"]["rdp"]), strict=True))
+            return {"lam_max": float(rec["lam_max"]), "tail": float(rec["tail"]), "alpha": int(rec["alpha"]),
+                    "spent": spent}
+        except FileNotFoundError:
+            raise ConfigError("privacy.tuning", f"no such file: {path} (run `pmixed tune` first)") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError("privacy.tuning", f"{path} is not a tune.json written by `pmixed tune`: {err!r}") from None
+
     def shape_source(self) -> str:
-        """How the radius shape (lam_max, tail, alpha) was chosen, for tables: "default rule"
-        (all three unset: the data-independent rule of privacy/calibration.py), "config" (all set
-        by the user: say how they chose them), or which ones each."""
+        """How the radius shape (lam_max, tail, alpha) was chosen, for tables: "accounted tuning"
+        (``privacy.tuning``: `pmixed tune`, its cost charged), "default rule" (all three unset: the
+        data-independent rule of privacy/calibration.py), "config" (all set by the user: say how
+        they chose them), or which ones each."""
+        if self.tuning is not None:
+            return "accounted tuning"
         unset = [f for f in ("lam_max", "tail", "alpha") if getattr(self, f) is None]
         if len(unset) == 3:
             return "default rule"

@@ -142,3 +142,55 @@ def test_cli_tune_refusals(trained_run, tmp_path, capsys):
     assert code == 3 and "privacy budget exhausted" in out and "tuning" in out, out
     with Ledger(path, epsilon=8.0, delta=1e-5) as led:
         assert led.epsilon_spent() == before and len(led.history()) == 1
+
+
+def test_a_tuned_config_calibrates_in_what_the_tuning_left(trained_run, capsys, tmp_path):
+    """privacy.tuning = tune.json: the shape from the file, the tuning's curve composed with the T
+    queries (calibration, PMixED.from_config, the evaluation's ledgers), and the table says so."""
+    import dataclasses
+
+    from pmixed.eval.runner import config_setup
+    from pmixed.mechanism.pmixed import PMixED
+
+    cfg, cfg_path = trained_run
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "1", "-q",
+                     "--positions-per-unit", "4", "--gamma", "0.5", "--tails", "10", "--lam-max", "0.5")
+    assert code == 0, out
+    assert "tuning = " in out
+    path = cfg.output_dir / "tune" / "tune.json"
+    rec = json.loads(path.read_text())
+    tuned = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, tuning=str(path)))
+    kw = tuned.privacy.calibration_kwargs(cfg.data.n_parts)
+    assert (kw["lam_max"], kw["tail"], kw["alpha"]) == (0.5, 10.0, rec["alpha"]) and kw["spent"]
+    assert tuned.privacy.shape_source() == "accounted tuning"
+    plain = PMixED.from_config(cfg.privacy, cfg.data.n_parts, lam_max=0.5, tail=10.0, alpha=rec["alpha"])
+    paid = PMixED.from_config(tuned.privacy, cfg.data.n_parts)
+    assert paid.params.radii[0] < plain.params.radii[0]  # the tuning is paid from the same budget
+    assert epsilon_after(paid.params, cfg.privacy.queries, cfg.privacy.delta, kw["spent"]) <= cfg.privacy.epsilon
+    # the evaluation's fresh ledgers pay the tuning first: spent = tuning + T queries, within epsilon
+    from pmixed.eval.perplexity import run_evaluation
+
+    ens, rt = load_runtime(cfg, progress=False)
+    from pmixed.eval.runner import eval_blocks
+
+    blocks = eval_blocks(ens, cfg)
+    s_paid = config_setup(tuned, "tuned")
+    s_free = config_setup(cfg, "free", lam_max=0.5, tail=10.0, alpha=rec["alpha"])
+    res = run_evaluation(rt, blocks, [s_paid, s_free], progress=False, average=False)
+    spent = {s["name"]: s["epsilon_spent"] for s in res.pmixed}
+    assert spent["tuned"] <= cfg.privacy.epsilon and spent["tuned"] > spent["free"] * 0.99
+    # bad links: one line naming the field
+    with pytest.raises(ConfigError, match="privacy.tuning"):
+        dataclasses.replace(cfg.privacy, tuning=str(path), tail=3.0)
+    with pytest.raises(ConfigError, match="privacy.tuning"):
+        dataclasses.replace(cfg.privacy, tuning=str(path), mechanism="adaptive")
+    with pytest.raises(ConfigError, match="no such file"):
+        dataclasses.replace(cfg.privacy, tuning=str(tmp_path / "none.json")).calibration_kwargs(3)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a tune.json"):
+        dataclasses.replace(cfg.privacy, tuning=str(tmp_path / "bad.json")).calibration_kwargs(3)
+    # tuning a tuned config again is refused (it would pay again, silently)
+    tuned_toml = tmp_path / "tuned.toml"
+    tuned_toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{path}\"", 1))
+    code, out = _cli(capsys, "tune", "--config", str(tuned_toml), "--experiment")
+    assert code == 2 and "already takes its shape" in out

@@ -67,6 +67,9 @@ def tune_cmd(
     cfg = load_run_config(config, output_dir)
     check_seed(seed, experiment, ledger)
     p = cfg.privacy
+    if p.tuning is not None:
+        raise ConfigError("privacy.tuning", "this config already takes its shape from a tuning; remove privacy.tuning "
+                                            "to tune again (and pay again)")
     if p.mechanism != "pmixed":
         raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
     tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
@@ -97,7 +100,9 @@ def tune_cmd(
             after = None
     out = Path(cfg.output_dir) / "tune"
     out.mkdir(parents=True, exist_ok=True)
+    curve = tuning_charge(res.params, led.orders)
     record = {**res.record(), "config": cfg.source_path,
+              "spent": {"orders": list(curve.orders), "rdp": [r if r != float("inf") else "inf" for r in curve.rdp]},
               "ledger": None if path is None else str(path), "experiment": experiment,
               "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
                                                             "scale": scale_of(after.params),
@@ -116,6 +121,7 @@ def tune_cmd(
     else:
         con.print(f"serving {p.queries} queries after the tuning: radius scale {scale_of(after.params):.4f} at "
                   f"order {after.alpha} (without the tuning's charge: {scale_of(untuned.params):.4f}); "
-                  f"put in [privacy]: lam_max = {c.lam_max:g}, tail = {c.tail:g}", markup=False)
+                  f"to serve it, put in [privacy]: tuning = \"{out / 'tune.json'}\" (and leave lam_max, tail, "
+                  "alpha unset)", markup=False)
     con.print(f"wrote: {out / 'tune.json'}", markup=False)
 

@@ -24,11 +24,13 @@ from pmixed.errors import DataError
 from pmixed.eval.block_stats import block_stats
 from pmixed.mechanism.teacher_forcing import binding_order, released_target_probs
 from pmixed.privacy.acceptance import RenyiFilterRule
+from pmixed.privacy.accountant import RdpCharge
 from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL, calibrate
 from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.mixture_bound import pmixed_charge
 from pmixed.privacy.params import MechanismParams
 from pmixed.privacy.screening import AdaptiveParams, ScreenParams, calibrate_adaptive
+from pmixed.privacy.tuning import MECHANISM as TUNING
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Setup:
     tail: float = 1.0
     sweep: dict = field(default_factory=dict, compare=False)  # {param: value} for sweeps
     adaptive: AdaptiveParams | None = None  # screened PMixED (section 11); params = its release
+    spent: dict | None = field(default=None, compare=False)  # order -> RDP of an accounted tuning (section 12)
 
     @property
     def mechanism(self) -> str:
@@ -66,7 +69,7 @@ def make_setup(name: str, *, runs: int = 1, sweep: dict | None = None, **calibra
           **{k: v for k, v in calibration.items() if v is not None or k == "alpha"}}
     cal = calibrate(**kw)
     return Setup(name, cal.params, kw["epsilon"], kw["delta"], kw["query_budget"], cal.alpha, runs,
-                 kw["tail"], dict(sweep or {}))
+                 kw["tail"], dict(sweep or {}), spent=kw.get("spent"))
 
 
 def make_adaptive_setup(name: str, *, runs: int = 1, sweep: dict | None = None, queries: int,
@@ -204,6 +207,9 @@ def run_evaluation(
                 # a fresh budget per run (the paper's protocol): a new ledger, charged before release
                 name = f"{_safe(s.name)}-run{r:03d}" + (f"-w{w:03d}" if windows > 1 else "")
                 with _fresh_ledger(ledger_dir, name, s) as ledger:
+                    if s.spent is not None:  # the tuning was paid from this budget first
+                        ledger.charge(RdpCharge(ledger.orders, tuple(s.spent.get(a, math.inf) for a in ledger.orders),
+                                                label="accounted tuning", mechanism=TUNING))
                     charge = pmixed_charge(s.params, count=count, orders=ledger.orders, label=s.name)
                     receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
                     spent.append(receipt.epsilon_spent)

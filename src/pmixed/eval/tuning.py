@@ -56,7 +56,7 @@ class TuneResult:
 
     def record(self) -> dict[str, Any]:
         return {"lam_max": self.chosen.lam_max, "tail": self.chosen.tail, "label": self.chosen.label,
-                "alpha": self.chosen.calibration.alpha, "noisy_hit_rate": self.noisy_hit_rate,
+                "alpha": self.chosen.calibration.params.max_order, "noisy_hit_rate": self.noisy_hit_rate,
                 "tuning": self.params.record(), "epsilon_spent": self.epsilon_spent}
 
 

@@ -13,7 +13,7 @@ The object holds no budget state: charging is the ledger's job (pmixed.privacy.l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -45,10 +45,13 @@ class PMixED:
         alpha: float | None = None,
         lam_max: float = DEFAULT_LAM_MAX,
         tail: float = DEFAULT_TAIL,
+        spent: Mapping[float, float] | None = None,
     ):
+        """``spent``: order -> RDP already charged to the same budget (an accounted tuning,
+        docs/privacy.md section 12), composed with the query_budget queries by the calibration."""
         self.calibration: Calibration = calibrate(
             epsilon=epsilon, delta=delta, query_budget=query_budget, ensemble_size=ensemble_size,
-            sample_rate=sample_rate, alpha=alpha, lam_max=lam_max, tail=tail)
+            sample_rate=sample_rate, alpha=alpha, lam_max=lam_max, tail=tail, spent=spent)
         self.params: MechanismParams = self.calibration.params
         self.epsilon = float(epsilon)
         self.delta = float(delta)
