@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -69,3 +71,18 @@ def test_crossover_scores_sessions_longer_than_the_held_out_positions(trained_ru
     assert plain[100000] < plain[64]  # a budget spread over more queries keeps less
     assert set(d["summary"]) == {"plain", "public screen f=0.5", "public screen f=0.25"}
     assert (tmp_path / "crossover.png").stat().st_size > 0
+
+
+def test_tuning_benchmark_compares_the_tuner_with_the_rule(monkeypatch, trained_run, tmp_path):
+    mod = _bench("tuning")
+    monkeypatch.setattr(mod, "SETTINGS", ({"per_unit": 2, "score_epsilon": 1.0, "eta": 1.0, "gamma": 0.5},
+                                          {"per_unit": 10_000, "score_epsilon": 1.0, "eta": 1.0, "gamma": 0.01}))
+    _, cfg_path = trained_run
+    assert mod.main(["--config", str(cfg_path), "--repeats", "2", "--runs", "1", "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "tuning.json").read_text())
+    ok, infeasible = d["studies"][0]["settings"]
+    assert "infeasible" in infeasible  # a tuning no order can pay for is reported, not run
+    assert sum(ok["picks"].values()) == 2 and 0 < ok["tuning_epsilon"] < 8
+    want = sum(ok["paid"][k] * n for k, n in ok["picks"].items()) / 2  # the repeats' mean after paying
+    assert ok["tuned_share"] == pytest.approx(want) and set(ok["paid"]) == set(ok["free"]) == set(ok["labels"])
+    assert "after paying" in (tmp_path / "tuning.md").read_text()

@@ -42,7 +42,7 @@ def tune_cmd(
     per_unit: int = typer.Option(16, "--positions-per-unit", min=1,
                                  help="Scored positions queried per held-out unit (m: the hit count's sensitivity)."),
     score_epsilon: float = typer.Option(1.0, "--score-epsilon", help="Pure epsilon of each trial's noisy hit count."),
-    gamma: float = typer.Option(0.1, "--gamma", help="Trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
+    gamma: float = typer.Option(0.5, "--gamma", help="Trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
     eta: float = typer.Option(1.0, "--eta", help="Trial-count law D_{eta,gamma} (1: geometric)."),
     tails: str = typer.Option("1,3,10,30", "--tails", help="Candidate tails s (comma-separated)."),
     lam_max: str = typer.Option("0.25,0.5,0.75,0.9", "--lam-max", help="Candidate lam_max (comma-separated)."),
