@@ -21,6 +21,11 @@ file (fsync'd, one transaction per step), sampled from the OS CSPRNG. Timed in O
   (Fd) floor for D: one group of round(1 + qN) rows decoding one token per step with KV caches
        (``EnsembleRuntime.decode``), over the same number of steps and cache lengths;
   (Fc) floor for C: one group of N + 1 rows, the same way;
+  (Fw) the work floor for D: one group of 1 + N E[L] / T rows, the same way, where L is the last
+       step (of T) at which a member is drawn: an exact decoder must run a member over every token
+       before the last step it is drawn at (its KV cache there depends on all of them), so any
+       drawn-only decoder advances N E[L] member rows over T steps, E[L] = T - (1-q)(1-(1-q)^T)/q;
+       at q = 0.5 this is nearly every member at every step, whatever the engine does;
   (R) the original code's way: every step recomputes the whole prefix (no KV cache) for the
        public row and the drawn members, then the mechanism (timed on ``--recompute-tokens``
        steps spread over the 256 and scaled: the output says so);
@@ -157,6 +162,12 @@ def decoder_per_token(rt, mech, args, mode: str, led_path: Path) -> float:
         return (time.perf_counter() - t0) / max(n, 1)
 
 
+def drawn_work_rows(members: int, q: float, steps: int) -> float:
+    """1 + N E[L] / T: the rows per step an exact drawn-only decoder advances on average (Fw)."""
+    last = steps - (1 - q) * (1 - (1 - q) ** steps) / q if q < 1 else steps
+    return 1 + members * last / steps
+
+
 @torch.no_grad()
 def floor_per_token(rt, args, rows: int) -> float:
     g = RowGroup([PUBLIC, *range(rows - 1)], tokens=prompt(args, 1))
@@ -273,12 +284,15 @@ def main(argv=None) -> dict:
         res["C"] = decoder_per_token(rt, mech, args, "constant", Path(tmp) / "c.ledger")
         res["Fd"] = floor_per_token(rt, args, drawn_rows)
         res["Fc"] = floor_per_token(rt, args, args.members + 1)
+        work_rows = max(1, round(drawn_work_rows(args.members, args.sample_rate, args.tokens)))
+        res["Fw"] = res["Fc"] if work_rows == args.members + 1 else floor_per_token(rt, args, work_rows)
+        res["Fw_rows"] = work_rows
         res["R"], res["R_steps"] = recompute_per_token(rt, mech, args)
         res["S"] = serial_per_token(rt, mech, args, Path(tmp) / "s.ledger")
         res["AD"] = decoder_per_token(rt, adaptive_mech(args, False), args, "drawn", Path(tmp) / "ad.ledger")
         res["AC"] = decoder_per_token(rt, adaptive_mech(args, False), args, "constant", Path(tmp) / "ac.ledger")
         res["APD"] = decoder_per_token(rt, adaptive_mech(args, True), args, "drawn", Path(tmp) / "apd.ledger")
-    res["ratios"] = {"AD/D": res["AD"] / res["D"], "AC/C": res["AC"] / res["C"], "APD/D": res["APD"] / res["D"],"D/Fd": res["D"] / res["Fd"], "C/Fc": res["C"] / res["Fc"], "R/D": res["R"] / res["D"],
+    res["ratios"] = {"AD/D": res["AD"] / res["D"], "AC/C": res["AC"] / res["C"], "APD/D": res["APD"] / res["D"],"D/Fd": res["D"] / res["Fd"], "D/Fw": res["D"] / res["Fw"], "C/Fc": res["C"] / res["Fc"], "R/D": res["R"] / res["D"],
                      "R/C": res["R"] / res["C"], "S/D": res["S"] / res["D"], "C/D": res["C"] / res["D"]}
     res["load"] = []
     for mode in args.modes.split(","):
@@ -302,6 +316,8 @@ def main(argv=None) -> dict:
     print(f"  (C)  constant-work decoder       {ms(res['C'])}   C/Fc = {res['ratios']['C/Fc']:.2f}x (target <= 1.5); C/D = {res['ratios']['C/D']:.2f}x")
     print(f"  (Fd) floor: {drawn_rows} rows, one batched cached forward   {ms(res['Fd'])}")
     print(f"  (Fc) floor: {args.members + 1} rows, one batched cached forward  {ms(res['Fc'])}")
+    print(f"  (Fw) work floor of any exact drawn-only decoder: {res['Fw_rows']} rows  {ms(res['Fw'])}   "
+          f"D/Fw = {res['ratios']['D/Fw']:.2f}x")
     print(f"  (R)  recompute the prefix (original's way; {res['R_steps']} of {args.tokens} steps timed, mean)  "
           f"{ms(res['R'])}   R/D = {res['ratios']['R/D']:.1f}x, R/C = {res['ratios']['R/C']:.1f}x (target >= 5)")
     print(f"  (S)  today's serial path (PrivatePredictor.generate)  {ms(res['S'])}   S/D = {res['ratios']['S/D']:.2f}x")

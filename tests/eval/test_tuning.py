@@ -13,13 +13,20 @@ from pmixed.cli import main
 from pmixed.errors import BudgetExhausted, ConfigError
 from pmixed.eval import tuning as tuning_mod
 from pmixed.eval.runner import load_runtime
-from pmixed.eval.tuning import candidates, plan, run_trial, serving_calibration, tune, tuning_stats, unit_blocks
+from pmixed.eval.tuning import (
+    candidates,
+    plan,
+    run_trial,
+    serving_calibration,
+    tune,
+    tuning_stats,
+    unit_blocks,
+)
 from pmixed.mechanism.teacher_forcing import released_target_probs
 from pmixed.privacy.calibration import epsilon_after
 from pmixed.privacy.conversion import rdp_to_epsilon
 from pmixed.privacy.ledger import MEMORY, Ledger
 from pmixed.privacy.tuning import tuning_charge
-
 
 
 def _cli(capsys, *args: str) -> tuple[int, str]:

@@ -100,7 +100,7 @@ def _laws(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_adversarial_search_finds_no_violation(eta, gamma):
     rng = np.random.default_rng(3)
     worst = -math.inf
-    for start in range(6):
+    for _ in range(6):
         x0 = rng.normal(0, 2.0, 8)
 
         def loss(x):
@@ -117,7 +117,7 @@ def test_charging_one_trial_is_caught():
     rng = np.random.default_rng(5)
     eta, gamma = 1.0, 0.1  # E[K] = 10
     found = -math.inf
-    for start in range(4):
+    for _ in range(4):
         x0 = rng.normal(0, 2.0, 8)
 
         def loss(x):
