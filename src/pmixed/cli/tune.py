@@ -33,9 +33,9 @@ def _floats(field: str, text: str) -> list[float]:
 
 def tune_cmd(
     config: Path = ConfigOpt,
-    ledger: Path | None = typer.Option(
-        None, "--ledger", help="The deployment's ledger the tuning is charged to (default: "
-                               "<output_dir>/ledgers/serve.ledger, the one `pmixed serve` uses)."),
+    ledger: str | None = typer.Option(
+        None, "--ledger", help="The deployment's ledger the tuning is charged to: a file or a postgresql:// URL "
+                               "(default: <output_dir>/ledgers/serve.ledger, the one `pmixed serve` uses)."),
     experiment: bool = typer.Option(
         False, "--experiment", help="Charge a fresh in-memory ledger instead (nothing durable); required by --seed."),
     seed: int | None = typer.Option(None, "--seed", help="Seed every draw: only with --experiment (not a private release)."),
@@ -55,6 +55,7 @@ def tune_cmd(
     import torch
 
     from pmixed.cli.privacy import ledger_hint
+    from pmixed.cli.serve import _shown
     from pmixed.errors import BudgetExhausted, ConfigError, LedgerError
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
     from pmixed.eval.tuning import plan, serving_calibration, tune, unit_blocks
@@ -74,13 +75,15 @@ def tune_cmd(
         raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
     tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
     check_ensemble_matches(cfg)
-    path = None if experiment else Path(ledger or cfg.output_dir / "ledgers" / "serve.ledger")
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output_dir) / "tune"
+    out.mkdir(parents=True, exist_ok=True)  # where the result goes exists before anything is paid
+    path = None if experiment else (ledger or str(cfg.output_dir / "ledgers" / "serve.ledger"))
+    if path is not None and "://" not in path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:  # the ledger before the model: a foreign or corrupt file stops here
         led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta)
     except LedgerError as err:
-        raise LedgerError(f"{err}; {ledger_hint(path)}") from err
+        raise LedgerError(f"{err}; {ledger_hint(_shown(path))}") from err
     with led:
         announce_long_steps(cfg)
         ens, runtime = load_runtime(cfg, progress=not quiet)
@@ -89,28 +92,26 @@ def tune_cmd(
         charge = tuning_charge(params, led.orders)
         if not led.can_afford(charge):  # refused before any forward pass, nothing charged
             raise BudgetExhausted(led.epsilon_spent(), led.epsilon_if(charge), p.epsilon,
-                                  f"the tuning's charge does not fit; {ledger_hint(path)}")
+                                  f"the tuning's charge does not fit; {ledger_hint(_shown(path))}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=cfg.eval.chunk_for(runtime.device.type))
-        c = res.chosen
-        untuned = c.calibration
-        try:
-            after = serving_calibration(cfg, c, dict(zip(led.orders, led.spent_rdp())))
-        except ConfigError:
-            after = None
-    out = Path(cfg.output_dir) / "tune"
-    out.mkdir(parents=True, exist_ok=True)
-    curve = tuning_charge(res.params, led.orders)
+    c = res.chosen
+    untuned = c.calibration
+    try:  # what privacy.tuning will serve: the T queries on top of the tuning's curve
+        after = serving_calibration(cfg, c, dict(zip(charge.orders, charge.rdp)))
+    except ConfigError:
+        after = None
+    curve = charge
     record = {**res.record(), "config": cfg.source_path,
               "spent": {"orders": list(curve.orders), "rdp": [r if r != float("inf") else "inf" for r in curve.rdp]},
-              "ledger": None if path is None else str(path), "experiment": experiment,
+              "ledger": None if path is None else _shown(path), "experiment": experiment,
               "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
                                                             "scale": scale_of(after.params),
                                                             "radii": list(after.params.radii)},
               "serving_untuned_scale": scale_of(untuned.params)}
     (out / "tune.json").write_text(json.dumps(record, indent=2, default=float))
     con = _console()
-    where = "in-memory experiment ledger" if path is None else f"ledger {path}"
+    where = "in-memory experiment ledger" if path is None else f"ledger {_shown(path)}"
     con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy hit rate "
               f"{res.noisy_hit_rate:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
     con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
