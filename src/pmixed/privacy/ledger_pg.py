@@ -328,11 +328,8 @@ class PostgresLedgerStore:
         if row is None:
             raise LedgerError(f"no ledger at {self.location} (no budget {self.budget!r} in the database)")
         f_eps, f_delta, f_orders, created_at, pkg_version, rule = row
-        try:
-            orders = json.loads(f_orders)
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {self.location} is damaged: bad orders in its budget row ({e})") from e
-        return LedgerMeta(f_eps, f_delta, orders, rule, created_at, pkg_version)
+        return LedgerMeta.from_row(self.location, "its budget row", f_eps, f_delta, f_orders, rule, created_at,
+                                   pkg_version)
 
     # -- the store protocol -----------------------------------------------------------------------
     @property

@@ -284,11 +284,7 @@ class SqliteLedgerStore:
         fmt, f_eps, f_delta, f_orders, created_at, pkg_version, rule = row
         if fmt != FORMAT:
             raise LedgerError(f"{path} is not a pmixed ledger (foreign file: format {fmt!r}, expected {FORMAT!r})")
-        try:
-            orders = json.loads(f_orders)
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {path} is damaged: bad orders in meta ({e})") from e
-        return LedgerMeta(f_eps, f_delta, orders, rule, created_at, pkg_version)
+        return LedgerMeta.from_row(path, "meta", f_eps, f_delta, f_orders, rule, created_at, pkg_version)
 
     # -- the store protocol -----------------------------------------------------------------------
     @property

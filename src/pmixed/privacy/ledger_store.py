@@ -50,6 +50,19 @@ class LedgerMeta:
     created_at: str = ""
     package_version: str = ""
 
+    @classmethod
+    def from_row(cls, location: str, where: str, epsilon: float, delta: float, orders_json: str, rule: str,
+                 created_at: str, package_version: str) -> LedgerMeta:
+        """The meta of a stored budget row (``orders`` as JSON); a bad orders field is a
+        LedgerError naming the ledger and ``where`` it was read from."""
+        from pmixed.errors import LedgerError
+
+        try:
+            orders = json.loads(orders_json)
+        except (ValueError, TypeError) as e:
+            raise LedgerError(f"ledger {location} is damaged: bad orders in {where} ({e})") from e
+        return cls(epsilon, delta, orders, rule, created_at, package_version)
+
 
 @dataclass(frozen=True)
 class Totals:
