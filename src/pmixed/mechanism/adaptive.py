@@ -149,8 +149,7 @@ class AdaptivePMixED:
         members' next-token distributions (only S_r's when the screen is private, and the drawn
         ones at a private query). Raises BudgetExhausted when a round must open and the next unit
         does not fit (nothing is released)."""
-        if budget.rule != self.rule:
-            raise ValueError(f"the budget's rule {budget.rule.name!r} is not this mechanism's {self.rule.name!r}")
+        self.check_rule(budget)  # LedgerError, as the engine and the scheduler say it
         charged = False
         if not screen.is_open:
             budget.charge(self.charge(budget.orders, label=label))  # BudgetExhausted propagates
