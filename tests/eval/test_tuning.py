@@ -137,6 +137,10 @@ def test_cli_tune_refusals(trained_run, tmp_path, capsys):
     assert code == 2 and "--experiment" in out
     code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--tails", "a,b")
     assert code == 2 and "tails" in out
+    for args, field in ((["--gamma", "1.5"], "gamma"), (["--eta", "-2"], "eta"), (["--score-epsilon", "0"], "score_epsilon"),
+                        (["--lam-max", "1.5"], "lam_max"), (["--tails", "0.5"], "tail")):
+        code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", *args)
+        assert code == 2 and field in out and "Loading" not in out, (args, out)
     # a durable ledger without room: exit 3, nothing charged
     path = tmp_path / "full.ledger"
     with Ledger(path, epsilon=8.0, delta=1e-5) as led:

@@ -58,10 +58,10 @@ def tune_cmd(
     from pmixed.cli.serve import _shown
     from pmixed.errors import BudgetExhausted, ConfigError, LedgerError
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
-    from pmixed.eval.tuning import plan, serving_calibration, tune, unit_blocks
+    from pmixed.eval.tuning import candidates, plan, serving_calibration, tune, unit_blocks
     from pmixed.privacy.calibration import scale_of
     from pmixed.privacy.ledger import MEMORY, Ledger
-    from pmixed.privacy.tuning import expected_trials, tuning_charge
+    from pmixed.privacy.tuning import check_trials, expected_trials, laplace_rdp, tuning_charge
 
     if quiet:
         silence_third_party()
@@ -74,6 +74,9 @@ def tune_cmd(
     if p.mechanism != "pmixed":
         raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
     tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
+    check_trials(eta, gamma)  # every argument checked before the model loads
+    laplace_rdp(2.0, score_epsilon)
+    candidates(cfg, tail_vals, lam_vals)
     check_ensemble_matches(cfg)
     out = Path(cfg.output_dir) / "tune"
     out.mkdir(parents=True, exist_ok=True)  # where the result goes exists before anything is paid
