@@ -48,6 +48,27 @@ def test_eval_without_the_ensemble_average_gives_the_same_pmixed_numbers(trained
     assert "Ensemble average" not in (tmp_path / "fast" / "eval.md").read_text()
 
 
+def test_a_session_longer_than_the_held_out_positions_is_scored_on_them_and_charged_for_them(trained_run):
+    """T > Q: the session's first Q queries, each at the T-query calibration, on the same Q
+    positions as a shorter setup; the ledger is charged for the Q released, not for T."""
+    from pmixed.eval.perplexity import run_evaluation
+    from pmixed.eval.runner import config_setup, eval_blocks, load_runtime
+    from pmixed.privacy.calibration import epsilon_after
+
+    cfg, _ = trained_run
+    ens, rt = load_runtime(cfg, progress=False)
+    blocks = eval_blocks(ens, cfg)
+    Q = blocks.shape[0] * (blocks.shape[1] - 1)
+    long, short = config_setup(cfg, "long", query_budget=50 * Q), config_setup(cfg, "short", query_budget=Q)
+    res = run_evaluation(rt, blocks, [long, short], progress=False, average=False)
+    rows = {s["name"]: s for s in res.pmixed}
+    assert rows["long"]["positions"] == rows["short"]["positions"] == Q
+    assert rows["long"]["sessions_per_run"] == 1
+    assert rows["long"]["epsilon_spent"] == pytest.approx(epsilon_after(long.params, Q, cfg.privacy.delta))
+    assert rows["long"]["epsilon_spent"] < cfg.privacy.epsilon  # the rest of the session is not released
+    assert rows["long"]["ppl_mean"] > rows["short"]["ppl_mean"]  # a budget spread over 50x the queries
+
+
 def test_eval_in_bfloat16_is_close_and_says_so(trained_run, tmp_path):
     """``[eval] dtype = "bfloat16"``: the forwards in bf16 (after the fp32 hash checks), the
     perplexities within 1% of float32 here (0.05% on the quick config), the precision recorded."""
