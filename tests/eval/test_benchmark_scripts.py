@@ -86,3 +86,23 @@ def test_tuning_benchmark_compares_the_tuner_with_the_rule(monkeypatch, trained_
     want = sum(ok["paid"][k] * n for k, n in ok["picks"].items()) / 2  # the repeats' mean after paying
     assert ok["tuned_share"] == pytest.approx(want) and set(ok["paid"]) == set(ok["free"]) == set(ok["labels"])
     assert "after paying" in (tmp_path / "tuning.md").read_text()
+
+
+def test_loo_divergence_never_exceeds_the_charge_on_real_outputs(trained_run, tmp_path):
+    """The diagnostic's realised divergence (one neighbour: a part emptied) is bounded by the
+    charge (R3) at every query and every claimed order: an end-to-end check of the bound on a
+    trained ensemble's outputs."""
+    import math
+
+    mod = _bench("loo_divergence")
+    assert mod.member_weight(1, 0.3) == pytest.approx(0.3)  # alone: in the draw with probability q
+    for n, q in ((5, 0.5), (32, 0.03)):  # P[S empty] + N w = 1
+        assert (1 - q) ** n + n * mod.member_weight(n, q) == pytest.approx(1.0)
+    _, cfg_path = trained_run
+    assert mod.main(["--config", str(cfg_path), "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "loo.json").read_text())
+    assert "NOT a differential-privacy guarantee" in d["note"]
+    claimed = [(a, c / d["T"], m) for a, c, m in zip(d["orders"], d["charged_rdp"], d["realised_max_per_query"])
+               if math.isfinite(c)]
+    assert claimed and all(0 <= m <= c for _, c, m in claimed)
+    assert 0 < d["epsilon_realised_not_dp"] < d["epsilon_charged"]
