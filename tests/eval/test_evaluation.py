@@ -204,7 +204,7 @@ def test_generate_cli_prompt_past_the_context(trained_run, tmp_path, capsys):
     with Ledger(path, epsilon=8.0, delta=1e-5) as led:
         assert led.charges() == 0
     code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", long, "--ledger", path, "-q",
-                         "--truncate-prompt", "--max-new-tokens", 50)
+                         "--truncate-prompt", "--max-new-tokens", 50, "--ignore-eos")  # unseeded: no early EOS
     assert code == 0, err
     n = int(out.split(" tokens, stopped: ")[0].split("(")[-1])
     assert "stopped: length" in out and 1 <= n < 50
@@ -257,7 +257,7 @@ def test_generate_cli_charges_its_ledger_and_shows_the_budget(trained_run, tmp_p
     cfg, cfg_path = trained_run
     path = tmp_path / "g.ledger"
     code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 5,
-                         "--ledger", path, "-q")
+                         "--ledger", path, "-q", "--ignore-eos")
     assert code == 0, err
     with Ledger(path) as led:  # every released token was charged, one query each
         hist = led.history()

@@ -40,7 +40,7 @@ def test_generate_cli_adaptive_charges_one_unit_per_round(trained_run, tmp_path,
     cfg, cfg_path = trained_run
     path = tmp_path / "a.ledger"
     code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 5,
-                         "--ledger", path, "--mechanism", "adaptive", "-q")
+                         "--ledger", path, "--mechanism", "adaptive", "-q", "--ignore-eos")
     assert code == 0, err
     m = _adaptive(cfg, 3)
     with Ledger.open(path) as led:
@@ -152,9 +152,26 @@ def test_config_mechanism_is_the_default_and_the_plain_path_is_unchanged(trained
     assert "3 units charged by this generation" in out and "Renyi filter" in out
     path = tmp_path / "plain.ledger"
     code, out, err = cli(capsys, "generate", "-c", adaptive_cfg, "--prompt", "river", "--max-new-tokens", 3,
-                         "--ledger", path, "--mechanism", "pmixed", "-q")
+                         "--ledger", path, "--mechanism", "pmixed", "-q", "--ignore-eos")
     assert code == 0, err
     assert "tokens left at this config's cost" in out and "units" not in out
     with Ledger.open(path) as led:
         assert led.rule.name == "best-order"
         assert [(h.count, h.mechanism) for h in led.history()] == [(1, "pmixed")] * 3
+
+
+def test_generate_stops_at_eos_unless_told_not_to(trained_run, monkeypatch, capsys):
+    """--ignore-eos keeps going past an end-of-text token (each token charged either way)."""
+    cfg, cfg_path = trained_run
+    from pmixed.models.ensemble import load_ensemble
+
+    eos = load_ensemble(cfg.output_dir).tokenizer.eos_token_id
+    monkeypatch.setattr("pmixed.engine.sample_token", lambda d, g=None: eos)  # every draw is EOS
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 3,
+                         "--seed", 1, "--experiment", "-q")
+    assert code == 0, err
+    assert "1 tokens, stopped: eos" in " ".join(out.split())
+    code, out, err = cli(capsys, "generate", "-c", cfg_path, "--prompt", "river", "--max-new-tokens", 3,
+                         "--seed", 1, "--experiment", "-q", "--ignore-eos")
+    assert code == 0, err
+    assert "3 tokens, stopped: length" in " ".join(out.split())

@@ -195,6 +195,8 @@ def generate_cmd(
         help="An experiment: charge a fresh in-memory ledger (nothing durable); required by --seed, refuses --ledger."),
     truncate_prompt: bool = typer.Option(
         False, "--truncate-prompt", help="Cut a prompt longer than the model's context from the left (default: refuse)."),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="Keep generating past an end-of-text token (each token is charged either way)."),
     mechanism: str | None = typer.Option(
         None, "--mechanism",
         help="pmixed: every token one PMixED query; adaptive: screened PMixED under a Renyi filter (a unit = "
@@ -216,7 +218,8 @@ def generate_cmd(
     con = _console()
     try:
         res = generate(cfg, prompt, max_new_tokens, temperature, ledger, seed, experiment=experiment,
-                       truncate_prompt=truncate_prompt, progress=not quiet, mechanism=mechanism)
+                       truncate_prompt=truncate_prompt, progress=not quiet, mechanism=mechanism,
+                       ignore_eos=ignore_eos)
     except GenerationInterrupted as err:  # print what was released (and charged), then the error
         _show(con, err.partial.prompt, err.partial.text)
         con.print(f"({len(err.partial.token_ids)} tokens released before the error)", markup=False)
@@ -266,7 +269,7 @@ def budget_line(res) -> str:
 
 
 def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, seed=None, runtime=None, *,
-             experiment=False, truncate_prompt=False, progress=False, mechanism=None):
+             experiment=False, truncate_prompt=False, progress=False, mechanism=None, ignore_eos=False):
     """One private generation with ``cfg``'s mechanism (``PMixED.from_config``, or with
     ``mechanism="adaptive"`` / ``privacy.mechanism = "adaptive"`` ``AdaptivePMixED.from_config``,
     whose ledger is opened under its Renyi filter: a ledger file written under another rule is
@@ -302,6 +305,8 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
         raise LedgerError(f"{err}; {ledger_hint(path)}") from err
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     kw = {"truncate_prompt": True} if truncate_prompt else {}
+    if ignore_eos:
+        kw["stop_at_eos"] = False
     with led:
         if runtime is None:
             _, runtime = load_runtime(cfg, progress=progress)
