@@ -251,7 +251,8 @@ def test_quota_per_key(servers):
 def test_queue_full_is_429_with_retry_after(servers):
     s = servers.start(max_active=1, max_queue=0)
     try:
-        with httpx.stream("POST", s.url + C, json={**GOOD, "max_tokens": 60, "stream": True, "prompt": "a"},
+        with httpx.stream("POST", s.url + C, json={**GOOD, "max_tokens": 60, "stream": True, "prompt": "a",
+                                                  "ignore_eos": True},  # it must still hold the slot
                           headers=auth(s.user_key), timeout=TIMEOUT) as first:
             assert first.status_code == 200  # headers come with the first token: it is admitted
             r = post(s, C, GOOD)
