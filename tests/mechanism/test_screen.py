@@ -22,7 +22,7 @@ def _draws(scale, n, generator):
 def test_laplace_has_the_scale_the_proof_assumes(seeded):
     g = torch.Generator().manual_seed(0) if seeded else None  # False: the OS CSPRNG
     x = _draws(0.7, 4000, g)
-    assert stats.kstest(x, stats.laplace(scale=0.7).cdf).pvalue > 1e-3
+    assert stats.kstest(x, stats.laplace(scale=0.7).cdf).pvalue > 1e-6  # unseeded: fails once in a million
     # the same test rejects a sampler with half the noise (a sensitivity too small by half)
     assert stats.kstest(x / 2, stats.laplace(scale=0.7).cdf).pvalue < 1e-6
     assert laplace(0.0, g) == 0.0
