@@ -467,6 +467,12 @@ class PrivacyConfig:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise ConfigError("privacy.tuning", f"{path} is not a tune.json written by `pmixed tune`: {err!r}") from None
 
+    def tuning_record(self) -> dict[str, Any]:
+        """The whole tune.json ``privacy.tuning`` names ("tuning": the tuner's parameters, which the
+        serving ledger must carry; "seeded": chosen with a seed, so not a private release)."""
+        self.tuned()  # the same checks, the same one-line errors
+        return json.loads(Path(self.tuning).read_text())
+
     def shape_source(self) -> str:
         """How the radius shape (lam_max, tail, alpha) was chosen, for tables: "accounted tuning"
         (``privacy.tuning``: `pmixed tune`, its cost charged), "default rule" (all three unset: the

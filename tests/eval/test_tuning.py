@@ -205,3 +205,45 @@ def test_a_tuned_config_calibrates_in_what_the_tuning_left(trained_run, capsys, 
     tuned_toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{path}\"", 1))
     code, out = _cli(capsys, "tune", "--config", str(tuned_toml), "--experiment")
     assert code == 2 and "already takes its shape" in out
+
+
+def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, capsys, tmp_path):
+    """privacy.tuning chosen on another (here: an experiment's in-memory) ledger: the first
+    generation charges the tuning to its own ledger before any token, later ones find it there;
+    a seeded tuning is refused outside an experiment (its choice is not a private release)."""
+    from pmixed.privacy.tuning import MECHANISM, pay_tuning
+
+    cfg, cfg_path = trained_run
+    import shutil
+
+    toml = tmp_path / "tuned.toml"
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "-q",
+                     "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")  # unseeded: a real release
+    assert code == 0, out
+    tune_json = tmp_path / "tune.json"
+    shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
+    rec = json.loads(tune_json.read_text())
+    assert rec["seeded"] is False and rec["experiment"] is True
+    text = cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1)
+    toml.write_text(text)
+    ledger = tmp_path / "serve.ledger"
+    for first in (True, False):
+        code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--max-new-tokens", "2",
+                         "--ledger", str(ledger), "-q", "--ignore-eos")
+        assert code == 0, out
+        assert ("charged now, before anything is served" in out) is first
+        with Ledger(ledger) as led:
+            hist = led.history()
+            assert hist[0].mechanism == MECHANISM  # paid before the first token
+            assert [h.mechanism for h in hist].count(MECHANISM) == 1  # and only once
+            assert pay_tuning(led, rec["tuning"]) is True
+    # a seeded tuning: refused for a durable ledger, before anything is charged
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "3", "-q",
+                     "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")
+    assert code == 0, out
+    shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
+    other = tmp_path / "other.ledger"
+    code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--ledger", str(other), "-q")
+    assert code == 2 and "--seed" in out and "not a private release" in out
+    with Ledger(other) as led:
+        assert led.history() == []

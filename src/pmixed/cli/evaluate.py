@@ -308,6 +308,11 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
     if ignore_eos:
         kw["stop_at_eos"] = False
     with led:
+        from pmixed.cli.tune import pay_config_tuning
+
+        paid_now = pay_config_tuning(cfg, led, experiment=experiment)  # privacy.tuning: paid before any token
+        if paid_now:
+            typer.echo(paid_now, err=True)
         if runtime is None:
             _, runtime = load_runtime(cfg, progress=progress)
         mech = adaptive if adaptive is not None else PMixED.from_config(p, runtime.n_members)

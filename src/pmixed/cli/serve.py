@@ -157,6 +157,11 @@ def serve_cmd(
     except LedgerError as err:
         raise LedgerError(f"{err}; {ledger_hint(_shown(where))}") from err
     try:
+        from pmixed.cli.tune import pay_config_tuning
+
+        paid_now = pay_config_tuning(cfg, led)  # privacy.tuning: the serving ledger pays it before any token
+        if paid_now:
+            typer.echo(paid_now, err=True)
         _, runtime = load_runtime(cfg, progress=False)
         mech = adaptive if adaptive is not None else PMixED.from_config(cfg.privacy, runtime.n_members)
         decoder = Decoder(runtime, mech, led, mode=mode, max_active=max_active, max_queue=max_queue,

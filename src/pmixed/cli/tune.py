@@ -107,7 +107,7 @@ def tune_cmd(
     curve = charge
     record = {**res.record(), "config": cfg.source_path,
               "spent": {"orders": list(curve.orders), "rdp": [r if r != float("inf") else "inf" for r in curve.rdp]},
-              "ledger": None if path is None else _shown(path), "experiment": experiment,
+              "ledger": None if path is None else _shown(path), "experiment": experiment, "seeded": seed is not None,
               "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
                                                             "scale": scale_of(after.params),
                                                             "radii": list(after.params.radii)},
@@ -129,3 +129,23 @@ def tune_cmd(
                   "alpha unset)", markup=False)
     con.print(f"wrote: {out / 'tune.json'}", markup=False)
 
+
+
+def pay_config_tuning(cfg, ledger, *, experiment: bool = False) -> str | None:
+    """Before ``privacy.tuning``'s shape serves anything from ``ledger``: refuse a seeded tuning
+    outside an experiment (its choice is not a private release), and charge the tuning to the
+    ledger unless it already carries it (``pay_tuning``). Returns a line to show when it was
+    charged now, else None."""
+    from pmixed.errors import ConfigError
+    from pmixed.privacy.tuning import pay_tuning
+
+    if cfg.privacy.tuning is None:
+        return None
+    rec = cfg.privacy.tuning_record()
+    if rec.get("seeded") and not experiment:
+        raise ConfigError("privacy.tuning", f"{cfg.privacy.tuning} was chosen with --seed, so it is not a private "
+                                            "release; run `pmixed tune` again without --seed")
+    if pay_tuning(ledger, rec["tuning"]):
+        return None
+    return (f"the accounted tuning {cfg.privacy.tuning} was not in this ledger: charged now, before anything is "
+            f"served (epsilon spent {ledger.epsilon_spent():.4f})")

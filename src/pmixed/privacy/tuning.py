@@ -201,3 +201,20 @@ def tune_from_record(record: dict[str, Any]) -> TuneParams:
     return TuneParams(tuple(params_from_record(c) for c in record["candidates"]), int(record["units"]),
                       int(record["per_unit"]), float(record["score_epsilon"]), float(record["eta"]),
                       float(record["gamma"]))
+
+
+def pay_tuning(budget: Any, record: dict[str, Any], label: str = "tune (charged on first use)") -> bool:
+    """Make sure ``budget`` (a Ledger or RdpAccountant) carries the accounted tuning whose
+    parameters are ``record`` (a tune.json's "tuning"): True if a "tune/pmixed" charge with the
+    same parameters is already recorded (``pmixed tune`` charged this ledger), otherwise it is
+    charged now, before anything is served (BudgetExhausted: refused, nothing recorded), and
+    False is returned. A tuning chosen with another ledger, or an experiment's in-memory one, is
+    thus paid by the ledger that serves its shape."""
+    from pmixed.privacy.accountant import dump_params
+
+    params = tune_from_record(record)
+    want = dump_params(params.record())
+    if any(h.mechanism == MECHANISM and dump_params(h.params) == want for h in budget.history()):
+        return True
+    budget.charge(tuning_charge(params, budget.orders, label=label))
+    return False
