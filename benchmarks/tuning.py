@@ -47,7 +47,7 @@ def study(config: str, repeats: int, runs: int) -> dict:
     p = cfg.privacy
     N = cfg.data.n_parts
     ens, rt = load_runtime(cfg, progress=False)
-    tune_blocks = unit_blocks(ens, cfg.eval.block_size)
+    tune_blocks = unit_blocks(ens, cfg.eval.block_size, rt.context_length)
     blocks = eval_blocks(ens, cfg)
     base = dict(epsilon=p.epsilon, delta=p.delta, query_budget=p.queries, ensemble_size=N, sample_rate=p.sample_rate)
     setups = [make_setup("rule", runs=runs, lam_max=DEFAULT_LAM_MAX, tail=DEFAULT_TAIL, alpha=None, **base)]

@@ -52,6 +52,7 @@ def test_one_block_per_held_out_unit_and_only_its_last_m_positions(tuned):
     cfg, _, ens, rt, blocks = tuned
     units = {r.unit for r in ens.eval_records()}
     assert len(blocks) == len(units) and all(1 <= b.shape[0] <= cfg.eval.block_size for b in blocks)
+    assert all(b.shape[0] <= 5 for b in unit_blocks(ens, cfg.eval.block_size, context=5))  # never past the context
     stats = tuning_stats(rt, blocks, per_unit=3, max_order=4)
     for st, pos in stats:
         T = st.public_target.shape[0]

@@ -93,3 +93,30 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
     assert "serving 'tiny'" in err and "hi" not in err.replace("http", "").replace("chat", "")
     with Ledger(ledger) as led:
         assert sum(record_count(rec) for rec in led.history()) == r.usage.completion_tokens
+
+
+def test_serve_pays_a_tuning_its_ledger_lacks_before_serving(serve_run, tmp_path, capsys):
+    """privacy.tuning chosen with an experiment's in-memory ledger: `pmixed serve` charges the
+    tuning to its own ledger at start-up, before any token, and says so."""
+    import shutil
+
+    from pmixed.privacy.ledger import Ledger
+    from pmixed.privacy.tuning import MECHANISM
+    from pmixed.serve.keys import KeyStore
+
+    cfg, cfg_path = serve_run
+    code, out, err = run(["tune", "--config", str(cfg_path), "--experiment", "-q", "--positions-per-unit", "2",
+                          "--tails", "10", "--lam-max", "0.5"], capsys)
+    assert code == 0, err
+    tune_json = tmp_path / "tune.json"
+    shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
+    tuned = tmp_path / "tuned.toml"
+    tuned.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1))
+    keys, ledger = tmp_path / "keys.db", tmp_path / "serve.ledger"
+    KeyStore(keys).create("c")
+    proc, _ = start_serve(tuned, keys, ledger)
+    err = stop_serve(proc)
+    assert proc.returncode == 0, err
+    assert "charged now, before anything is served" in err
+    with Ledger(ledger) as led:
+        assert [h.mechanism for h in led.history()] == [MECHANISM]

@@ -90,7 +90,7 @@ def tune_cmd(
     with led:
         announce_long_steps(cfg)
         ens, runtime = load_runtime(cfg, progress=not quiet)
-        blocks = unit_blocks(ens, cfg.eval.block_size)  # U, the number of held-out units, is public
+        blocks = unit_blocks(ens, cfg.eval.block_size, runtime.context_length)  # U, the number of held-out units, is public
         cands, params = plan(cfg, len(blocks), per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
         charge = tuning_charge(params, led.orders)
         if not led.can_afford(charge):  # refused before any forward pass, nothing charged

@@ -117,9 +117,12 @@ def plan(cfg: Any, units: int, per_unit: int, score_epsilon: float, eta: float, 
     return best[1], best[2]
 
 
-def unit_blocks(ens: Any, block_size: int) -> list[torch.Tensor]:
+def unit_blocks(ens: Any, block_size: int, context: int | None = None) -> list[torch.Tensor]:
     """Per held-out unit (sorted by unit name, a public order), the first ``block_size`` tokens of
-    its texts (fewer when the unit holds fewer): [L_u] int64 each."""
+    its texts (fewer when the unit holds fewer, never more than the model's ``context``): [L_u]
+    int64 each."""
+    if context is not None:
+        block_size = min(block_size, context)
     from pmixed.data.blocks import tokenize_blocks
 
     records = ens.eval_records()
