@@ -455,23 +455,28 @@ class PrivacyConfig:
         """What ``privacy.tuning``'s file fixes: lam_max, tail, alpha and ``spent`` (order -> the
         tuning's RDP, composed with the T queries by the calibration). ConfigError when the file is
         missing or not a tune.json."""
-        path = Path(self.tuning)
+        rec = self.tuning_record()
         try:
-            rec = json.loads(path.read_text())
             spent = dict(zip((float(a) for a in rec["spent"]["orders"]),
                              (math.inf if r == "inf" else float(r) for r in rec["spent"]["rdp"]), strict=True))
             return {"lam_max": float(rec["lam_max"]), "tail": float(rec["tail"]), "alpha": int(rec["alpha"]),
                     "spent": spent}
-        except FileNotFoundError:
-            raise ConfigError("privacy.tuning", f"no such file: {path} (run `pmixed tune` first)") from None
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError("privacy.tuning", f"{path} is not a tune.json written by `pmixed tune`: {err!r}") from None
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError("privacy.tuning", f"{self.tuning} is not a tune.json written by `pmixed tune`: {err!r}") from None
 
     def tuning_record(self) -> dict[str, Any]:
         """The whole tune.json ``privacy.tuning`` names ("tuning": the tuner's parameters, which the
         serving ledger must carry; "seeded": chosen with a seed, so not a private release)."""
-        self.tuned()  # the same checks, the same one-line errors
-        return json.loads(Path(self.tuning).read_text())
+        path = Path(self.tuning)
+        try:
+            rec = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError("privacy.tuning", f"no such file: {path} (run `pmixed tune` first)") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError("privacy.tuning", f"{path} is not a tune.json written by `pmixed tune`: {err!r}") from None
+        if not isinstance(rec, dict):
+            raise ConfigError("privacy.tuning", f"{path} is not a tune.json written by `pmixed tune`")
+        return rec
 
     def shape_source(self) -> str:
         """How the radius shape (lam_max, tail, alpha) was chosen, for tables: "accounted tuning"

@@ -104,9 +104,8 @@ def tune_cmd(
         after = serving_calibration(cfg, c, dict(zip(charge.orders, charge.rdp)))
     except ConfigError:
         after = None
-    curve = charge
     record = {**res.record(), "config": cfg.source_path,
-              "spent": {"orders": list(curve.orders), "rdp": [r if r != float("inf") else "inf" for r in curve.rdp]},
+              "spent": {"orders": list(charge.orders), "rdp": [r if r != float("inf") else "inf" for r in charge.rdp]},
               "ledger": None if path is None else _shown(path), "experiment": experiment, "seeded": seed is not None,
               "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
                                                             "scale": scale_of(after.params),
@@ -128,7 +127,6 @@ def tune_cmd(
                   f"to serve it, put in [privacy]: tuning = \"{out / 'tune.json'}\" (and leave lam_max, tail, "
                   "alpha unset)", markup=False)
     con.print(f"wrote: {out / 'tune.json'}", markup=False)
-
 
 
 def pay_config_tuning(cfg, ledger, *, experiment: bool = False) -> str | None:

@@ -84,12 +84,10 @@ def check_trials(eta: float, gamma: float) -> None:
 
 
 def expected_trials(eta: float, gamma: float) -> float:
-    """E[K] for K ~ D_{eta,gamma} (the mean in eq. (H3))."""
+    """E[K] for K ~ D_{eta,gamma} (the mean in eq. (H3)): eta (1 - gamma) / (gamma (1 - gamma^eta)),
+    which is P[K = 1] / gamma^(eta + 1) (at eta = 0 too: (1/gamma - 1) / log(1/gamma))."""
     check_trials(eta, gamma)
-    d = -math.expm1(eta * math.log(gamma))  # 1 - gamma^eta, no cancellation
-    if abs(d) < 1e-200:  # eta = 0 (or so close that the formula underflows): the logarithmic law, its limit
-        return (1.0 / gamma - 1.0) / math.log(1.0 / gamma)
-    return eta * (1.0 - gamma) / (gamma * d)
+    return _first_pmf(eta, gamma) / gamma ** (eta + 1.0)
 
 
 def _first_pmf(eta: float, gamma: float) -> float:
