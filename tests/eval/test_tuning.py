@@ -123,7 +123,7 @@ def test_the_plan_uses_one_order_for_every_candidate(tuned):
 
 def test_cli_tune_experiment_writes_the_choice(trained_run, capsys):
     cfg, cfg_path = trained_run
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "0", "-q",
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "--seed", "0", "-q",
                      "--positions-per-unit", "4", "--gamma", "0.5", "--tails", "1,10", "--lam-max", "0.5")
     assert code == 0, out
     assert "chosen shape: tail =" in out and "epsilon spent now" in out
@@ -134,13 +134,13 @@ def test_cli_tune_experiment_writes_the_choice(trained_run, capsys):
 
 def test_cli_tune_refusals(trained_run, tmp_path, capsys):
     _, cfg_path = trained_run
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--seed", "0")
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--seed", "0")
     assert code == 2 and "--experiment" in out
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--tails", "a,b")
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "--tails", "a,b")
     assert code == 2 and "tails" in out
     for args, field in ((["--gamma", "1.5"], "gamma"), (["--eta", "-2"], "eta"), (["--score-epsilon", "0"], "score_epsilon"),
                         (["--lam-max", "1.5"], "lam_max"), (["--tails", "0.5"], "tail")):
-        code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", *args)
+        code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", *args)
         assert code == 2 and field in out and "Loading" not in out, (args, out)
     # a durable ledger without room: exit 3, nothing charged
     path = tmp_path / "full.ledger"
@@ -149,7 +149,7 @@ def test_cli_tune_refusals(trained_run, tmp_path, capsys):
 
         led.charge(RdpCharge(led.orders, tuple(5.0 for _ in led.orders), label="spent"))
         before = led.epsilon_spent()
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--ledger", str(path), "-q",
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--ledger", str(path), "-q",
                      "--positions-per-unit", "4", "--gamma", "0.5")
     assert code == 3 and "privacy budget exhausted" in out and "tuning" in out, out
     with Ledger(path, epsilon=8.0, delta=1e-5) as led:
@@ -165,7 +165,7 @@ def test_a_tuned_config_calibrates_in_what_the_tuning_left(trained_run, capsys, 
     from pmixed.mechanism.pmixed import PMixED
 
     cfg, cfg_path = trained_run
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "1", "-q",
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "--seed", "1", "-q",
                      "--positions-per-unit", "4", "--gamma", "0.5", "--tails", "10", "--lam-max", "0.5")
     assert code == 0, out
     assert "tuning = " in out
@@ -204,7 +204,7 @@ def test_a_tuned_config_calibrates_in_what_the_tuning_left(trained_run, capsys, 
     # tuning a tuned config again is refused (it would pay again, silently)
     tuned_toml = tmp_path / "tuned.toml"
     tuned_toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{path}\"", 1))
-    code, out = _cli(capsys, "tune", "--config", str(tuned_toml), "--experiment")
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(tuned_toml), "--experiment")
     assert code == 2 and "already takes its shape" in out
 
 
@@ -218,7 +218,7 @@ def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, 
     import shutil
 
     toml = tmp_path / "tuned.toml"
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "-q",
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "-q",
                      "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")  # unseeded: a real release
     assert code == 0, out
     tune_json = tmp_path / "tune.json"
@@ -239,7 +239,7 @@ def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, 
             assert [h.mechanism for h in hist].count(MECHANISM) == 1  # and only once
             assert pay_tuning(led, rec["tuning"]) is True
     # a seeded tuning: refused for a durable ledger, before anything is charged
-    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--seed", "3", "-q",
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "--seed", "3", "-q",
                      "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")
     assert code == 0, out
     shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
@@ -248,3 +248,114 @@ def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, 
     assert code == 2 and "--seed" in out and "not a private release" in out
     with Ledger(other) as led:
         assert led.history() == []
+
+
+# --- the cap-statistic tuner (eq. (H4)) -------------------------------------------------------
+
+def _stacks(rt):
+    from pmixed.models.stacked_lora import StackedLoRALinear
+
+    return [m for m in rt.stacked.modules() if isinstance(m, StackedLoRALinear)]
+
+
+def test_public_positions_come_from_the_public_model_alone(tuned):
+    """The positions depend on no member: the same texts with every adapter changed."""
+    from pmixed.eval.tuning import public_blocks
+
+    cfg, _, ens, rt, _ = tuned
+    a = public_blocks(rt, 3, 12, 0)
+    assert a.shape == (3, 12) and a.dtype == torch.long and (a[:, 0] == 0).all()
+    saved = [m.lora_B.clone() for m in _stacks(rt)]
+    try:
+        for m in _stacks(rt):
+            m.lora_B.normal_(0, 1.0)
+        assert torch.equal(public_blocks(rt, 3, 12, 0), a)
+    finally:
+        for m, b in zip(_stacks(rt), saved):
+            m.lora_B.copy_(b)
+    with pytest.raises(ConfigError, match="public_blocks"):
+        public_blocks(rt, 0, 12, 0)
+
+
+def test_a_member_s_cap_share_reads_its_own_adapter_only(tuned):
+    """The sensitivity 1/N of eq. (H4): changing member j's adapter (a part's change) moves b_j
+    and no other b_i; every b_i lies in [0, 1]."""
+    from pmixed.eval.tuning import bind_plan, cap_shares, public_blocks
+
+    cfg, _, ens, rt, _ = tuned
+    texts = public_blocks(rt, 2, 16, 0)
+    params, _ = bind_plan(cfg, 2 * 15, 0.25)
+    b = cap_shares(rt, texts, params.reference)
+    assert b.shape == (rt.n_members,) and ((b >= 0) & (b <= 1)).all()
+    j = 1
+    saved = [m.lora_B.clone() for m in _stacks(rt)]
+    try:
+        for m in _stacks(rt):
+            m.lora_B[j].mul_(0.0)  # member j becomes the public model: its mixing weight hits the cap
+        b2 = cap_shares(rt, texts, params.reference)
+    finally:
+        for m, s in zip(_stacks(rt), saved):
+            m.lora_B.copy_(s)
+    others = [i for i in range(rt.n_members) if i != j]
+    assert torch.equal(b2[others], b[others])
+    assert b2[j] == 1.0  # a member equal to the public model is at the cap everywhere
+
+
+def test_the_cap_statistic_is_charged_before_any_member_runs_and_refused_whole(tuned, monkeypatch):
+    from pmixed.eval.tuning import bind_plan, public_blocks, tune_bind
+    from pmixed.privacy.accountant import RdpCharge
+    from pmixed.privacy.tuning import BIND_MECHANISM
+
+    cfg, _, ens, rt, _ = tuned
+    texts = public_blocks(rt, 2, 8, 0)
+    params, cands = bind_plan(cfg, 2 * 7, 0.25)
+    assert set(cands) == {0.25, 0.75} and all(c.tail == 10.0 for c in cands.values())
+    calls = []
+    monkeypatch.setattr(tuning_mod, "cap_shares", lambda *a, **k: calls.append(1) or torch.ones(rt.n_members))
+    led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
+    led.charge(RdpCharge(led.orders, tuple(7.8 for _ in led.orders), label="spent"))  # nearly full
+    with pytest.raises(BudgetExhausted):
+        tune_bind(rt, texts, params, cands, led)
+    assert calls == [] and len(led.history()) == 1  # nothing ran, nothing more recorded
+    led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
+    res = tune_bind(rt, texts, params, cands, led, generator=torch.Generator().manual_seed(0))
+    assert calls == [1] and [h.mechanism for h in led.history()] == [BIND_MECHANISM]
+    assert res.chosen.lam_max == params.choose(res.noisy_cap_share)
+    with pytest.raises(ValueError, match="public positions"):
+        tune_bind(rt, texts[:, :5], params, cands, led)
+
+
+def test_cli_tune_bind_writes_a_choice_that_serves_and_is_paid_once(trained_run, capsys, tmp_path):
+    """`pmixed tune` (the cap statistic, the default) -> tune.json -> privacy.tuning: the
+    calibration pays the tuning's curve, and the serving ledger is charged "tune/bind" once."""
+    import dataclasses
+    import shutil
+
+    from pmixed.privacy.tuning import BIND_MECHANISM, laplace_rdp, pay_tuning
+
+    cfg, cfg_path = trained_run
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "-q", "--public-blocks", "2")
+    assert code == 0, out
+    assert "noisy cap share" in out and "eq. (H4)" in out
+    tune_json = tmp_path / "tune.json"
+    shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
+    rec = json.loads(tune_json.read_text())
+    assert rec["method"] == "bind" and rec["tail"] == 10.0 and rec["lam_max"] in (0.25, 0.75)
+    assert rec["spent"]["rdp"][1] == pytest.approx(laplace_rdp(rec["spent"]["orders"][1], 0.5))  # the default eps_s
+    tuned_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, tuning=str(tune_json)))
+    kw = tuned_cfg.privacy.calibration_kwargs(cfg.data.n_parts)
+    assert kw["lam_max"] == rec["lam_max"] and kw["spent"]
+    toml = tmp_path / "tuned.toml"
+    toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1))
+    ledger = tmp_path / "serve.ledger"
+    for first in (True, False):
+        code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--max-new-tokens", "2",
+                         "--ledger", str(ledger), "-q", "--ignore-eos")
+        assert code == 0, out
+        assert ("charged now, before anything is served" in out) is first
+    with Ledger(ledger) as led:
+        hist = led.history()
+        assert hist[0].mechanism == BIND_MECHANISM and [h.mechanism for h in hist].count(BIND_MECHANISM) == 1
+        assert pay_tuning(led, rec["tuning"]) is True
+    code, out = _cli(capsys, "tune", "--config", str(cfg_path), "--experiment", "--method", "grid")
+    assert code == 2 and "method" in out

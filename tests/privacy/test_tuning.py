@@ -161,3 +161,57 @@ def test_calibration_after_spending_never_overshoots(rho):
     except ConfigError:
         return
     assert epsilon_after(cal.params, 512, 1e-5, spent) <= 8.0
+
+
+# --- the cap-statistic tuner, eq. (H4) --------------------------------------------------------
+
+def _bind(eps_s=0.25, n=32):
+    from pmixed.privacy.tuning import BindParams
+
+    ref = calibrate(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=n, sample_rate=0.5).params
+    return BindParams(n, 1016, eps_s, ref)
+
+
+def test_the_cap_statistic_costs_one_laplace_release_of_sensitivity_one_over_n():
+    p = _bind(0.25)
+    assert p.noise_scale == pytest.approx(1 / (32 * 0.25))  # Lap(1 / (N eps_s)): the mean moves by <= 1/N
+    assert p.curve(DEFAULT_ORDERS) == tuple(laplace_rdp(a, 0.25) for a in DEFAULT_ORDERS)
+    # pinned (eq. (H1) at eps 0.25): the whole tuning is cheap next to the trials' 3.9-6.8
+    assert rdp_to_epsilon(DEFAULT_ORDERS, p.curve(DEFAULT_ORDERS), 1e-5)[0] == pytest.approx(0.2668, abs=1e-3)
+    assert (p.choose(0.5), p.choose(0.4999), p.choose(-3.0), p.choose(2.0)) == (0.75, 0.25, 0.25, 0.75)
+
+
+def test_the_cap_statistic_charge_is_recorded_replays_and_is_paid_once(tmp_path):
+    from pmixed.privacy.tuning import (
+        BIND_MECHANISM,
+        bind_charge,
+        bind_from_record,
+        charge_from_record,
+        pay_tuning,
+    )
+
+    p = _bind()
+    c = bind_charge(p)
+    assert c.mechanism == BIND_MECHANISM and c.count == 1 and c.params["method"] == "bind"
+    assert bind_from_record(c.params) == p
+    assert charge_from_record(c.params).rdp == c.rdp  # either tuner replays from its record
+    trials = TuneParams(_cands(), units=4, per_unit=8, score_epsilon=1.0, eta=1.0, gamma=0.5)
+    assert charge_from_record(trials.record()).mechanism == MECHANISM
+    with Ledger(tmp_path / "t.ledger", epsilon=8.0, delta=1e-5) as led:
+        assert pay_tuning(led, p.record()) is False  # charged now
+        assert pay_tuning(led, p.record()) is True  # found, not charged again
+        assert [h.mechanism for h in led.history()] == [BIND_MECHANISM]
+        assert pay_tuning(led, _bind(0.5).record()) is False  # another tuning is another charge
+        assert len(led.history()) == 2
+
+
+def test_bad_cap_statistic_parameters_name_their_field():
+    from pmixed.privacy.tuning import BindParams
+
+    ref = _bind().reference
+    for kw, field in (({"score_epsilon": 0.0}, "score_epsilon"), ({"positions": 0}, "public_positions"),
+                      ({"ensemble_size": 16}, "same ensemble"), ({"threshold": 1.0}, "threshold"),
+                      ({"low": 0.0}, "low"), ({"high": 1.5}, "high")):
+        args = {"ensemble_size": 32, "positions": 10, "score_epsilon": 0.25, "reference": ref, **kw}
+        with pytest.raises(ConfigError, match=field):
+            BindParams(**args)

@@ -101,12 +101,11 @@ def test_serve_pays_a_tuning_its_ledger_lacks_before_serving(serve_run, tmp_path
     import shutil
 
     from pmixed.privacy.ledger import Ledger
-    from pmixed.privacy.tuning import MECHANISM
+    from pmixed.privacy.tuning import BIND_MECHANISM
     from pmixed.serve.keys import KeyStore
 
     cfg, cfg_path = serve_run
-    code, out, err = run(["tune", "--config", str(cfg_path), "--experiment", "-q", "--positions-per-unit", "2",
-                          "--tails", "10", "--lam-max", "0.5"], capsys)
+    code, out, err = run(["tune", "--config", str(cfg_path), "--experiment", "-q", "--public-blocks", "2"], capsys)
     assert code == 0, err
     tune_json = tmp_path / "tune.json"
     shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
@@ -119,4 +118,4 @@ def test_serve_pays_a_tuning_its_ledger_lacks_before_serving(serve_run, tmp_path
     assert proc.returncode == 0, err
     assert "charged now, before anything is served" in err
     with Ledger(ledger) as led:
-        assert [h.mechanism for h in led.history()] == [MECHANISM]
+        assert [h.mechanism for h in led.history()] == [BIND_MECHANISM]  # the default tuner's charge

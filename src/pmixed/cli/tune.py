@@ -39,29 +39,53 @@ def tune_cmd(
     experiment: bool = typer.Option(
         False, "--experiment", help="Charge a fresh in-memory ledger instead (nothing durable); required by --seed."),
     seed: int | None = typer.Option(None, "--seed", help="Seed every draw: only with --experiment (not a private release)."),
+    method: str = typer.Option(
+        "bind", "--method", help="bind: lam_max from one noisy statistic of the members on public positions, eq. (H4) "
+                                 "(cheap); trials: the best of random trials on the held-out units, eqs. (H1)-(H3)."),
+    public_blocks: int = typer.Option(8, "--public-blocks", min=1,
+                                      help="bind: texts sampled from the public model whose positions are scored."),
     per_unit: int = typer.Option(16, "--positions-per-unit", min=1,
-                                 help="Scored positions queried per held-out unit (m: the hit count's sensitivity)."),
-    score_epsilon: float = typer.Option(1.0, "--score-epsilon", help="Pure epsilon of each trial's noisy hit count."),
-    gamma: float = typer.Option(0.5, "--gamma", help="Trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
-    eta: float = typer.Option(1.0, "--eta", help="Trial-count law D_{eta,gamma} (1: geometric)."),
-    tails: str = typer.Option("1,3,10,30", "--tails", help="Candidate tails s (comma-separated)."),
-    lam_max: str = typer.Option("0.25,0.5,0.75,0.9", "--lam-max", help="Candidate lam_max (comma-separated)."),
+                                 help="trials: scored positions queried per held-out unit (m: the hit count's sensitivity)."),
+    score_epsilon: float | None = typer.Option(
+        None, "--score-epsilon", help="Pure epsilon of the noisy statistic (bind, default 0.5) or of each trial's "
+                                      "noisy hit count (trials, default 1)."),
+    gamma: float = typer.Option(0.5, "--gamma", help="trials: trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
+    eta: float = typer.Option(1.0, "--eta", help="trials: trial-count law D_{eta,gamma} (1: geometric)."),
+    tails: str = typer.Option("1,3,10,30", "--tails", help="trials: candidate tails s (comma-separated)."),
+    lam_max: str = typer.Option("0.25,0.5,0.75,0.9", "--lam-max", help="trials: candidate lam_max (comma-separated)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Choose lam_max and tail on the held-out units with a private selection (Papernot & Steinke),
-    its whole cost charged to the ledger before the first trial; prints the chosen shape, what the
-    tuning spent and the serving calibration in what is left."""
+    """Choose the PMixED shape with a private selection whose whole cost is charged to the ledger
+    before any member runs: by default lam_max from the members' noisy cap share on public
+    positions (eq. (H4)); with --method trials, lam_max and tail on the held-out units (Papernot &
+    Steinke). Prints the chosen shape, what the tuning spent and the serving calibration in what is
+    left."""
     import torch
 
     from pmixed.cli.privacy import ledger_hint
     from pmixed.cli.serve import _shown
     from pmixed.errors import BudgetExhausted, ConfigError, LedgerError
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
-    from pmixed.eval.tuning import candidates, plan, serving_calibration, tune, unit_blocks
+    from pmixed.eval.tuning import (
+        bind_plan,
+        candidates,
+        plan,
+        serving_calibration,
+        tune,
+        tune_bind,
+        unit_blocks,
+    )
+    from pmixed.eval.tuning import public_blocks as public_blocks_of
     from pmixed.privacy.calibration import scale_of
     from pmixed.privacy.ledger import MEMORY, Ledger
-    from pmixed.privacy.tuning import check_trials, expected_trials, laplace_rdp, tuning_charge
+    from pmixed.privacy.tuning import (
+        bind_charge,
+        check_trials,
+        expected_trials,
+        laplace_rdp,
+        tuning_charge,
+    )
 
     if quiet:
         silence_third_party()
@@ -73,10 +97,17 @@ def tune_cmd(
                                             "to tune again (and pay again)")
     if p.mechanism != "pmixed":
         raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
-    tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
-    check_trials(eta, gamma)  # every argument checked before the model loads
-    laplace_rdp(2.0, score_epsilon)
-    candidates(cfg, tail_vals, lam_vals)
+    if method not in ("bind", "trials"):
+        raise ConfigError("method", f"must be \"bind\" or \"trials\", got {method!r}")
+    if score_epsilon is None:
+        score_epsilon = 0.5 if method == "bind" else 1.0
+    laplace_rdp(2.0, score_epsilon)  # every argument checked before the model loads
+    if method == "bind":
+        bind_plan(cfg, public_blocks * (cfg.eval.block_size - 1), score_epsilon)  # infeasible: refused here
+    else:
+        tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
+        check_trials(eta, gamma)
+        candidates(cfg, tail_vals, lam_vals)
     check_ensemble_matches(cfg)
     out = Path(cfg.output_dir) / "tune"
     out.mkdir(parents=True, exist_ok=True)  # where the result goes exists before anything is paid
@@ -90,21 +121,37 @@ def tune_cmd(
     with led:
         announce_long_steps(cfg)
         ens, runtime = load_runtime(cfg, progress=not quiet)
-        blocks = unit_blocks(ens, cfg.eval.block_size, runtime.context_length)  # U, the number of held-out units, is public
-        cands, params = plan(cfg, len(blocks), per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
-        charge = tuning_charge(params, led.orders)
+        if method == "bind":
+            L = min(cfg.eval.block_size, runtime.context_length or cfg.eval.block_size)
+            params, cands = bind_plan(cfg, public_blocks * (L - 1), score_epsilon)
+            charge = bind_charge(params, led.orders)
+        else:
+            blocks = unit_blocks(ens, cfg.eval.block_size, runtime.context_length)  # U, the number of held-out units, is public
+            cands, params = plan(cfg, len(blocks), per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
+            charge = tuning_charge(params, led.orders)
         if not led.can_afford(charge):  # refused before any forward pass, nothing charged
             raise BudgetExhausted(led.epsilon_spent(), led.epsilon_if(charge), p.epsilon,
                                   f"the tuning's charge does not fit; {ledger_hint(_shown(path))}")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=cfg.eval.chunk_for(runtime.device.type))
+        chunk = cfg.eval.chunk_for(runtime.device.type)
+        if method == "bind":
+            start = ens.tokenizer.bos_token_id if ens.tokenizer.bos_token_id is not None else ens.tokenizer.eos_token_id
+            texts = public_blocks_of(runtime, public_blocks, L, start or 0)  # public: the public model alone
+            res = tune_bind(runtime, texts, params, cands, led, generator=gen, chunk=chunk)
+        else:
+            res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=chunk)
     c = res.chosen
-    untuned = c.calibration
+    untuned = c.calibration  # trials: the candidate at the common order, before the tuning's charge
+    if method == "bind":  # bind's candidates are calibrated after the charge: the same order without it
+        from pmixed.privacy.calibration import calibrate
+
+        untuned = calibrate(**cfg.privacy.calibration_kwargs(cfg.data.n_parts, lam_max=c.lam_max, tail=c.tail,
+                                                             alpha=c.calibration.params.max_order))
     try:  # what privacy.tuning will serve: the T queries on top of the tuning's curve
         after = serving_calibration(cfg, c, dict(zip(charge.orders, charge.rdp)))
     except ConfigError:
         after = None
-    record = {**res.record(), "config": cfg.source_path,
+    record = {**res.record(), "method": method, "config": cfg.source_path,
               "spent": {"orders": list(charge.orders), "rdp": [r if r != float("inf") else "inf" for r in charge.rdp]},
               "ledger": None if path is None else _shown(path), "experiment": experiment, "seeded": seed is not None,
               "serving_after": None if after is None else {"queries": p.queries, "alpha": after.alpha,
@@ -114,11 +161,18 @@ def tune_cmd(
     (out / "tune.json").write_text(json.dumps(record, indent=2, default=float))
     con = _console()
     where = "in-memory experiment ledger" if path is None else f"ledger {_shown(path)}"
-    con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy hit rate "
-              f"{res.noisy_hit_rate:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
-    con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
-              f"(delta {p.delta:g}); {len(cands)} candidates, E[trials] = {expected_trials(eta, gamma):.1f} "
-              "(the number run is not shown: it is part of what eq. (H3) hides)", markup=False)
+    if method == "bind":
+        con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy cap share "
+                  f"{res.noisy_cap_share:.3f} over {params.positions} public positions; threshold "
+                  f"{params.threshold:g})", markup=False)
+        con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
+                  f"(delta {p.delta:g}); one Laplace release of pure epsilon {score_epsilon:g}, eq. (H4)", markup=False)
+    else:
+        con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy hit rate "
+                  f"{res.noisy_hit_rate:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
+        con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
+                  f"(delta {p.delta:g}); {len(cands)} candidates, E[trials] = {expected_trials(eta, gamma):.1f} "
+                  "(the number run is not shown: it is part of what eq. (H3) hides)", markup=False)
     if after is None:
         con.print(f"what is left cannot pay for {p.queries} queries with this shape: lower privacy.queries", markup=False)
     else:

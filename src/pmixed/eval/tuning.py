@@ -25,7 +25,7 @@ from pmixed.errors import ConfigError, DataError
 from pmixed.mechanism.screen import laplace
 from pmixed.mechanism.subsample import poisson_mask, uniforms
 from pmixed.mechanism.teacher_forcing import released_target_probs
-from pmixed.privacy.accountant import DEFAULT_ORDERS
+from pmixed.privacy.accountant import DEFAULT_ORDERS, check_orders
 from pmixed.privacy.calibration import calibrate
 from pmixed.privacy.tuning import TuneParams, expected_trials, sample_trials, tuning_charge
 
@@ -200,3 +200,106 @@ def serving_calibration(cfg: Any, chosen: Candidate, spent: dict[float, float]) 
     kw = cfg.privacy.calibration_kwargs(cfg.data.n_parts, lam_max=chosen.lam_max, tail=chosen.tail,
                                         alpha=chosen.calibration.params.max_order)
     return calibrate(**kw, spent=spent)
+
+
+# ---------------------------------------------------------------------------------------------
+# the cap-statistic tuner (eq. (H4)): one number of sensitivity 1/N, on public positions
+
+#: The seed of the public positions: text sampled from the public model alone, so the positions
+#: depend on no private data whatever the seed (a constant keeps them reproducible).
+PUBLIC_SEED = 0
+
+
+@dataclass(frozen=True)
+class BindResult:
+    """What the cap-statistic tuner releases: the chosen candidate and the noisy mean cap share
+    (the Laplace release of eq. (H4); the choice is a function of it)."""
+
+    chosen: Candidate
+    noisy_cap_share: float
+    params: Any  # privacy.tuning.BindParams
+    epsilon_spent: float
+
+    def record(self) -> dict[str, Any]:
+        return {"lam_max": self.chosen.lam_max, "tail": self.chosen.tail, "label": self.chosen.label,
+                "alpha": self.chosen.calibration.params.max_order, "noisy_cap_share": self.noisy_cap_share,
+                "tuning": self.params.record(), "epsilon_spent": self.epsilon_spent}
+
+
+@torch.no_grad()
+def public_blocks(runtime: Any, n_blocks: int, block_size: int, start_token: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
+    """``n_blocks`` texts of ``block_size`` tokens [n, L] int64 (CPU) sampled from the public model
+    alone (the runtime's public row, temperature 1) from ``start_token``: public positions."""
+    from pmixed.models.runtime import PUBLIC
+
+    if n_blocks < 1 or block_size < 2:
+        raise ConfigError("public_blocks", f"need at least one block of two tokens, got {n_blocks} x {block_size}")
+    g = torch.Generator().manual_seed(seed)
+    x = torch.full((n_blocks, 1), int(start_token), dtype=torch.long)
+    for _ in range(block_size - 1):  # the prefix is recomputed: a few hundred short forwards, once
+        p = runtime.probs(x, [PUBLIC] * n_blocks)[:, -1].double().cpu()  # [n, V]
+        x = torch.cat([x, torch.multinomial(p, 1, generator=g)], dim=1)
+    return x
+
+
+def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any, chunk: int = 1) -> torch.Tensor:
+    """b_i of eq. (H4) for every member: the share of the public positions of ``blocks`` [n, L] at
+    which member i's mixing weight (P1) under ``reference`` (MechanismParams) reaches its cap
+    lam_max. [N] float64 in [0, 1]; member i's value reads member i's adapter only."""
+    from pmixed.eval.block_stats import block_stats
+    from pmixed.mechanism.projection import lambdas_from_moments
+
+    K = reference.max_order
+    hits = torch.zeros(runtime.n_members, dtype=torch.float64)
+    count = 0
+    for block in blocks:
+        mom = block_stats(runtime, block, max_order=K, chunk=chunk).stats.moments  # [T, N, K-1]
+        lam = lambdas_from_moments(mom, reference)  # [T, N]; an invalid row has lam 0 (never at the cap)
+        hits += (lam >= reference.lam_max * (1.0 - 1e-6)).double().sum(dim=0)
+        count += lam.shape[0]
+    return hits / count
+
+
+def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[float] = DEFAULT_ORDERS):
+    """The cap-statistic tuner's parameters and its two candidates, all calibrated for the
+    config's target on top of the tuning's own curve (H4): the reference is the default rule's
+    shape, the candidates its tail with lam_max ``low`` or ``high``. A function of the config
+    alone. ConfigError when what is left cannot pay for the config's T queries."""
+    from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
+    from pmixed.privacy.tuning import BindParams, laplace_rdp
+
+    orders = check_orders(orders)
+    spent = {a: laplace_rdp(a, score_epsilon) for a in orders}
+    N = cfg.data.n_parts
+
+    def cal(lam_max: float):
+        kw = cfg.privacy.calibration_kwargs(N, lam_max=lam_max, tail=DEFAULT_TAIL)
+        try:
+            return calibrate(**kw, spent=spent)
+        except ConfigError as err:
+            raise ConfigError("tune", f"at epsilon {cfg.privacy.epsilon:g} the cap statistic (eps_s {score_epsilon:g}) "
+                                      f"leaves too little for {cfg.privacy.queries} queries with lam_max {lam_max:g}: "
+                                      f"{err}") from None
+
+    ref = cal(DEFAULT_LAM_MAX)
+    params = BindParams(N, positions, float(score_epsilon), ref.params)
+    cands = {lm: Candidate(f"tail={DEFAULT_TAIL:g} lam_max={lm:g}", lm, DEFAULT_TAIL, cal(lm))
+             for lm in (params.low, params.high)}
+    return params, cands
+
+
+def tune_bind(runtime: Any, blocks: torch.Tensor, params: Any, cands: dict[float, Candidate], ledger: Any, *,
+              generator: torch.Generator | None = None, chunk: int = 1,
+              shares: torch.Tensor | None = None) -> BindResult:
+    """The cap-statistic tuner (``bind_plan`` gives ``params`` and ``cands``): charge (H4) to
+    ``ledger`` first (BudgetExhausted: nothing runs), then the members' mean cap share on the
+    public ``blocks`` plus Lap(1 / (N eps_s)) picks lam_max. ``generator`` only for experiments."""
+    from pmixed.privacy.tuning import bind_charge
+
+    if blocks.shape[0] * (blocks.shape[1] - 1) != params.positions:
+        raise ValueError("params were planned for another number of public positions")
+    ledger.charge(bind_charge(params, ledger.orders))  # charged before any member runs
+    if shares is None:
+        shares = cap_shares(runtime, blocks, params.reference, chunk)
+    noisy = float(shares.mean()) + laplace(params.noise_scale, generator)
+    return BindResult(cands[params.choose(noisy)], noisy, params, ledger.epsilon_spent())

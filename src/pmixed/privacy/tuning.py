@@ -30,6 +30,12 @@ and for every order b >= 1,
 (the best b over the grid is taken), with E[K] = eta (1 - gamma) / (gamma (1 - gamma^eta)), or
 (1/gamma - 1) / log(1/gamma) at eta = 0. The charge is recorded as mechanism "tune/pmixed" with
 every parameter it was computed from, and is charged before any trial runs.
+
+The cheaper cap-statistic tuner (``BindParams``, mechanism "tune/bind") releases one number of
+sensitivity 1/N computed on public positions, the members' mean share of positions at which the
+reference shape's cap binds, with Laplace noise, and sets lam_max from it:
+
+    eps_tune(a) = eps_Lap(a; eps_s)                                                          (H4)
 """
 
 from __future__ import annotations
@@ -201,18 +207,93 @@ def tune_from_record(record: dict[str, Any]) -> TuneParams:
                       float(record["gamma"]))
 
 
+#: The ``mechanism`` name of a cap-statistic tuning charge (eq. (H4)).
+BIND_MECHANISM = "tune/bind"
+
+
+@dataclass(frozen=True)
+class BindParams:
+    """The cap-statistic tuner (docs/privacy.md section 12, eq. (H4)): each member i's share b_i in
+    [0, 1] of ``positions`` public positions (sampled from the public model alone) at which its
+    mixing weight under the reference shape reaches the cap lam_max (P1); their mean over the N
+    members plus Lap(1 / (N eps_s)) is released, and lam_max = ``high`` if it is at least
+    ``threshold``, else ``low`` (the tail stays the reference's). Replacing one part changes one
+    member, hence one b_i, hence the mean by at most 1/N: the release is eps_s-DP, whose RDP is
+    eq. (H1); the choice is post-processing."""
+
+    ensemble_size: int
+    positions: int
+    score_epsilon: float
+    reference: MechanismParams
+    threshold: float = 0.5
+    low: float = 0.25
+    high: float = 0.75
+
+    def __post_init__(self) -> None:
+        for field, v in (("ensemble_size", self.ensemble_size), ("public_positions", self.positions)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(field, f"must be an integer >= 1, got {v!r}")
+        _positive("score_epsilon", self.score_epsilon)
+        if self.reference.ensemble_size != self.ensemble_size:
+            raise ConfigError("reference", "the reference shape must be for the same ensemble (one N)")
+        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
+            raise ConfigError("threshold", f"must lie in (0, 1), got {self.threshold!r}")
+        for field, v in (("low", self.low), ("high", self.high)):
+            if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
+                raise ConfigError(field, f"must lie in (0, 1], got {v!r}")
+
+    @property
+    def noise_scale(self) -> float:
+        """The Laplace scale: sensitivity 1/N over eps_s."""
+        return 1.0 / (self.ensemble_size * self.score_epsilon)
+
+    def choose(self, noisy_share: float) -> float:
+        """lam_max from the released noisy mean share (post-processing)."""
+        return self.high if noisy_share >= self.threshold else self.low
+
+    def curve(self, orders: Sequence[float] = DEFAULT_ORDERS) -> tuple[float, ...]:
+        """eps_tune(a) = eps_Lap(a; eps_s) at ``orders`` (eq. (H4))."""
+        return tuple(laplace_rdp(a, self.score_epsilon) for a in check_orders(orders))
+
+    def record(self) -> dict[str, Any]:
+        return {"method": "bind", "ensemble_size": self.ensemble_size, "positions": self.positions,
+                "score_epsilon": self.score_epsilon, "reference": params_record(self.reference),
+                "threshold": self.threshold, "low": self.low, "high": self.high}
+
+
+def bind_charge(params: BindParams, orders: Sequence[float] = DEFAULT_ORDERS, label: str = "tune") -> RdpCharge:
+    """The cap-statistic tuning as one charge (count 1): eq. (H4), recorded as "tune/bind"."""
+    orders = check_orders(orders)
+    return RdpCharge(orders, params.curve(orders), 1, label, mechanism=BIND_MECHANISM, params=params.record())
+
+
+def bind_from_record(record: dict[str, Any]) -> BindParams:
+    """The parameters a recorded "tune/bind" charge was computed from."""
+    return BindParams(int(record["ensemble_size"]), int(record["positions"]), float(record["score_epsilon"]),
+                      params_from_record(record["reference"]), float(record["threshold"]), float(record["low"]),
+                      float(record["high"]))
+
+
+def charge_from_record(record: dict[str, Any], orders: Sequence[float] = DEFAULT_ORDERS,
+                       label: str = "tune") -> RdpCharge:
+    """The charge of either tuner from its recorded parameters (a tune.json's "tuning")."""
+    if record.get("method") == "bind":
+        return bind_charge(bind_from_record(record), orders, label)
+    return tuning_charge(tune_from_record(record), orders, label)
+
+
 def pay_tuning(budget: Any, record: dict[str, Any], label: str = "tune (charged on first use)") -> bool:
     """Make sure ``budget`` (a Ledger or RdpAccountant) carries the accounted tuning whose
-    parameters are ``record`` (a tune.json's "tuning"): True if a "tune/pmixed" charge with the
+    parameters are ``record`` (a tune.json's "tuning"): True if a charge of that tuner with the
     same parameters is already recorded (``pmixed tune`` charged this ledger), otherwise it is
     charged now, before anything is served (BudgetExhausted: refused, nothing recorded), and
     False is returned. A tuning chosen with another ledger, or an experiment's in-memory one, is
     thus paid by the ledger that serves its shape."""
     from pmixed.privacy.accountant import dump_params
 
-    params = tune_from_record(record)
-    want = dump_params(params.record())
-    if any(h.mechanism == MECHANISM and dump_params(h.params) == want for h in budget.history()):
+    charge = charge_from_record(record, budget.orders, label=label)
+    want = dump_params(charge.params)
+    if any(h.mechanism == charge.mechanism and dump_params(h.params) == want for h in budget.history()):
         return True
-    budget.charge(tuning_charge(params, budget.orders, label=label))
+    budget.charge(charge)
     return False
