@@ -2,14 +2,14 @@
 after paying for the tuning.
 
     python benchmarks/cap_tuning.py --config configs/quick.toml --config configs/quick-president.toml \
-        --config configs/quick-mail.toml [--repeats 200] [--runs 4] [--out docs/examples/cap-tuning]
+        --config configs/quick-mail.toml --config configs/smollm2-sotu-speech-cpu.toml [--repeats 200] [--runs 4] [--out docs/examples/cap-tuning]
 
 For every trained config (epsilon 8, delta 1e-5, T = 1024 from the config) and every eps_s of
-``--score-epsilon``: the tuner's plan (the rule's shape as reference, lam_max 0.25 or 0.75 as the two
-candidates, all calibrated after the tuning's curve (H4)), the members' cap shares on the public
-positions (texts sampled from the public model), then ``--repeats`` tunings in experiment mode
+``--score-epsilon``: the tuner's plan (the rule's shape as reference, three candidates: lam_max
+0.25, the rule's 0.5 and 0.75, all calibrated after the tuning's curve (H4)), the members' cap
+shares on the public positions (texts sampled from the public model), then ``--repeats`` tunings in experiment mode
 (each a fresh Laplace draw on the same shares: the tuner's only randomness once the positions are
-fixed). Both candidates are served in what the tuning left and scored on the config's evaluation
+fixed). Every candidate is served in what the tuning left and scored on the config's evaluation
 blocks with ``--runs`` runs, beside the default rule (no tuning, no charge) and the best shape of
 the default-rule study's grid (unaccounted, from docs/examples/default-rule/loco.json when it is
 there). Reported: the tuned share after paying (mean over the repeats), how often each candidate
@@ -104,15 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     eps = args.score_epsilon or [0.25, 0.5]
     studies = [study(c, eps, args.repeats, args.runs, args.public_blocks) for c in args.config]
-    lines = ["| corpus (unit) | N | eps_s | tuning's epsilon alone | picked lam_max 0.25 / 0.75 | lam_max 0.25 after paying "
-             "| lam_max 0.75 after paying | **tuned, after paying** | default rule (no tuning) | best shape, unaccounted | "
-             "DP-SGD per unit | mean cap share (non-private diagnostic) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| corpus (unit) | N | eps_s | tuning's epsilon alone | picked lam_max 0.25 / 0.5 / 0.75 | after paying: "
+             "0.25 / 0.5 / 0.75 | **tuned, after paying** | default rule (no tuning) | best shape, unaccounted | "
+             "DP-SGD per unit | mean cap share (non-private diagnostic) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in studies:
         b = s["best_unaccounted"]
         for e in s["per_score_epsilon"]:
             lines.append(f"| {s['corpus']} | {s['N']} | {e['score_epsilon']:g} | {e['tuning_epsilon']:.2f} | "
-                         f"{e['picks']['0.25']} / {e['picks']['0.75']} | {_pct(e['paid']['0.25'])} | "
-                         f"{_pct(e['paid']['0.75'])} | **{_pct(e['tuned_share'])}** | {_pct(s['rule'])} | "
+                         f"{' / '.join(str(e['picks'][k]) for k in ('0.25', '0.5', '0.75'))} | "
+                         f"{' / '.join(_pct(e['paid'][k]) for k in ('0.25', '0.5', '0.75'))} | "
+                         f"**{_pct(e['tuned_share'])}** | {_pct(s['rule'])} | "
                          f"{'' if b is None else _pct(b['share']) + ' (' + b['shape'] + ')'} | {_pct(s['dpsgd_unit'])} | "
                          f"{e['cap_share_nonprivate']:.3f} |")
     text = "\n".join(lines)

@@ -309,7 +309,8 @@ def test_the_cap_statistic_is_charged_before_any_member_runs_and_refused_whole(t
     cfg, _, ens, rt, _ = tuned
     texts = public_blocks(rt, 2, 8, 0)
     params, cands = bind_plan(cfg, 2 * 7, 0.25)
-    assert set(cands) == {0.25, 0.75} and all(c.tail == 10.0 for c in cands.values())
+    assert set(cands) == {0.25, 0.5, 0.75} and all(c.tail == 10.0 for c in cands.values())
+    assert cands[0.5].calibration.params == params.reference  # the middle candidate is the reference itself
     calls = []
     monkeypatch.setattr(tuning_mod, "cap_shares", lambda *a, **k: calls.append(1) or torch.ones(rt.n_members))
     led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
@@ -340,7 +341,7 @@ def test_cli_tune_bind_writes_a_choice_that_serves_and_is_paid_once(trained_run,
     tune_json = tmp_path / "tune.json"
     shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
     rec = json.loads(tune_json.read_text())
-    assert rec["method"] == "bind" and rec["tail"] == 10.0 and rec["lam_max"] in (0.25, 0.75)
+    assert rec["method"] == "bind" and rec["tail"] == 10.0 and rec["lam_max"] in (0.25, 0.5, 0.75)
     assert rec["spent"]["rdp"][1] == pytest.approx(laplace_rdp(rec["spent"]["orders"][1], 0.5))  # the default eps_s
     tuned_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, tuning=str(tune_json)))
     kw = tuned_cfg.privacy.calibration_kwargs(cfg.data.n_parts)

@@ -163,8 +163,9 @@ def tune_cmd(
     where = "in-memory experiment ledger" if path is None else f"ledger {_shown(path)}"
     if method == "bind":
         con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy cap share "
-                  f"{res.noisy_cap_share:.3f} over {params.positions} public positions; threshold "
-                  f"{params.threshold:g})", markup=False)
+                  f"{res.noisy_cap_share:.3f} over {params.positions} public positions: lam_max "
+                  f"{params.low:g} below {params.lower:.3g}, {params.high:g} from {params.upper:g}, else "
+                  f"{params.reference.lam_max:g})", markup=False)
         con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
                   f"(delta {p.delta:g}); one Laplace release of pure epsilon {score_epsilon:g}, eq. (H4)", markup=False)
     else:

@@ -263,7 +263,7 @@ def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any, chunk: int = 
 def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[float] = DEFAULT_ORDERS):
     """The cap-statistic tuner's parameters and its two candidates, all calibrated for the
     config's target on top of the tuning's own curve (H4): the reference is the default rule's
-    shape, the candidates its tail with lam_max ``low`` or ``high``. A function of the config
+    shape, the candidates its tail with lam_max low, the reference's or high. A function of the config
     alone. ConfigError when what is left cannot pay for the config's T queries."""
     from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
     from pmixed.privacy.tuning import BindParams, laplace_rdp
@@ -283,8 +283,8 @@ def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[f
 
     ref = cal(DEFAULT_LAM_MAX)
     params = BindParams(N, positions, float(score_epsilon), ref.params)
-    cands = {lm: Candidate(f"tail={DEFAULT_TAIL:g} lam_max={lm:g}", lm, DEFAULT_TAIL, cal(lm))
-             for lm in (params.low, params.high)}
+    cands = {lm: (ref if lm == DEFAULT_LAM_MAX else cal(lm)) for lm in params.caps}
+    cands = {lm: Candidate(f"tail={DEFAULT_TAIL:g} lam_max={lm:g}", lm, DEFAULT_TAIL, c) for lm, c in cands.items()}
     return params, cands
 
 

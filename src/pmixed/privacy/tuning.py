@@ -213,19 +213,20 @@ BIND_MECHANISM = "tune/bind"
 
 @dataclass(frozen=True)
 class BindParams:
-    """The cap-statistic tuner (docs/privacy.md section 12, eq. (H4)): each member i's share b_i in
-    [0, 1] of ``positions`` public positions (sampled from the public model alone) at which its
-    mixing weight under the reference shape reaches the cap lam_max (P1); their mean over the N
-    members plus Lap(1 / (N eps_s)) is released, and lam_max = ``high`` if it is at least
-    ``threshold``, else ``low`` (the tail stays the reference's). Replacing one part changes one
-    member, hence one b_i, hence the mean by at most 1/N: the release is eps_s-DP, whose RDP is
-    eq. (H1); the choice is post-processing."""
+    """The cap-statistic tuner (docs/privacy.md section 12b, eq. (H4)): each member i's share b_i
+    in [0, 1] of ``positions`` public positions (sampled from the public model alone) at which its
+    mixing weight under the reference shape reaches the reference's cap lam_max (P1); their mean
+    over the N members plus Lap(1 / (N eps_s)) is released, B, and lam_max is ``low`` if B <
+    ``lower``, ``high`` if B >= ``upper``, else the reference's own (the tail stays the
+    reference's). Replacing one part changes one member, hence one b_i, hence the mean by at most
+    1/N: the release is eps_s-DP, whose RDP is eq. (H1); the choice is post-processing."""
 
     ensemble_size: int
     positions: int
     score_epsilon: float
     reference: MechanismParams
-    threshold: float = 0.5
+    lower: float = 1.0 / 6.0
+    upper: float = 0.5
     low: float = 0.25
     high: float = 0.75
 
@@ -236,11 +237,17 @@ class BindParams:
         _positive("score_epsilon", self.score_epsilon)
         if self.reference.ensemble_size != self.ensemble_size:
             raise ConfigError("reference", "the reference shape must be for the same ensemble (one N)")
-        if not (isinstance(self.threshold, (int, float)) and 0.0 < self.threshold < 1.0):
-            raise ConfigError("threshold", f"must lie in (0, 1), got {self.threshold!r}")
+        if not (isinstance(self.lower, (int, float)) and isinstance(self.upper, (int, float))
+                and 0.0 < self.lower < self.upper < 1.0):
+            raise ConfigError("thresholds", f"need 0 < lower < upper < 1, got {self.lower!r}, {self.upper!r}")
         for field, v in (("low", self.low), ("high", self.high)):
             if not (isinstance(v, (int, float)) and 0.0 < v <= 1.0):
                 raise ConfigError(field, f"must lie in (0, 1], got {v!r}")
+
+    @property
+    def caps(self) -> tuple[float, float, float]:
+        """The three lam_max the choice may give: low, the reference's, high."""
+        return (self.low, self.reference.lam_max, self.high)
 
     @property
     def noise_scale(self) -> float:
@@ -249,7 +256,9 @@ class BindParams:
 
     def choose(self, noisy_share: float) -> float:
         """lam_max from the released noisy mean share (post-processing)."""
-        return self.high if noisy_share >= self.threshold else self.low
+        if noisy_share >= self.upper:
+            return self.high
+        return self.low if noisy_share < self.lower else self.reference.lam_max
 
     def curve(self, orders: Sequence[float] = DEFAULT_ORDERS) -> tuple[float, ...]:
         """eps_tune(a) = eps_Lap(a; eps_s) at ``orders`` (eq. (H4))."""
@@ -258,7 +267,7 @@ class BindParams:
     def record(self) -> dict[str, Any]:
         return {"method": "bind", "ensemble_size": self.ensemble_size, "positions": self.positions,
                 "score_epsilon": self.score_epsilon, "reference": params_record(self.reference),
-                "threshold": self.threshold, "low": self.low, "high": self.high}
+                "lower": self.lower, "upper": self.upper, "low": self.low, "high": self.high}
 
 
 def bind_charge(params: BindParams, orders: Sequence[float] = DEFAULT_ORDERS, label: str = "tune") -> RdpCharge:
@@ -270,8 +279,8 @@ def bind_charge(params: BindParams, orders: Sequence[float] = DEFAULT_ORDERS, la
 def bind_from_record(record: dict[str, Any]) -> BindParams:
     """The parameters a recorded "tune/bind" charge was computed from."""
     return BindParams(int(record["ensemble_size"]), int(record["positions"]), float(record["score_epsilon"]),
-                      params_from_record(record["reference"]), float(record["threshold"]), float(record["low"]),
-                      float(record["high"]))
+                      params_from_record(record["reference"]), float(record["lower"]), float(record["upper"]),
+                      float(record["low"]), float(record["high"]))
 
 
 def charge_from_record(record: dict[str, Any], orders: Sequence[float] = DEFAULT_ORDERS,
