@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from pmixed.eval.report import percent, write_study
+
 
 def study(config: str, score_epsilons: list[float], repeats: int, runs: int, public_blocks: int) -> dict:
     import torch
@@ -112,24 +114,16 @@ def main(argv: list[str] | None = None) -> int:
         for e in s["per_score_epsilon"]:
             lines.append(f"| {s['corpus']} | {s['N']} | {e['score_epsilon']:g} | {e['tuning_epsilon']:.2f} | "
                          f"{' / '.join(str(e['picks'][k]) for k in ('0.25', '0.5', '0.75'))} | "
-                         f"{' / '.join(_pct(e['paid'][k]) for k in ('0.25', '0.5', '0.75'))} | "
-                         f"**{_pct(e['tuned_share'])}** | {_pct(s['rule'])} | "
-                         f"{'' if b is None else _pct(b['share']) + ' (' + b['shape'] + ')'} | {_pct(s['dpsgd_unit'])} | "
+                         f"{' / '.join(percent(e['paid'][k]) for k in ('0.25', '0.5', '0.75'))} | "
+                         f"**{percent(e['tuned_share'])}** | {percent(s['rule'])} | "
+                         f"{'' if b is None else percent(b['share']) + ' (' + b['shape'] + ')'} | {percent(s['dpsgd_unit'])} | "
                          f"{e['cap_share_nonprivate']:.3f} |")
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cap_tuning.md").write_text(f"# the cap-statistic tuner vs the default rule, epsilon 8 in all (tuning "
-                                       f"included), {args.repeats} tunings, {args.runs} runs each\n\n" + text + "\n")
-    (out / "cap_tuning.json").write_text(json.dumps({"studies": studies, "repeats": args.repeats, "runs": args.runs},
-                                                    indent=2, default=float))
-    print(f"wrote {out}/cap_tuning.{{md,json}}")
+    write_study(Path(args.out), "cap_tuning", text, {"studies": studies, "repeats": args.repeats, "runs": args.runs},
+                f"the cap-statistic tuner vs the default rule, epsilon 8 in all (tuning included), {args.repeats} "
+                f"tunings, {args.runs} runs each")
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
 
 
 if __name__ == "__main__":

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
+
+from pmixed.eval.report import percent, write_study
 
 TAILS = (1.0, 3.0, 10.0, 30.0)
 LAM_MAX = (0.25, 0.5, 0.75, 0.9)
@@ -119,24 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         loco.append({"corpus": s["corpus"], "picked": k, "share": share, "best": best, "best_shape": best_k,
                      "ratio": share / best, "configured": conf, "dpsgd_unit": s["dpsgd_unit_share"]})
         lines.append(f"| {s['corpus']} | {s['N']} | {k} | {100 * share:.1f}% | {100 * best:.1f}% ({best_k}) | "
-                     f"{share / best:.2f} | {_pct(conf)} | "
-                     f"{_pct(s['dpsgd_unit_share'])} |")
+                     f"{share / best:.2f} | {percent(conf)} | "
+                     f"{percent(s['dpsgd_unit_share'])} |")
     rule = pick([{"grid": s["grid_m"]} for s in studies])
     lines.append(f"\nshape picked on all corpora (the candidate rule): {rule}")
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "loco.md").write_text(text + "\n")
-    (out / "loco.json").write_text(json.dumps({"studies": studies, "loco": loco, "rule": rule}, indent=2,
-                                              default=float))
-    print(f"wrote {out}/loco.{{md,json}}")
+    write_study(Path(args.out), "loco", text, {"studies": studies, "loco": loco, "rule": rule})
     return 0
-
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
 
 
 if __name__ == "__main__":

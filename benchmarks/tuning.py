@@ -19,10 +19,11 @@ rule is not chosen on them at all).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
+
+from pmixed.eval.report import percent, write_study
 
 SETTINGS = ({"per_unit": 16, "score_epsilon": 1.0, "eta": 1.0, "gamma": 0.5},
             {"per_unit": 4, "score_epsilon": 0.5, "eta": 1.0, "gamma": 0.5},
@@ -120,27 +121,19 @@ def main(argv: list[str] | None = None) -> int:
         for st in s["settings"]:
             head = f"| {s['corpus']} ({s['N']} parts) | m={st['per_unit']}, eps_s={st['score_epsilon']:g}, E[K]={1 / st['gamma']:g} |"
             if "infeasible" in st:
-                lines.append(f"{head} does not fit | {100 * s['rule']:.1f}% | | | infeasible | | {_pct(s['dpsgd_unit'])} |")
+                lines.append(f"{head} does not fit | {100 * s['rule']:.1f}% | | | infeasible | | {percent(s['dpsgd_unit'])} |")
                 continue
             lines.append(f"{head} {st['tuning_epsilon']:.2f} (order {st['order']}, {st['units']} units) | "
                          f"{100 * s['rule']:.1f}% | {100 * st['best_free']:.1f}% ({st['best_free_shape']}) | "
                          f"{100 * st['best_paid']:.1f}% | "
                          f"**{100 * st['tuned_share']:.1f}%** | {100 * st['best_paid_picked']:.0f}% | "
-                         f"{_pct(s['dpsgd_unit'])} |")
+                         f"{percent(s['dpsgd_unit'])} |")
     text = "\n".join(lines)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tuning.md").write_text(f"# accounted tuning vs the default rule, epsilon 8 in all (tuning included), "
-                                   f"{args.repeats} tunings, {args.runs} runs each\n\n" + text + "\n")
-    (out / "tuning.json").write_text(json.dumps({"studies": studies, "repeats": args.repeats, "runs": args.runs},
-                                                indent=2, default=float))
-    print(f"wrote {out}/tuning.{{md,json}}")
+    write_study(Path(args.out), "tuning", text, {"studies": studies, "repeats": args.repeats, "runs": args.runs},
+                f"accounted tuning vs the default rule, epsilon 8 in all (tuning included), {args.repeats} tunings, "
+                f"{args.runs} runs each")
     return 0
-
-
-def _pct(x: float | None) -> str:
-    return "" if x is None else f"{100 * x:.1f}%"
 
 
 if __name__ == "__main__":

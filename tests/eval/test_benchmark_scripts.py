@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/adaptive_gain.py and benchmarks/default_rule.py on the tiny trained run."""
+"""Smoke tests of the study benchmarks (adaptive_gain, default_rule, crossover, tuning, cap_tuning,
+loo_divergence) on the tiny trained run."""
 
 from __future__ import annotations
 
@@ -86,6 +87,19 @@ def test_tuning_benchmark_compares_the_tuner_with_the_rule(monkeypatch, trained_
     want = sum(ok["paid"][k] * n for k, n in ok["picks"].items()) / 2  # the repeats' mean after paying
     assert ok["tuned_share"] == pytest.approx(want) and set(ok["paid"]) == set(ok["free"]) == set(ok["labels"])
     assert "after paying" in (tmp_path / "tuning.md").read_text()
+
+
+def test_cap_tuning_benchmark_compares_the_tuner_with_the_rule(trained_run, tmp_path):
+    _, cfg_path = trained_run
+    assert _bench("cap_tuning").main(["--config", str(cfg_path), "--repeats", "5", "--runs", "1", "--public-blocks",
+                                      "2", "--score-epsilon", "0.5", "--out", str(tmp_path)]) == 0
+    d = json.loads((tmp_path / "cap_tuning.json").read_text())
+    (e,) = d["studies"][0]["per_score_epsilon"]
+    assert sum(e["picks"].values()) == 5 and set(e["picks"]) == set(e["paid"]) == {"0.25", "0.5", "0.75"}
+    assert 0 < e["tuning_epsilon"] < 1 and 0 <= e["cap_share_nonprivate"] <= 1
+    want = sum(e["paid"][k] * n for k, n in e["picks"].items()) / 5  # the repeats' mean after paying
+    assert e["tuned_share"] == pytest.approx(want)
+    assert "tuned, after paying" in (tmp_path / "cap_tuning.md").read_text()
 
 
 def test_loo_divergence_never_exceeds_the_charge_on_real_outputs(trained_run, tmp_path):

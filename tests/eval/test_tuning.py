@@ -208,6 +208,20 @@ def test_a_tuned_config_calibrates_in_what_the_tuning_left(trained_run, capsys, 
     assert code == 2 and "already takes its shape" in out
 
 
+def _generate_twice(capsys, cfg_path, tune_json, tmp_path):
+    """`pmixed generate` twice with ``privacy.tuning = tune_json`` on one fresh ledger: the first
+    run says it charged the tuning, the second does not. Returns the ledger's path."""
+    toml = tmp_path / "tuned.toml"
+    toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1))
+    ledger = tmp_path / "serve.ledger"
+    for first in (True, False):
+        code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--max-new-tokens", "2",
+                         "--ledger", str(ledger), "-q", "--ignore-eos")
+        assert code == 0, out
+        assert ("charged now, before anything is served" in out) is first
+    return ledger
+
+
 def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, capsys, tmp_path):
     """privacy.tuning chosen on another (here: an experiment's in-memory) ledger: the first
     generation charges the tuning to its own ledger before any token, later ones find it there;
@@ -217,7 +231,7 @@ def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, 
     cfg, cfg_path = trained_run
     import shutil
 
-    toml = tmp_path / "tuned.toml"
+    toml = tmp_path / "tuned.toml"  # written by _generate_twice
     code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "-q",
                      "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")  # unseeded: a real release
     assert code == 0, out
@@ -225,19 +239,12 @@ def test_the_ledger_that_serves_a_tuned_shape_pays_the_tuning_once(trained_run, 
     shutil.copy(cfg.output_dir / "tune" / "tune.json", tune_json)
     rec = json.loads(tune_json.read_text())
     assert rec["seeded"] is False and rec["experiment"] is True
-    text = cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1)
-    toml.write_text(text)
-    ledger = tmp_path / "serve.ledger"
-    for first in (True, False):
-        code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--max-new-tokens", "2",
-                         "--ledger", str(ledger), "-q", "--ignore-eos")
-        assert code == 0, out
-        assert ("charged now, before anything is served" in out) is first
-        with Ledger(ledger) as led:
-            hist = led.history()
-            assert hist[0].mechanism == MECHANISM  # paid before the first token
-            assert [h.mechanism for h in hist].count(MECHANISM) == 1  # and only once
-            assert pay_tuning(led, rec["tuning"]) is True
+    ledger = _generate_twice(capsys, cfg_path, tune_json, tmp_path)
+    with Ledger(ledger) as led:
+        hist = led.history()
+        assert hist[0].mechanism == MECHANISM  # paid before the first token
+        assert [h.mechanism for h in hist].count(MECHANISM) == 1  # and only once
+        assert pay_tuning(led, rec["tuning"]) is True
     # a seeded tuning: refused for a durable ledger, before anything is charged
     code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", "--seed", "3", "-q",
                      "--positions-per-unit", "2", "--tails", "10", "--lam-max", "0.5")
@@ -346,14 +353,7 @@ def test_cli_tune_bind_writes_a_choice_that_serves_and_is_paid_once(trained_run,
     tuned_cfg = dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, tuning=str(tune_json)))
     kw = tuned_cfg.privacy.calibration_kwargs(cfg.data.n_parts)
     assert kw["lam_max"] == rec["lam_max"] and kw["spent"]
-    toml = tmp_path / "tuned.toml"
-    toml.write_text(cfg_path.read_text().replace("[privacy]", f"[privacy]\ntuning = \"{tune_json}\"", 1))
-    ledger = tmp_path / "serve.ledger"
-    for first in (True, False):
-        code, out = _cli(capsys, "generate", "-c", str(toml), "--prompt", "river", "--max-new-tokens", "2",
-                         "--ledger", str(ledger), "-q", "--ignore-eos")
-        assert code == 0, out
-        assert ("charged now, before anything is served" in out) is first
+    ledger = _generate_twice(capsys, cfg_path, tune_json, tmp_path)
     with Ledger(ledger) as led:
         hist = led.history()
         assert hist[0].mechanism == BIND_MECHANISM and [h.mechanism for h in hist].count(BIND_MECHANISM) == 1

@@ -98,6 +98,20 @@ def write_outputs(result: dict[str, Any], out_dir: Path, *, stem: str = "eval",
     return paths
 
 
+def percent(x: float | None) -> str:
+    """A share as a table cell: "12.3%", or empty when there is none."""
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
+def write_study(out_dir: Path, stem: str, table: str, payload: dict[str, Any], heading: str | None = None) -> None:
+    """A benchmark study's outputs: ``stem``.md (``heading``, then the Markdown ``table``) and
+    ``stem``.json (``payload``), in ``out_dir`` (created); says where."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(("" if heading is None else f"# {heading}\n\n") + table + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=float))
+    print(f"wrote {out_dir}/{stem}.{{md,json}}")
+
+
 def nonprivate(s: dict[str, Any]) -> dict[str, Any]:
     """A PMixED summary's non-private diagnostics (``diagnostics_nonprivate``; older results
     kept them at the top level)."""
