@@ -57,7 +57,7 @@ def study(config: str, score_epsilons: list[float], repeats: int, runs: int, pub
     for si, eps_s in enumerate(score_epsilons):
         params, cands = bind_plan(cfg, texts.shape[0] * (texts.shape[1] - 1), eps_s)
         spent = dict(zip(DEFAULT_ORDERS, params.curve(DEFAULT_ORDERS)))
-        shares = cap_shares(rt, texts, params.reference, cfg.eval.chunk_for(rt.device.type))
+        shares = cap_shares(rt, texts, params.reference)
         picks = {lm: 0 for lm in cands}
         for r in range(repeats):
             led = Ledger(MEMORY, epsilon=p.epsilon, delta=p.delta)

@@ -137,7 +137,7 @@ def tune_cmd(
         if method == "bind":
             start = ens.tokenizer.bos_token_id if ens.tokenizer.bos_token_id is not None else ens.tokenizer.eos_token_id
             texts = public_blocks_of(runtime, public_blocks, L, start or 0)  # public: the public model alone
-            res = tune_bind(runtime, texts, params, cands, led, generator=gen, chunk=chunk)
+            res = tune_bind(runtime, texts, params, cands, led, generator=gen)
         else:
             res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=chunk)
     c = res.chosen

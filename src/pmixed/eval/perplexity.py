@@ -30,7 +30,7 @@ from pmixed.privacy.ledger import Ledger
 from pmixed.privacy.mixture_bound import pmixed_charge
 from pmixed.privacy.params import MechanismParams
 from pmixed.privacy.screening import AdaptiveParams, ScreenParams, calibrate_adaptive
-from pmixed.privacy.tuning import MECHANISM as TUNING
+from pmixed.privacy.tuning import SPENT_MECHANISM
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def run_evaluation(
                 with _fresh_ledger(ledger_dir, name, s) as ledger:
                     if s.spent is not None:  # the tuning was paid from this budget first
                         ledger.charge(RdpCharge(ledger.orders, tuple(s.spent.get(a, math.inf) for a in ledger.orders),
-                                                label="accounted tuning", mechanism=TUNING))
+                                                label="accounted tuning", mechanism=SPENT_MECHANISM))
                     charge = pmixed_charge(s.params, count=count, orders=ledger.orders, label=s.name)
                     receipt = ledger.charge(charge)  # BudgetExhausted propagates: nothing released
                     spent.append(receipt.epsilon_spent)

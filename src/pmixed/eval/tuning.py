@@ -242,10 +242,12 @@ def public_blocks(runtime: Any, n_blocks: int, block_size: int, start_token: int
     return x
 
 
-def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any, chunk: int = 1) -> torch.Tensor:
+def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any) -> torch.Tensor:
     """b_i of eq. (H4) for every member: the share of the public positions of ``blocks`` [n, L] at
     which member i's mixing weight (P1) under ``reference`` (MechanismParams) reaches its cap
-    lam_max. [N] float64 in [0, 1]; member i's value reads member i's adapter only."""
+    lam_max. [N] float64 in [0, 1]; member i's value reads member i's adapter only: each member
+    runs in a forward of its own (chunk 1), so that no other member's rows share its batch, whose
+    rounding could move a weight across the cap and b_i with it."""
     from pmixed.eval.block_stats import block_stats
     from pmixed.mechanism.projection import lambdas_from_moments
 
@@ -253,7 +255,7 @@ def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any, chunk: int = 
     hits = torch.zeros(runtime.n_members, dtype=torch.float64)
     count = 0
     for block in blocks:
-        mom = block_stats(runtime, block, max_order=K, chunk=chunk).stats.moments  # [T, N, K-1]
+        mom = block_stats(runtime, block, max_order=K, chunk=1).stats.moments  # [T, N, K-1]
         lam = lambdas_from_moments(mom, reference)  # [T, N]; an invalid row has lam 0 (never at the cap)
         hits += (lam >= reference.lam_max * (1.0 - 1e-6)).double().sum(dim=0)
         count += lam.shape[0]
@@ -289,8 +291,7 @@ def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[f
 
 
 def tune_bind(runtime: Any, blocks: torch.Tensor, params: Any, cands: dict[float, Candidate], ledger: Any, *,
-              generator: torch.Generator | None = None, chunk: int = 1,
-              shares: torch.Tensor | None = None) -> BindResult:
+              generator: torch.Generator | None = None, shares: torch.Tensor | None = None) -> BindResult:
     """The cap-statistic tuner (``bind_plan`` gives ``params`` and ``cands``): charge (H4) to
     ``ledger`` first (BudgetExhausted: nothing runs), then the members' mean cap share on the
     public ``blocks`` plus Lap(1 / (N eps_s)) picks lam_max. ``generator`` only for experiments."""
@@ -300,6 +301,6 @@ def tune_bind(runtime: Any, blocks: torch.Tensor, params: Any, cands: dict[float
         raise ValueError("params were planned for another number of public positions")
     ledger.charge(bind_charge(params, ledger.orders))  # charged before any member runs
     if shares is None:
-        shares = cap_shares(runtime, blocks, params.reference, chunk)
+        shares = cap_shares(runtime, blocks, params.reference)
     noisy = float(shares.mean()) + laplace(params.noise_scale, generator)
     return BindResult(cands[params.choose(noisy)], noisy, params, ledger.epsilon_spent())

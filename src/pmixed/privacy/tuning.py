@@ -209,6 +209,9 @@ def tune_from_record(record: dict[str, Any]) -> TuneParams:
 
 #: The ``mechanism`` name of a cap-statistic tuning charge (eq. (H4)).
 BIND_MECHANISM = "tune/bind"
+#: The ``mechanism`` name of a tuning's curve pre-charged, without its parameters, to an
+#: evaluation's fresh ledger (either tuner; the serving ledgers carry the full record).
+SPENT_MECHANISM = "tune/spent"
 
 
 @dataclass(frozen=True)
