@@ -102,3 +102,16 @@ def test_blocks_with_the_real_gpt2_tokenizer(sotu):
     assert flat[: len(expected)] == expected
     assert set(flat[len(expected) :]) <= {tok.eos_token_id}
     assert len(flat) - len(expected) < 256
+
+
+def test_moby_dick_has_135_chapters_one_unit_each():
+    ensure_asset("moby-dick")
+    recs = load_records("builtin:moby-dick")
+    assert len(recs) == 135 and len({r.unit for r in recs}) == 135
+    assert recs[0].unit == "chapter 1" and recs[0].text.startswith("Call me Ishmael")
+    assert [r.unit for r in recs[:3]] == ["chapter 1", "chapter 2", "chapter 3"]  # in the book's order
+    assert all(len(r.text) > 200 for r in recs)
+    p = partition_by_unit(recs, 32, seed=0, eval_units=4, unit_key="chapter")
+    assert len({r.unit for r in p.eval_records}) == 4 and p.n_parts == 32
+    with pytest.raises(Exception, match="unknown unit"):
+        load_records("builtin:moby-dick", unit="sender")

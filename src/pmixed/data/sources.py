@@ -8,6 +8,7 @@ source                 what                                        ``unit`` (def
 ``builtin:sotu``       State of the Union addresses (asset sotu)   president, speech, party
 ``builtin:spam-ham``   SpamAssassin ham mail, cleaned bodies       sender, message
 ``builtin:brown``      Brown corpus, de-tagged                     document, genre
+``builtin:moby-dick``  Moby Dick, one record per chapter           chapter
 ``path/file.txt``      one document                                file (the file stem)
 ``path/dir/``          every ``*.txt`` below it, one document each file (stem), dir (first
                                                                    sub-folder under the root)
@@ -46,6 +47,7 @@ BUILTIN_UNITS: dict[str, tuple[str, ...]] = {
     "sotu": ("president", "speech", "party"),
     "spam-ham": ("sender", "message"),
     "brown": ("document", "genre"),
+    "moby-dick": ("chapter",),
 }
 SPAM_HAM_GROUPS = ("easy-ham-1", "easy-ham-2", "hard-ham-1")
 _SOTU_PARTIES = {
@@ -170,6 +172,8 @@ def _builtin_records(
         return _sotu(asset_path("sotu", cache_dir), unit, skips)
     if name == "spam-ham":
         return _spam_ham(asset_path("spam-assassin", cache_dir), unit, skips)
+    if name == "moby-dick":
+        return _moby_dick(asset_path("moby-dick", cache_dir), skips)
     return _brown(asset_path("brown", cache_dir), unit, skips)
 
 
@@ -184,6 +188,22 @@ def _sotu(root: Path, unit: str, skips: _Skips) -> Iterator[Record]:
         if unit == "party" and isinstance(key, str):
             key = _SOTU_PARTIES.get(key, key)
         rec = _make(key, row.get("text"), path.stem, skips)
+        if rec is not None:
+            yield rec
+
+
+def _moby_dick(root: Path, skips: _Skips) -> Iterator[Record]:
+    def number(path: Path) -> int:
+        tail = path.stem.rpartition("_")[2]
+        return int(tail) if tail.isdigit() else 10**9
+
+    for path in sorted((root / "data").glob("chapter_*.json"), key=number):
+        try:
+            row = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            skips.add("undecodable")
+            continue
+        rec = _make(f"chapter {row.get('chapter', path.stem)}", row.get("text"), path.stem, skips)
         if rec is not None:
             yield rec
 
@@ -249,7 +269,7 @@ def _path_records(
     if not path.exists():
         raise DataError(
             f"{source}: no such file or directory (sources are builtin:sotu, builtin:spam-ham, "
-            "builtin:brown, hf:NAME[:CONFIG], or a .txt/.jsonl/.csv/.tsv file or a folder of .txt files)"
+            "builtin:brown, builtin:moby-dick, hf:NAME[:CONFIG], or a .txt/.jsonl/.csv/.tsv file or a folder of .txt files)"
         )
     if path.is_dir():
         return _txt_dir(path, unit, skips)

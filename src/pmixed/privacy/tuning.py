@@ -229,7 +229,7 @@ class BindParams:
     score_epsilon: float
     reference: MechanismParams
     lower: float = 1.0 / 6.0
-    upper: float = 0.5
+    upper: float = 0.8
     low: float = 0.25
     high: float = 0.75
 
