@@ -94,8 +94,7 @@ class PrivatePredictor:
         self.ledger = ledger
         self.generator = generator  # None: CSPRNG (serving); a seeded one for experiments
         self.adaptive = isinstance(mechanism, AdaptivePMixED)
-        if self.adaptive:
-            mechanism.check_rule(ledger)
+        mechanism.check_rule(ledger)  # adaptive, or a tuned shape: the Renyi filter at its order
         self._unit = mechanism.charge(ledger.orders)  # one query (adaptive: one unit), computed once
         self._rdp = self._unit.rdp
 

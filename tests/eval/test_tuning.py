@@ -142,12 +142,28 @@ def test_cli_tune_refusals(trained_run, tmp_path, capsys):
                         (["--lam-max", "1.5"], "lam_max"), (["--tails", "0.5"], "tail")):
         code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", *args)
         assert code == 2 and field in out and "Loading" not in out, (args, out)
-    # a durable ledger without room: exit 3, nothing charged
-    path = tmp_path / "full.ledger"
-    with Ledger(path, epsilon=8.0, delta=1e-5) as led:
-        from pmixed.privacy.accountant import RdpCharge
+    from pmixed.eval.tuning import held_out_units
+    from pmixed.privacy.acceptance import RenyiFilterRule
+    from pmixed.privacy.accountant import RdpCharge
+    from pmixed.privacy.conversion import rdp_budget
 
-        led.charge(RdpCharge(led.orders, tuple(5.0 for _ in led.orders), label="spent"))
+    cfg = trained_run[0]
+    cands, _ = plan(cfg, held_out_units(cfg), 4, 1.0, 1.0, 0.5)
+    order = cands[0].calibration.params.max_order
+    # a ledger of fixed costs (best-order rule) cannot carry a tuning: exit 4, nothing charged
+    plain = tmp_path / "plain.ledger"
+    with Ledger(plain, epsilon=8.0, delta=1e-5) as led:
+        led.charge(RdpCharge(led.orders, tuple(0.1 for _ in led.orders), label="earlier"))
+    code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--ledger", str(plain), "-q",
+                     "--positions-per-unit", "4", "--gamma", "0.5")
+    assert code == 4 and f"renyi-filter/alpha={order}" in out and "Loading" not in out, out
+    with Ledger(plain) as led:
+        assert len(led.history()) == 1
+    # a durable ledger under the tuning's filter without room: exit 3, nothing charged
+    path = tmp_path / "full.ledger"
+    with Ledger(path, epsilon=8.0, delta=1e-5, rule=RenyiFilterRule(order)) as led:
+        led.charge(RdpCharge(led.orders, tuple(0.0 if a != order else 0.95 * rdp_budget(8.0, 1e-5, order)
+                                               for a in led.orders), label="spent"))
         before = led.epsilon_spent()
     code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--ledger", str(path), "-q",
                      "--positions-per-unit", "4", "--gamma", "0.5")
@@ -219,6 +235,8 @@ def _generate_twice(capsys, cfg_path, tune_json, tmp_path):
                          "--ledger", str(ledger), "-q", "--ignore-eos")
         assert code == 0, out
         assert ("charged now, before anything is served" in out) is first
+    with Ledger(ledger) as led:  # the served cost depended on the tuning: a Renyi filter at its order
+        assert led.rule.name == f"renyi-filter/alpha={json.loads(tune_json.read_text())['alpha']}"
     return ledger
 
 
@@ -318,6 +336,7 @@ def test_the_cap_statistic_is_charged_before_any_member_runs_and_refused_whole(t
     params, cands = bind_plan(cfg, 2 * 7, 0.25)
     assert set(cands) == {0.25, 0.5, 0.75} and all(c.tail == 10.0 for c in cands.values())
     assert cands[0.5].calibration.params == params.reference  # the middle candidate is the reference itself
+    assert {c.calibration.alpha for c in cands.values()} == {params.reference.max_order}  # one order for all
     calls = []
     monkeypatch.setattr(tuning_mod, "cap_shares", lambda *a, **k: calls.append(1) or torch.ones(rt.n_members))
     led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)

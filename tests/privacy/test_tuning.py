@@ -217,3 +217,40 @@ def test_bad_cap_statistic_parameters_name_their_field():
         args = {"ensemble_size": 32, "positions": 10, "score_epsilon": 0.25, "reference": ref, **kw}
         with pytest.raises(ConfigError, match=field):
             BindParams(**args)
+
+
+def test_candidates_at_their_own_best_orders_overspend_jointly():
+    """Why every candidate is calibrated at one order, and a tuned shape is served under the Renyi
+    filter there: the served cost depends on the tuning's output, so the whole interaction is
+    bounded, at one order, by the tuning plus the worst branch. Two shapes each calibrated at its
+    own best order (4 and 3) certify epsilon 8.43 > 8 jointly (the unsound variant); calibrated at
+    one common order, the joint curve stays within 8 at that order."""
+    spent = {a: laplace_rdp(a, 0.5) for a in DEFAULT_ORDERS}
+    kw = dict(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=32, sample_rate=0.5, spent=spent)
+
+    def joint(cals):
+        curve = [spent[a] + 1024 * max(query_rdp(a, c.params) for c in cals) for a in DEFAULT_ORDERS]
+        return rdp_to_epsilon(DEFAULT_ORDERS, curve, 1e-5)[0]
+
+    own = [calibrate(alpha=None, lam_max=0.25, tail=t, **kw) for t in (1.0, 10.0)]
+    assert sorted(c.alpha for c in own) == [3, 4]
+    assert joint(own) > 8.4  # each branch alone is within 8: the union is not
+    common = [calibrate(alpha=3, lam_max=0.25, tail=t, **kw) for t in (1.0, 10.0)]
+    assert joint(common) <= 8.0 * (1 + 1e-9)
+
+
+def test_a_tuned_mechanism_needs_the_filter_at_its_order():
+    from pmixed.errors import LedgerError
+    from pmixed.mechanism.pmixed import PMixED
+    from pmixed.privacy.acceptance import BEST_ORDER, RenyiFilterRule
+    from pmixed.privacy.accountant import RdpAccountant
+
+    spent = {a: laplace_rdp(a, 0.5) for a in DEFAULT_ORDERS}
+    mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=32, sample_rate=0.5, spent=spent)
+    with pytest.raises(LedgerError, match=f"renyi-filter/alpha={mech.alpha}"):
+        mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=BEST_ORDER))
+    with pytest.raises(LedgerError):
+        mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=RenyiFilterRule(mech.alpha + 1)))
+    mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=RenyiFilterRule(mech.alpha)))
+    untuned = PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=32, sample_rate=0.5)
+    untuned.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=BEST_ORDER))  # fixed costs: any rule

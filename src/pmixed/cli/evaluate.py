@@ -298,7 +298,9 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
     else:
         path = Path(ledger_path or cfg.output_dir / "ledgers" / "generate.ledger")
         path.parent.mkdir(parents=True, exist_ok=True)
-    rule = {} if adaptive is None else {"rule": adaptive.rule}
+    from pmixed.cli.tune import tuned_ledger_rule
+
+    rule = tuned_ledger_rule(cfg) if adaptive is None else {"rule": adaptive.rule}
     try:  # the ledger first: a file of another budget (or rule) is refused before any model is loaded
         led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta, **rule)
     except LedgerError as err:

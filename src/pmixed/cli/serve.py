@@ -151,7 +151,9 @@ def serve_cmd(
     # screened PMixED is calibrated before the ledger opens (the ledger needs its Renyi filter);
     # N is the config's, which check_ensemble_matches held against the trained ensemble
     adaptive = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts) if kind == "adaptive" else None
-    rule = {} if adaptive is None else {"rule": adaptive.rule}
+    from pmixed.cli.tune import tuned_ledger_rule
+
+    rule = tuned_ledger_rule(cfg) if adaptive is None else {"rule": adaptive.rule}
     try:  # the ledger before the model: a corrupt or foreign one (or another rule's) stops start-up at once
         led = Ledger(where, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, **rule)
     except LedgerError as err:

@@ -65,11 +65,12 @@ def tune_cmd(
 
     from pmixed.cli.privacy import ledger_hint
     from pmixed.cli.serve import _shown
-    from pmixed.errors import BudgetExhausted, ConfigError, LedgerError
+    from pmixed.errors import BudgetExhausted, ConfigError, DataError, LedgerError
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
     from pmixed.eval.tuning import (
         bind_plan,
         candidates,
+        held_out_units,
         plan,
         serving_calibration,
         tune,
@@ -77,6 +78,7 @@ def tune_cmd(
         unit_blocks,
     )
     from pmixed.eval.tuning import public_blocks as public_blocks_of
+    from pmixed.privacy.acceptance import RenyiFilterRule
     from pmixed.privacy.calibration import scale_of
     from pmixed.privacy.ledger import MEMORY, Ledger
     from pmixed.privacy.tuning import (
@@ -102,20 +104,28 @@ def tune_cmd(
     if score_epsilon is None:
         score_epsilon = 0.5 if method == "bind" else 1.0
     laplace_rdp(2.0, score_epsilon)  # every argument checked before the model loads
+    check_ensemble_matches(cfg)
+    # the plan before the ledger and the model: it fixes the one order at which every candidate is
+    # calibrated and at which the serving ledger's Renyi filter works (section 12)
     if method == "bind":
-        bind_plan(cfg, public_blocks * (cfg.eval.block_size - 1), score_epsilon)  # infeasible: refused here
+        params, cands = bind_plan(cfg, public_blocks * (cfg.eval.block_size - 1), score_epsilon)
+        order = params.reference.max_order
     else:
         tail_vals, lam_vals = _floats("tails", tails), _floats("lam_max", lam_max)
         check_trials(eta, gamma)
         candidates(cfg, tail_vals, lam_vals)
-    check_ensemble_matches(cfg)
+        units = held_out_units(cfg)
+        if units == 0:
+            raise DataError("the ensemble has no held-out units to tune on (data.eval_units = 0?)")
+        cands, params = plan(cfg, units, per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
+        order = cands[0].calibration.params.max_order
     out = Path(cfg.output_dir) / "tune"
     out.mkdir(parents=True, exist_ok=True)  # where the result goes exists before anything is paid
     path = None if experiment else (ledger or str(cfg.output_dir / "ledgers" / "serve.ledger"))
     if path is not None and "://" not in path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     try:  # the ledger before the model: a foreign or corrupt file stops here
-        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta)
+        led = Ledger(MEMORY if path is None else path, epsilon=p.epsilon, delta=p.delta, rule=RenyiFilterRule(order))
     except LedgerError as err:
         raise LedgerError(f"{err}; {ledger_hint(_shown(path))}") from err
     with led:
@@ -123,11 +133,12 @@ def tune_cmd(
         ens, runtime = load_runtime(cfg, progress=not quiet)
         if method == "bind":
             L = min(cfg.eval.block_size, runtime.context_length or cfg.eval.block_size)
-            params, cands = bind_plan(cfg, public_blocks * (L - 1), score_epsilon)
+            params, cands = bind_plan(cfg, public_blocks * (L - 1), score_epsilon)  # the same order
             charge = bind_charge(params, led.orders)
         else:
             blocks = unit_blocks(ens, cfg.eval.block_size, runtime.context_length)  # U, the number of held-out units, is public
-            cands, params = plan(cfg, len(blocks), per_unit, score_epsilon, eta, gamma, tail_vals, lam_vals)
+            if len(blocks) != params.units:
+                raise DataError(f"{len(blocks)} held-out units in the ensemble, {params.units} in its eval_records.jsonl")
             charge = tuning_charge(params, led.orders)
         if not led.can_afford(charge):  # refused before any forward pass, nothing charged
             raise BudgetExhausted(led.epsilon_spent(), led.epsilon_if(charge), p.epsilon,
@@ -202,3 +213,15 @@ def pay_config_tuning(cfg, ledger, *, experiment: bool = False) -> str | None:
         return None
     return (f"the accounted tuning {cfg.privacy.tuning} was not in this ledger: charged now, before anything is "
             f"served (epsilon spent {ledger.epsilon_spent():.4f})")
+
+
+def tuned_ledger_rule(cfg) -> dict:
+    """The ledger keywords for a config: ``{"rule": RenyiFilterRule(K)}`` when ``privacy.tuning``
+    is set (the served shape's per-query cost depends on the tuning's output, so the budget is a
+    Renyi filter at the order K that the tuning fixed for every candidate before it ran:
+    docs/privacy.md section 12), else ``{}`` (the default rule)."""
+    if cfg.privacy.tuning is None:
+        return {}
+    from pmixed.privacy.acceptance import RenyiFilterRule
+
+    return {"rule": RenyiFilterRule(int(cfg.privacy.tuned()["alpha"]))}

@@ -101,6 +101,8 @@ def _draws(setup: Setup, run: int, B: int, T: int, n_total: int, seed: int, scor
 
 def _fresh_ledger(ledger_dir: Path | None, name: str, s: Setup) -> Ledger:
     rule = RenyiFilterRule(s.adaptive.order) if s.adaptive is not None else None
+    if s.spent is not None and rule is None:  # a tuned shape: its cost depended on the tuning's output
+        rule = RenyiFilterRule(s.alpha)
     if ledger_dir is None:
         return Ledger(":memory:", epsilon=s.epsilon, delta=s.delta, rule=rule)
     path = ledger_dir / f"{name}.ledger"

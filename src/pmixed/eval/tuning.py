@@ -117,6 +117,18 @@ def plan(cfg: Any, units: int, per_unit: int, score_epsilon: float, eta: float, 
     return best[1], best[2]
 
 
+def held_out_units(cfg: Any) -> int:
+    """U, the number of held-out units of the trained run (public: the partition's), read from
+    its eval_records.jsonl without loading any model; 0 when there are none."""
+    import json
+
+    path = cfg.output_dir / "eval_records.jsonl"
+    if not path.is_file():
+        return 0
+    with path.open(encoding="utf-8") as fh:
+        return len({json.loads(line)["unit"] for line in fh if line.strip()})
+
+
 def unit_blocks(ens: Any, block_size: int, context: int | None = None) -> list[torch.Tensor]:
     """Per held-out unit (sorted by unit name, a public order), the first ``block_size`` tokens of
     its texts (fewer when the unit holds fewer, never more than the model's ``context``): [L_u]
@@ -263,10 +275,11 @@ def cap_shares(runtime: Any, blocks: torch.Tensor, reference: Any) -> torch.Tens
 
 
 def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[float] = DEFAULT_ORDERS):
-    """The cap-statistic tuner's parameters and its two candidates, all calibrated for the
-    config's target on top of the tuning's own curve (H4): the reference is the default rule's
-    shape, the candidates its tail with lam_max low, the reference's or high. A function of the config
-    alone. ConfigError when what is left cannot pay for the config's T queries."""
+    """The cap-statistic tuner's parameters and its three candidates, all calibrated for the
+    config's target on top of the tuning's own curve (H4) at one order (the reference's): the
+    reference is the default rule's shape, the candidates its tail with lam_max low, the
+    reference's or high. A function of the config alone. ConfigError when what is left cannot pay
+    for the config's T queries."""
     from pmixed.privacy.calibration import DEFAULT_LAM_MAX, DEFAULT_TAIL
     from pmixed.privacy.tuning import BindParams, laplace_rdp
 
@@ -274,8 +287,9 @@ def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[f
     spent = {a: laplace_rdp(a, score_epsilon) for a in orders}
     N = cfg.data.n_parts
 
-    def cal(lam_max: float):
-        kw = cfg.privacy.calibration_kwargs(N, lam_max=lam_max, tail=DEFAULT_TAIL)
+    def cal(lam_max: float, alpha: int | None = None):
+        kw = cfg.privacy.calibration_kwargs(N, lam_max=lam_max, tail=DEFAULT_TAIL,
+                                            **({} if alpha is None else {"alpha": alpha}))
         try:
             return calibrate(**kw, spent=spent)
         except ConfigError as err:
@@ -283,9 +297,11 @@ def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[f
                                       f"leaves too little for {cfg.privacy.queries} queries with lam_max {lam_max:g}: "
                                       f"{err}") from None
 
-    ref = cal(DEFAULT_LAM_MAX)
+    ref = cal(DEFAULT_LAM_MAX)  # the config's order, else the reference's best: public
     params = BindParams(N, positions, float(score_epsilon), ref.params)
-    cands = {lm: (ref if lm == DEFAULT_LAM_MAX else cal(lm)) for lm in params.caps}
+    # every candidate at the reference's order: the serving cost depends on the tuning's output,
+    # so the serving ledger's Renyi filter works at one order fixed before the tuning (section 12)
+    cands = {lm: (ref if lm == DEFAULT_LAM_MAX else cal(lm, ref.alpha)) for lm in params.caps}
     cands = {lm: Candidate(f"tail={DEFAULT_TAIL:g} lam_max={lm:g}", lm, DEFAULT_TAIL, c) for lm, c in cands.items()}
     return params, cands
 

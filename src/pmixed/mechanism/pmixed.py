@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from pmixed.errors import LedgerError
 from pmixed.mechanism.release import release, release_rows
 from pmixed.mechanism.subsample import poisson_draw, poisson_mask
+from pmixed.privacy.acceptance import RenyiFilterRule
 from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge
 from pmixed.privacy.calibration import (
     DEFAULT_LAM_MAX,
@@ -48,7 +50,8 @@ class PMixED:
         spent: Mapping[float, float] | None = None,
     ):
         """``spent``: order -> RDP already charged to the same budget (an accounted tuning,
-        docs/privacy.md section 12), composed with the query_budget queries by the calibration."""
+        docs/privacy.md section 12), composed with the query_budget queries by the calibration;
+        the budget must then be the Renyi filter at the calibration's order (``check_rule``)."""
         self.calibration: Calibration = calibrate(
             epsilon=epsilon, delta=delta, query_budget=query_budget, ensemble_size=ensemble_size,
             sample_rate=sample_rate, alpha=alpha, lam_max=lam_max, tail=tail, spent=spent)
@@ -58,6 +61,7 @@ class PMixED:
         self.query_budget = int(query_budget)
         self.ensemble_size = int(ensemble_size)
         self.sample_rate = float(sample_rate)
+        self.spent = None if spent is None else dict(spent)
         self._charges: dict[tuple[float, ...], RdpCharge] = {}  # one query's charge per grid of orders
 
     @classmethod
@@ -70,6 +74,19 @@ class PMixED:
     @property
     def alpha(self) -> int:
         return self.calibration.alpha
+
+    def check_rule(self, budget: Any) -> None:
+        """With ``spent`` (a tuned shape: the per-query cost depended on the tuning's output), a
+        LedgerError unless ``budget`` is the Renyi filter at this calibration's order, the one the
+        tuning fixed for every candidate (docs/privacy.md section 12); any rule otherwise."""
+        if self.spent is None:
+            return
+        want = RenyiFilterRule(self.alpha)
+        if budget.rule != want:
+            raise LedgerError(
+                f"a tuned shape needs a budget under the Renyi filter {want.name!r} (its cost depended on the "
+                f"tuning's output), but the ledger {getattr(budget, 'path', '')} uses the acceptance rule "
+                f"{budget.rule.name!r}")
 
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson draw of distinct member indices, LongTensor [m] (CSPRNG unless a generator)."""

@@ -149,8 +149,7 @@ class Decoder:
         self.max_idle_steps = max_idle_steps
         self.unit = unit
         self.adaptive = isinstance(mechanism, AdaptivePMixED)
-        if self.adaptive:
-            mechanism.check_rule(ledger)
+        mechanism.check_rule(ledger)  # adaptive, or a tuned shape: the Renyi filter at its order
         self._unit = mechanism.charge(ledger.orders, label="serve")  # one token (adaptive: one unit)
         self._rdp = self._unit.rdp
         self._release_params = mechanism.release_params if self.adaptive else mechanism.params
