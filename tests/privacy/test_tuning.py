@@ -252,5 +252,7 @@ def test_a_tuned_mechanism_needs_the_filter_at_its_order():
     with pytest.raises(LedgerError):
         mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=RenyiFilterRule(mech.alpha + 1)))
     mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=RenyiFilterRule(mech.alpha)))
+    mech.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=mech.rule))  # what to open a budget with
     untuned = PMixED(epsilon=8.0, delta=1e-5, query_budget=1024, ensemble_size=32, sample_rate=0.5)
     untuned.check_rule(RdpAccountant(epsilon=8.0, delta=1e-5, rule=BEST_ORDER))  # fixed costs: any rule
+    assert untuned.rule == BEST_ORDER

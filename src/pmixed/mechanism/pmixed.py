@@ -75,6 +75,14 @@ class PMixED:
     def alpha(self) -> int:
         return self.calibration.alpha
 
+    @property
+    def rule(self) -> Any:
+        """The acceptance rule for this mechanism's budget: the Renyi filter at the calibration's
+        order for a tuned shape (``spent``), else the default best-order rule."""
+        from pmixed.privacy.acceptance import BEST_ORDER
+
+        return BEST_ORDER if self.spent is None else RenyiFilterRule(self.alpha)
+
     def check_rule(self, budget: Any) -> None:
         """With ``spent`` (a tuned shape: the per-query cost depended on the tuning's output), a
         LedgerError unless ``budget`` is the Renyi filter at this calibration's order, the one the
