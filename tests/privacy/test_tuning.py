@@ -145,8 +145,16 @@ def test_calibration_on_top_of_a_spent_curve_meets_the_target_with_everything():
     assert scale_of(after.params) < scale_of(alone.params)  # the tuning is paid from the same budget
     assert epsilon_after(after.params, 1024, 1e-5, spent) <= 8.0
     assert epsilon_after(alone.params, 1024, 1e-5, spent) > 8.0  # ignoring the tuning would overshoot
+    # on a spent curve the T queries fit at the order alpha itself (the serving filter's order):
+    # exactly, with the largest scale; never more room than the best order would give
+    from pmixed.privacy.conversion import rdp_budget
+
+    assert after.alpha == after.params.max_order == 4
+    used = spent[4.0] + 1024 * query_rdp(4, after.params)
+    assert used <= rdp_budget(8.0, 1e-5, 4) and used == pytest.approx(rdp_budget(8.0, 1e-5, 4), rel=1e-6)
     zero = calibrate(**kw, spent={a: 0.0 for a in DEFAULT_ORDERS})
-    assert scale_of(zero.params) == pytest.approx(scale_of(alone.params))
+    assert scale_of(zero.params) <= scale_of(alone.params) * (1 + 1e-9)
+    assert 1024 * query_rdp(4, zero.params) == pytest.approx(rdp_budget(8.0, 1e-5, 4), rel=1e-6)
     with pytest.raises(ConfigError, match="epsilon"):
         calibrate(**{**kw, "alpha": None}, spent={a: 100.0 for a in DEFAULT_ORDERS})
 

@@ -113,12 +113,17 @@ def check_shape(sample_rate: float, lam_max: float, tail: float) -> None:
 
 
 def _params_at(alpha: int, epsilon, delta, queries, ensemble_size, sample_rate, lam_max, tail=1.0, spent=None):
-    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries (on top
-    of ``spent``, order -> RDP already charged, when given)."""
+    """The largest-scale radii at order alpha that meet epsilon after ``queries`` queries; on top
+    of ``spent`` (order -> RDP already charged: an accounted tuning), at order alpha itself, the
+    order of the Renyi filter that serves a tuned shape (section 12), not the best order."""
     if rdp_budget(epsilon, delta, alpha) <= 0.0:
         return None
+    if spent is None:
+        return largest_scale(alpha, ensemble_size, sample_rate, lam_max, tail,
+                             lambda p: epsilon_after(p, queries, delta) <= epsilon * (1.0 - SAFETY))
+    room = rdp_budget(epsilon, delta, alpha) - _spent_at(spent, alpha)
     return largest_scale(alpha, ensemble_size, sample_rate, lam_max, tail,
-                         lambda p: epsilon_after(p, queries, delta, spent) <= epsilon * (1.0 - SAFETY))
+                         lambda p: queries * query_rdp(alpha, p) <= room * (1.0 - SAFETY))
 
 
 def scale_of(params: MechanismParams) -> float:
@@ -142,9 +147,11 @@ def calibrate(
 
     With ``alpha=None`` the order in 2..64 that gives the largest tau_2 (the main radius) is
     chosen. ``spent`` (order -> RDP already charged to the same budget, e.g. an accounted tuning,
-    section 12; an order it does not list counts as inf) is composed with the T queries: the
-    target then holds for everything together. Raises ConfigError naming the field when the
-    target cannot be met.
+    section 12; an order it does not list counts as inf) is composed with the T queries at the
+    order alpha itself (the served shape then depends on the tuning's output, so its budget is a
+    Renyi filter at one order, and the T queries must fit there): the target then holds for
+    everything together, and ``Calibration.alpha`` is that order. Raises ConfigError naming the
+    field when the target cannot be met.
     """
     check_epsilon(epsilon)
     check_delta(delta)
@@ -166,7 +173,7 @@ def calibrate(
     orders = tracked_orders(params)
     rdp = [_spent_at(spent, a) + query_budget * query_rdp(a, params) for a in orders]
     eps, best_order = rdp_to_epsilon(orders, rdp, delta)
-    a = int(best_order)
+    a = int(best_order) if spent is None else params.max_order  # spent: the filter's order
     rho = rdp_budget(epsilon, delta, a) - _spent_at(spent, a)
     return Calibration(
         params=params,
