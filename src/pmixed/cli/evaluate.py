@@ -298,7 +298,7 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
     else:
         path = Path(ledger_path or cfg.output_dir / "ledgers" / "generate.ledger")
         path.parent.mkdir(parents=True, exist_ok=True)
-    from pmixed.cli.tune import tuned_ledger_rule
+    from pmixed.cli.tune import pay_config_tuning, tuned_ledger_rule
 
     rule = tuned_ledger_rule(cfg) if adaptive is None else {"rule": adaptive.rule}
     try:  # the ledger first: a file of another budget (or rule) is refused before any model is loaded
@@ -310,8 +310,6 @@ def generate(cfg, prompt, max_new_tokens, temperature=1.0, ledger_path=None, see
     if ignore_eos:
         kw["stop_at_eos"] = False
     with led:
-        from pmixed.cli.tune import pay_config_tuning
-
         paid_now = pay_config_tuning(cfg, led, experiment=experiment)  # privacy.tuning: paid before any token
         if paid_now:
             typer.echo(paid_now, err=True)

@@ -151,7 +151,7 @@ def serve_cmd(
     # screened PMixED is calibrated before the ledger opens (the ledger needs its Renyi filter);
     # N is the config's, which check_ensemble_matches held against the trained ensemble
     adaptive = AdaptivePMixED.from_config(cfg.privacy, cfg.data.n_parts) if kind == "adaptive" else None
-    from pmixed.cli.tune import tuned_ledger_rule
+    from pmixed.cli.tune import pay_config_tuning, tuned_ledger_rule
 
     rule = tuned_ledger_rule(cfg) if adaptive is None else {"rule": adaptive.rule}
     try:  # the ledger before the model: a corrupt or foreign one (or another rule's) stops start-up at once
@@ -159,8 +159,6 @@ def serve_cmd(
     except LedgerError as err:
         raise LedgerError(f"{err}; {ledger_hint(_shown(where))}") from err
     try:
-        from pmixed.cli.tune import pay_config_tuning
-
         paid_now = pay_config_tuning(cfg, led)  # privacy.tuning: the serving ledger pays it before any token
         if paid_now:
             typer.echo(paid_now, err=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -119,14 +120,10 @@ def plan(cfg: Any, units: int, per_unit: int, score_epsilon: float, eta: float, 
 
 def held_out_units(cfg: Any) -> int:
     """U, the number of held-out units of the trained run (public: the partition's), read from
-    its eval_records.jsonl without loading any model; 0 when there are none."""
-    import json
+    its held-out records without loading any model; 0 when there are none."""
+    from pmixed.models.ensemble import eval_records_path, read_eval_records
 
-    path = cfg.output_dir / "eval_records.jsonl"
-    if not path.is_file():
-        return 0
-    with path.open(encoding="utf-8") as fh:
-        return len({json.loads(line)["unit"] for line in fh if line.strip()})
+    return len({r.unit for r in read_eval_records(eval_records_path(Path(cfg.output_dir)))})
 
 
 def unit_blocks(ens: Any, block_size: int, context: int | None = None) -> list[torch.Tensor]:

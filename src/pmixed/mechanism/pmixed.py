@@ -21,7 +21,7 @@ import torch
 from pmixed.errors import LedgerError
 from pmixed.mechanism.release import release, release_rows
 from pmixed.mechanism.subsample import poisson_draw, poisson_mask
-from pmixed.privacy.acceptance import RenyiFilterRule
+from pmixed.privacy.acceptance import BEST_ORDER, RenyiFilterRule
 from pmixed.privacy.accountant import DEFAULT_ORDERS, RdpCharge
 from pmixed.privacy.calibration import (
     DEFAULT_LAM_MAX,
@@ -79,22 +79,18 @@ class PMixED:
     def rule(self) -> Any:
         """The acceptance rule for this mechanism's budget: the Renyi filter at the calibration's
         order for a tuned shape (``spent``), else the default best-order rule."""
-        from pmixed.privacy.acceptance import BEST_ORDER
-
         return BEST_ORDER if self.spent is None else RenyiFilterRule(self.alpha)
 
     def check_rule(self, budget: Any) -> None:
         """With ``spent`` (a tuned shape: the per-query cost depended on the tuning's output), a
         LedgerError unless ``budget`` is the Renyi filter at this calibration's order, the one the
         tuning fixed for every candidate (docs/privacy.md section 12); any rule otherwise."""
-        if self.spent is None:
+        if self.spent is None or budget.rule == self.rule:
             return
-        want = RenyiFilterRule(self.alpha)
-        if budget.rule != want:
-            raise LedgerError(
-                f"a tuned shape needs a budget under the Renyi filter {want.name!r} (its cost depended on the "
-                f"tuning's output), but the ledger {getattr(budget, 'path', '')} uses the acceptance rule "
-                f"{budget.rule.name!r}")
+        raise LedgerError(
+            f"a tuned shape needs a budget under the Renyi filter {self.rule.name!r} (its cost depended on the "
+            f"tuning's output), but the ledger {getattr(budget, 'path', '')} uses the acceptance rule "
+            f"{budget.rule.name!r}")
 
     def draw(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Poisson draw of distinct member indices, LongTensor [m] (CSPRNG unless a generator)."""

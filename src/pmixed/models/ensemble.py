@@ -14,7 +14,7 @@ from pmixed.errors import EnsembleMismatch
 from pmixed.models.peft_io import ADAPTER_WEIGHTS
 from pmixed.models.records import read_ensemble_manifest
 
-__all__ = ["Ensemble", "load_ensemble"]
+__all__ = ["Ensemble", "eval_records_path", "load_ensemble", "read_eval_records"]
 
 
 @dataclass
@@ -36,19 +36,7 @@ class Ensemble:
 
     def eval_records(self) -> list[Any]:
         """The held-out units' records (never seen by any member)."""
-        import json
-
-        from pmixed.data.records import Record
-
-        if self.eval_records_path is None or not self.eval_records_path.is_file():
-            return []
-        out = []
-        with self.eval_records_path.open(encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    d = json.loads(line)
-                    out.append(Record(unit=d["unit"], text=d["text"], doc_id=d["doc_id"]))
-        return out
+        return read_eval_records(self.eval_records_path)
 
     def peft_model(self):
         """A ``PeftModel`` over the base with every member loaded as a named adapter.
@@ -65,6 +53,29 @@ class Ensemble:
             model.load_adapter(str(path), adapter_name=name)
         model.eval()
         return model
+
+
+def eval_records_path(directory: Path) -> Path:
+    """Where a trained run's held-out records are (its ensemble.json names the file)."""
+    part = read_ensemble_manifest(directory).get("partition", {})
+    return directory / part.get("eval_records", "eval_records.jsonl")
+
+
+def read_eval_records(path: Path | None) -> list[Any]:
+    """The held-out records of an eval_records.jsonl (empty when there is none), no model loaded."""
+    import json
+
+    from pmixed.data.records import Record
+
+    if path is None or not path.is_file():
+        return []
+    out = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                d = json.loads(line)
+                out.append(Record(unit=d["unit"], text=d["text"], doc_id=d["doc_id"]))
+    return out
 
 
 def load_ensemble(
