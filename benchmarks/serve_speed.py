@@ -19,7 +19,8 @@ file (fsync'd, one transaction per step), sampled from the OS CSPRNG. Timed in O
   (D) drawn-only mode, one stream: seconds per generated token over ``--tokens`` tokens;
   (C) constant-work mode, one stream;
   (Fd) floor for D: one group of round(1 + qN) rows decoding one token per step with KV caches
-       (``EnsembleRuntime.decode``), over the same number of steps and cache lengths;
+       appended in place (``EnsembleRuntime.decode(..., persistent=True)``), over the same
+       number of steps and cache lengths;
   (Fc) floor for C: one group of N + 1 rows, the same way;
   (Fw) the work floor for D: one group of 1 + N E[L] / T rows, the same way, where L is the last
        step (of T) at which a member is drawn: an exact decoder must run a member over every token
@@ -171,12 +172,12 @@ def drawn_work_rows(members: int, q: float, steps: int) -> float:
 @torch.no_grad()
 def floor_per_token(rt, args, rows: int) -> float:
     g = RowGroup([PUBLIC, *range(rows - 1)], tokens=prompt(args, 1))
-    rt.decode([g])
+    rt.decode([g], persistent=True)
     tok = 1
     t0 = time.perf_counter()
-    for _ in range(args.tokens - 1):
+    for _ in range(args.tokens - 1):  # the cache appended in place (models/kv_cache.py): no re-copy
         g.tokens = [tok]
-        rt.decode([g])
+        rt.decode([g], persistent=True)
     return (time.perf_counter() - t0) / (args.tokens - 1)
 
 

@@ -12,7 +12,8 @@ Two ways in:
   over groups of rows. Each :class:`RowGroup` names its row ids, the tokens it has not consumed
   yet and its KV cache; the step returns each group's next-token distributions and advances its
   cache. A member that was not drawn for a while catches up on the tokens it missed simply by
-  being given them.
+  being given them. The caches are :class:`pmixed.models.kv_cache.GrowingLayer`s: a step that
+  reuses last step's batch (constant-work serving) appends its position in place.
 
 The row selection of every forward travels with the call (context-local in ``StackedLoRA``), so
 one runtime may be used from several threads: the public row is always the base model.
@@ -30,19 +31,10 @@ import torch
 
 from pmixed.models.device import module_device
 from pmixed.models.hf_compat import cache_kwarg_name, output_cache
+from pmixed.models.kv_cache import growing_cache
 from pmixed.models.stacked_lora import PUBLIC, StackedLoRA
 
 __all__ = ["KV", "PUBLIC", "EnsembleRuntime", "RowGroup", "softmax_"]
-
-
-def _hf_cache(layers: KV) -> Any:
-    """A transformers DynamicCache holding ``layers`` (no copy)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    for li, (k, v) in enumerate(layers):
-        cache.update(k, v, li)
-    return cache
 
 
 def softmax_(x: torch.Tensor) -> torch.Tensor:
@@ -57,10 +49,11 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [b, H, L
 @dataclass
 class _Batch:
     """The padded batch cache that a list of groups shared in their last step (``decode(...,
-    persistent=True)``): per layer (keys, values) [B, H, width, D] with group ``order[j]``'s rows
-    right-aligned at ``width``. The same groups in the same order reuse it as is next step."""
+    persistent=True)``): a cache of ``GrowingLayer``s, per layer (keys, values) [B, H, width, D]
+    with group ``order[j]``'s rows right-aligned at ``width``. The same groups in the same order
+    pass it to the next step as is, which appends the new position in place."""
 
-    layers: KV
+    cache: Any
     order: list[int]
     width: int
 
@@ -150,7 +143,9 @@ class EnsembleRuntime:
         ``persistent=True`` (the same groups step together every time, as in constant-work
         serving): the groups keep views into the step's batch cache instead of copies, and when
         the same groups come back in the same order with one token each, that batch is reused
-        without re-padding, so a steady step copies no more than the model's own cache append.
+        without re-padding and appends the new position in place (``GrowingLayer``), so a steady
+        step copies nothing but the new keys and values. Other steps copy each group's cache
+        into the padded batch once, and (not persistent) out again.
         """
         if not groups:
             return []
@@ -181,9 +176,11 @@ class EnsembleRuntime:
             r += b
         kw: dict[str, Any] = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": True}
         if reuse:
-            kw["past_key_values"] = _hf_cache(shared.layers)
-        elif lmax > 0:
-            kw["past_key_values"] = self._batched_cache(groups, sizes, lmax)
+            kw["past_key_values"] = shared.cache
+        else:
+            # persistent: room for as many steps again as the cache holds (amortised doubling)
+            room = max(n, lmax) if persistent else n
+            kw["past_key_values"] = self._batched_cache(groups, sizes, lmax, room)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
         if split is None:
@@ -200,7 +197,7 @@ class EnsembleRuntime:
         layers = [(layer.keys, layer.values) for layer in new_cache.layers]  # [B, H, Lmax + n, D]
         probs = softmax_(logits.float())  # [B, V]
         aligned = persistent and all(len(g.tokens) == n for g in groups)  # every group ends at the right edge
-        batch = _Batch(layers, [id(g) for g in groups], lmax + n) if aligned else None
+        batch = _Batch(new_cache, [id(g) for g in groups], lmax + n) if aligned else None
         result = []
         r = 0
         for g, b in zip(groups, sizes):
@@ -217,29 +214,26 @@ class EnsembleRuntime:
             r += b
         return result
 
-    def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int) -> Any:
-        """The groups' caches, left-padded to ``lmax`` and stacked along the batch, as a HF cache."""
-        from transformers import DynamicCache
-
-        if len(groups) == 1 and groups[0].cache is not None and groups[0].seen == lmax:
-            return _hf_cache(groups[0].cache)  # one group: its cache as is, no copy
-        n_layers = next(len(g.cache) for g in groups if g.cache is not None)
+    def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int, room: int) -> Any:
+        """The groups' caches, left-padded to ``lmax`` and stacked along the batch, copied once
+        into a cache of ``GrowingLayer``s with ``room`` spare positions to append in place."""
+        limit = self.context_length
+        cache = growing_cache(limit=limit)
+        if lmax == 0:
+            return cache
         ref = next(g.cache for g in groups if g.cache is not None)
-        cache = DynamicCache()
-        for li in range(n_layers):
-            k0 = ref[li][0]
-            ks, vs = [], []
+        B = sum(sizes)
+        for li, (k0, v0) in enumerate(ref):
+            layer = cache.layer_class_to_replicate()
+            cache.layers.append(layer)
+            keys, values = layer.blank(k0, v0, B, lmax, room)  # [B, H, lmax, D] zeros
+            r = 0
             for g, b in zip(groups, sizes):
-                if g.cache is None:  # a first step next to groups with history: all padding
-                    z = k0.new_zeros(b, k0.shape[1], lmax, k0.shape[3])
-                    ks.append(z)
-                    vs.append(z)
-                    continue
-                k, v = g.cache[li]
-                pad = lmax - k.shape[2]
-                ks.append(torch.nn.functional.pad(k, (0, 0, pad, 0)) if pad else k)
-                vs.append(torch.nn.functional.pad(v, (0, 0, pad, 0)) if pad else v)
-            cache.update(torch.cat(ks), torch.cat(vs), li)
+                if g.cache is not None:  # else a first step next to groups with history: all padding
+                    k, v = g.cache[li]
+                    keys[r : r + b, :, lmax - k.shape[2] :].copy_(k)
+                    values[r : r + b, :, lmax - v.shape[2] :].copy_(v)
+                r += b
         return cache
 
     def split_head(self) -> tuple[Any, Any] | None:

@@ -280,7 +280,8 @@ class Decoder:
         return out
 
     def cache_bytes_per_request(self) -> int | None:
-        """Upper bound on one request's KV caches: (N + 1) rows x context x per-token KV bytes."""
+        """Upper bound on one request's KV caches: (N + 1) rows x context x per-token KV bytes
+        (spare positions included: a ``GrowingLayer`` never reserves beyond the context)."""
         cfg = getattr(self.runtime.model, "config", None)
         ctx = self.context_length
         layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)

@@ -1,0 +1,98 @@
+"""GrowingLayer (models/kv_cache.py): the same keys and values as transformers' DynamicLayer for
+any sequence of appends, in place while capacity lasts, never reserving beyond its limit; and the
+runtime's steady constant-work step appends in place instead of copying the batch cache."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from transformers.cache_utils import DynamicLayer  # noqa: E402
+
+from pmixed.models.kv_cache import GrowingLayer, growing_cache  # noqa: E402
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
+from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.integers(1, 9), min_size=1, max_size=12), limit=st.one_of(st.none(), st.integers(1, 40)),
+       seed=st.integers(0, 2**16))
+def test_growing_layer_equals_dynamic_layer(steps, limit, seed):
+    g = torch.Generator().manual_seed(seed)
+    ours, ref = GrowingLayer(limit), DynamicLayer()
+    for t in steps:
+        k, v = torch.randn(3, 2, t, 5, generator=g), torch.randn(3, 2, t, 4, generator=g)
+        ka, va = ours.update(k, v)
+        kb, vb = ref.update(k, v)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+        assert ours.get_seq_length() == ref.get_seq_length() == ka.shape[2]
+        cap = ours._k.shape[2]
+        assert cap >= ours.length
+        if limit is not None:  # never reserves beyond the limit unless the appends need more
+            assert cap <= max(limit, ours.length)
+
+
+def test_appends_in_place_while_capacity_lasts():
+    layer = GrowingLayer(limit=64)
+    layer.update(torch.zeros(1, 1, 20, 2), torch.zeros(1, 1, 20, 2))
+    buf = layer._k.data_ptr()
+    cap = layer._k.shape[2]
+    for i in range(cap - 20):
+        k = torch.full((1, 1, 1, 2), float(i))
+        keys, _ = layer.update(k, k)
+        assert layer._k.data_ptr() == buf  # no reallocation, no copy of the earlier positions
+        assert keys.data_ptr() == buf and keys[0, 0, -1, 0] == i
+    layer.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))  # full: one reallocation
+    assert layer._k.data_ptr() != buf and layer._k.shape[2] <= 64
+    layer.crop(5)
+    assert layer.get_seq_length() == cap + 1 - 5 == layer.keys.shape[2]
+
+
+def test_batch_select_and_a_row_count_change():
+    layer = GrowingLayer()
+    k = torch.arange(24.0).view(4, 1, 3, 2)
+    layer.update(k, k)
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    assert torch.equal(layer.keys, k[[2, 0]])
+    with pytest.raises(ValueError, match="rows"):
+        layer.update(torch.zeros(3, 1, 1, 2), torch.zeros(3, 1, 1, 2))
+
+
+def test_growing_cache_copies_what_it_is_given():
+    k = torch.randn(2, 1, 3, 2)
+    cache = growing_cache([(k, k)], limit=8)
+    assert isinstance(cache.layers[0], GrowingLayer) and torch.equal(cache.layers[0].keys, k)
+    k.zero_()
+    assert not torch.equal(cache.layers[0].keys, k)  # its own buffer
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_steady_constant_work_step_appends_in_place(arch, tmp_path):
+    """The reused batch cache of a persistent step is written in place (the same buffer from one
+    step to the next while capacity lasts, never wider than the model's context) and the
+    numbers equal each row's full forward."""
+    make, targets, fifo = ARCHS[arch]
+    rt = EnsembleRuntime(make(), None, save_adapters(make(), targets, fifo, tmp_path, n=2))
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (14, 14)]
+    groups = [RowGroup([PUBLIC, 0, 1], tokens=s[:4]) for s in seqs]
+    rt.decode(groups, persistent=True)
+    ptrs = []
+    for _ in range(8):
+        for grp, s in zip(groups, seqs):
+            grp.tokens = [s[grp.seen]]
+        out = rt.decode(groups, persistent=True)
+        layer = groups[0]._batch.cache.layers[0]
+        assert isinstance(layer, GrowingLayer)
+        assert layer._k.shape[2] <= (rt.context_length or 10**9)
+        ptrs.append(layer._k.data_ptr())
+        for grp, s, o in zip(groups, seqs, out):
+            for j, a in enumerate(grp.adapters):
+                ref = rt.probs(torch.tensor([s[: grp.seen]]), [a])[0, -1]
+                torch.testing.assert_close(o[j], ref, rtol=1e-5, atol=1e-6)
+    assert len(set(ptrs)) <= 3  # doubling from 5 positions to 12: at most two reallocations
