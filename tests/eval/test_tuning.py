@@ -142,6 +142,11 @@ def test_cli_tune_refusals(trained_run, tmp_path, capsys):
                         (["--lam-max", "1.5"], "lam_max"), (["--tails", "0.5"], "tail")):
         code, out = _cli(capsys, "tune", "--method", "trials", "--config", str(cfg_path), "--experiment", *args)
         assert code == 2 and field in out and "Loading" not in out, (args, out)
+    # an option the chosen method does not read is refused, not ignored
+    for method, args in (("bind", ["--tails", "1,3"]), ("bind", ["--gamma", "0.5", "--eta", "1"]),
+                         ("trials", ["--public-blocks", "4"])):
+        code, out = _cli(capsys, "tune", "--method", method, "--config", str(cfg_path), "--experiment", *args)
+        assert code == 2 and f"--method {method}" in out and args[0] in out and "Loading" not in out, (args, out)
     from pmixed.eval.tuning import held_out_units
     from pmixed.privacy.acceptance import RenyiFilterRule
     from pmixed.privacy.accountant import RdpCharge

@@ -42,17 +42,21 @@ def tune_cmd(
     method: str = typer.Option(
         "bind", "--method", help="bind: lam_max from one noisy statistic of the members on public positions, eq. (H4) "
                                  "(cheap); trials: the best of random trials on the held-out units, eqs. (H1)-(H3)."),
-    public_blocks: int = typer.Option(8, "--public-blocks", min=1,
-                                      help="bind: texts sampled from the public model whose positions are scored."),
-    per_unit: int = typer.Option(16, "--positions-per-unit", min=1,
-                                 help="trials: scored positions queried per held-out unit (m: the hit count's sensitivity)."),
+    public_blocks: int | None = typer.Option(
+        None, "--public-blocks", min=1, help="bind: texts sampled from the public model whose positions are scored "
+                                             "(default 8)."),
+    per_unit: int | None = typer.Option(
+        None, "--positions-per-unit", min=1,
+        help="trials: scored positions queried per held-out unit (m: the hit count's sensitivity; default 16)."),
     score_epsilon: float | None = typer.Option(
         None, "--score-epsilon", help="Pure epsilon of the noisy statistic (bind, default 0.5) or of each trial's "
                                       "noisy hit count (trials, default 1)."),
-    gamma: float = typer.Option(0.5, "--gamma", help="trials: trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1."),
-    eta: float = typer.Option(1.0, "--eta", help="trials: trial-count law D_{eta,gamma} (1: geometric)."),
-    tails: str = typer.Option("1,3,10,30", "--tails", help="trials: candidate tails s (comma-separated)."),
-    lam_max: str = typer.Option("0.25,0.5,0.75,0.9", "--lam-max", help="trials: candidate lam_max (comma-separated)."),
+    gamma: float | None = typer.Option(
+        None, "--gamma", help="trials: trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1 (default 0.5)."),
+    eta: float | None = typer.Option(None, "--eta", help="trials: trial-count law D_{eta,gamma} (1: geometric; default 1)."),
+    tails: str | None = typer.Option(None, "--tails", help="trials: candidate tails s (comma-separated; default 1,3,10,30)."),
+    lam_max: str | None = typer.Option(
+        None, "--lam-max", help="trials: candidate lam_max (comma-separated; default 0.25,0.5,0.75,0.9)."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -101,6 +105,19 @@ def tune_cmd(
         raise ConfigError("mechanism", "`pmixed tune` chooses plain PMixED's shape; privacy.mechanism must be \"pmixed\"")
     if method not in ("bind", "trials"):
         raise ConfigError("method", f"must be \"bind\" or \"trials\", got {method!r}")
+    other = {"bind": {"--positions-per-unit": per_unit, "--gamma": gamma, "--eta": eta, "--tails": tails,
+                      "--lam-max": lam_max},
+             "trials": {"--public-blocks": public_blocks}}[method]
+    given = [name for name, value in other.items() if value is not None]
+    if given:  # an option the chosen method does not read is a mistake, not something to ignore
+        raise ConfigError("method", f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read by "
+                                    f"--method {method}")
+    public_blocks = 8 if public_blocks is None else public_blocks
+    per_unit = 16 if per_unit is None else per_unit
+    gamma = 0.5 if gamma is None else gamma
+    eta = 1.0 if eta is None else eta
+    tails = "1,3,10,30" if tails is None else tails
+    lam_max = "0.25,0.5,0.75,0.9" if lam_max is None else lam_max
     if score_epsilon is None:
         score_epsilon = 0.5 if method == "bind" else 1.0
     laplace_rdp(2.0, score_epsilon)  # every argument checked before the model loads
