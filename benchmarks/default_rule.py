@@ -13,13 +13,19 @@ gain share kept, (PPL public - PPL) / (PPL public - PPL fine-tuned), of each sha
 *unaccounted* (chosen on held-out private units). Leave one corpus out: the shape with the best
 mean relative share (share / that corpus's best share) over the other corpora is evaluated on the
 left-out one. The shape chosen on all corpora is the candidate rule. Prints and writes the
-per-corpus grid (JSON), the LOCO table (Markdown) and the DP-SGD-per-unit share next to it.
+per-corpus grid (JSON), the LOCO table (Markdown) and the DP-SGD-per-unit share next to it, and
+the best worst-case ratio: over all corpora, and over corpora whose configs share every public
+constant (they differ only in the private data, so any rule that reads no private data gives them
+one shape: no such rule keeps more than that ratio on all of them).
+
+    python benchmarks/default_rule.py --from docs/examples/default-rule/loco.json   # tables only
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -97,14 +103,49 @@ def pick(studies: list[dict]) -> str:
     return max(sorted(common), key=score)
 
 
+def public_constants(config: str) -> str:
+    """Everything about a config that a shape rule without private data could read, as canonical
+    JSON: N, the public model (and its pre-training), the members' LoRA and training settings.
+    (The study fixes epsilon, delta, T and q = m / N for every corpus alike.) Two configs that
+    differ only in their private data ([data] apart from n_parts, [run], [eval]) give the same."""
+    import dataclasses
+
+    from pmixed.config import load_run_config
+
+    cfg = load_run_config(Path(config), None)
+    return json.dumps({"N": cfg.data.n_parts, "model": dataclasses.asdict(cfg.model),
+                       "public_pretrain": dataclasses.asdict(cfg.public_pretrain),
+                       "lora": dataclasses.asdict(cfg.lora), "train": dataclasses.asdict(cfg.train)},
+                      sort_keys=True, default=str)
+
+
+def best_worst_case(studies: list[dict]) -> tuple[str, float]:
+    """The shape whose smallest relative share over ``studies`` is largest, and that share: no
+    single shape keeps more of every corpus's best. Corpora whose configs agree on every public
+    constant (``public_constants``) get one shape from any rule that reads no private data, so
+    over them this bounds what any such rule keeps on all of them."""
+    common = set.intersection(*(set(s["grid"]) for s in studies))
+    def worst(k: str) -> float:
+        return min(s["grid"][k] / max(s["grid"].values()) for s in studies)
+    k = max(sorted(common), key=worst)
+    return k, worst(k)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", action="append", required=True)
+    ap.add_argument("--config", action="append", default=[])
     ap.add_argument("--runs", type=int, default=4)
     ap.add_argument("--queries", type=int, default=1024)
     ap.add_argument("--out", default="docs/examples/default-rule")
+    ap.add_argument("--from", dest="source", default=None,
+                    help="redo the tables from a loco.json this script wrote (no evaluation runs)")
     args = ap.parse_args(argv)
-    studies = [study(c, args.runs, args.queries) for c in args.config]
+    if args.source is None and not args.config:
+        ap.error("give --config (one or more) or --from")
+    if args.source is not None:
+        studies = json.loads(Path(args.source).read_text())["studies"]
+    else:
+        studies = [study(c, args.runs, args.queries) for c in args.config]
     for s in studies:  # shapes are compared by (tail, lam_max, alpha, m): q = min(1, m / N) differs with N
         s["grid_m"] = s["grid"]
     lines = ["| left-out corpus (unit) | N | shape picked on the others | its share | best share (unaccounted sweep) | "
@@ -124,9 +165,19 @@ def main(argv: list[str] | None = None) -> int:
                      f"{percent(s['dpsgd_unit_share'])} |")
     rule = pick([{"grid": s["grid_m"]} for s in studies])
     lines.append(f"\nshape picked on all corpora (the candidate rule): {rule}")
+    worst = []  # what one shape can keep on every corpus, and on corpora a public rule cannot tell apart
+    alike: dict[str, list[dict]] = {}
+    for s in studies:
+        alike.setdefault(public_constants(s["config"]), []).append(s)
+    twins = [("corpora with the same public constants", g) for g in alike.values() if len(g) > 1]
+    for name, group in [("all corpora", studies)] + twins:
+        k, w = best_worst_case(group)
+        worst.append({"corpora": [s["corpus"] for s in group], "shape": k, "worst_ratio": w})
+        lines.append(f"best worst-case ratio over {name} ({', '.join(s['corpus'] for s in group)}): "
+                     f"{w:.3f} ({k})")
     text = "\n".join(lines)
     print(text)
-    write_study(Path(args.out), "loco", text, {"studies": studies, "loco": loco, "rule": rule})
+    write_study(Path(args.out), "loco", text, {"studies": studies, "loco": loco, "rule": rule, "worst_case": worst})
     return 0
 
 

@@ -48,6 +48,21 @@ def test_default_rule_picks_by_mean_relative_share(monkeypatch, trained_run, tmp
     assert len(d["studies"]) == 2 and set(d["studies"][0]["grid"]) == {
         "tail=1 lam_max=0.5 alpha=auto m=2.4", "tail=10 lam_max=0.5 alpha=auto m=2.4"}
     assert d["rule"] in d["studies"][0]["grid"] and "left-out corpus" in (tmp_path / "loco.md").read_text()
+    # the same config twice: one group of twins; the tables redone from the JSON alone
+    assert [w["corpora"] for w in d["worst_case"]][1:] == [[d["studies"][0]["corpus"]] * 2]
+    assert mod.main(["--from", str(tmp_path / "loco.json"), "--out", str(tmp_path / "again")]) == 0
+    assert json.loads((tmp_path / "again" / "loco.json").read_text())["loco"] == d["loco"]
+
+
+def test_default_rule_worst_case_and_public_twins():
+    mod = _bench("default_rule")
+    studies = [{"grid": {"a": 0.5, "b": 0.45, "c": 0.1}}, {"grid": {"a": 0.1, "b": 0.27, "c": 0.3}}]
+    assert mod.best_worst_case(studies) == ("b", pytest.approx(0.9))  # min(0.9, 0.9) beats a's 0.33, c's 0.2
+    root = Path(__file__).resolve().parents[2] / "configs"
+    key = {name: mod.public_constants(str(root / f"{name}.toml")) for name in ("quick", "quick-mail", "quick-president",
+                                                                                "quick-moby")}
+    assert key["quick"] == key["quick-mail"]  # only the private data differ: no public rule tells them apart
+    assert len({key["quick"], key["quick-president"], key["quick-moby"]}) == 3  # N = 8; 3 epochs
 
 
 def test_crossover_last_above_stops_at_the_first_drop():
