@@ -218,6 +218,23 @@ def test_a_threshold_of_minus_1e9_makes_every_token_private(runtime, mode):
     assert got == greedy(runtime, m, prompt, 7, private=True)
 
 
+def test_drawn_mode_runs_a_private_streams_members_with_its_public_row(runtime, monkeypatch):
+    """After a private answer the next answer's draw is made before the screen decides and its
+    members join the public row's forward: one forward per step, not two (the first step has no
+    previous bit: public row, then the drawn members), and the same tokens."""
+    m = mech(threshold=PRIVATE_SCREEN, q=1.0)
+    calls = _rows(runtime, monkeypatch)
+    prompt = [7, 8, 9, 10]
+    with ledger(m) as led, Decoder(runtime, m, led, mode="drawn") as dec:
+        got = [t.id for t in dec.submit(prompt, SamplingParams(max_tokens=6, top_k=1, stop_at_eos=False))]
+        assert net_units(led) == 6
+    monkeypatch.undo()
+    forwards = [c for c in calls if c]
+    assert len(forwards) == 2 + 5, forwards  # step 1: two; steps 2-6: one each
+    assert all(sorted(a for g in c for a in g) == [PUBLIC, *range(N)] for c in forwards[2:])
+    assert got == greedy(runtime, m, prompt, 6, private=True)
+
+
 def test_constant_mode_work_does_not_depend_on_the_screen(runtime, monkeypatch):
     """The rows run and the releases computed per step are the same whether the screen answers
     every token privately or every token from the public model."""

@@ -39,8 +39,11 @@ draw (and closes the round), a public one is the public model's distribution. In
 mode all N members run for every token, the test members' scores are computed from all N rows,
 a mask is drawn and ``release_masked`` runs for every token (an all-False mask for a public
 answer), so a step's work depends neither on the screen's decision nor on the draw. In drawn
-mode a public answer runs no member (the test members run while the screen is private, the
-drawn ones at a private token; timing then reveals the decisions).
+mode a public answer runs no member beyond what was speculated: the test members run while the
+screen is private, and when the stream's previous answer was private the next answer's Poisson
+draw is made before the screen decides and its members run in the same forward as the public
+row (used only for a private answer), so a run of private answers costs one forward per step;
+timing then reveals the screen's bits (treated as released by the proof) and the draws.
 
 What leaves the engine: tokens, finish reasons, the budget's state, and counters that do not
 depend on the draw (drawn mode's ``stats()`` omits the rows it ran). Error messages never name
@@ -106,6 +109,7 @@ class _Request:
     public_only: bool = False
     reservation: Reservation | None = None  # the private tokens (adaptive: units) paid for in advance
     screen: Screen | None = None  # adaptive: this stream's screen (never leaves the engine)
+    last_private: bool = False  # adaptive, drawn mode: the screen's previous bit (treated as released)
 
 
 ALL = -2  # constant mode's one group of N + 1 rows
@@ -530,12 +534,23 @@ class Decoder:
                 dist = release_masked(public, members, mask if private else no_draw, self._release_params)
                 ready.append((req, dist, not private))
         else:
-            # phase 1: the public rows, and the open rounds' test members when the score is private
+            # phase 1: the public rows, and the open rounds' test members when the score is private.
+            # A request whose screen's previous bit was private also gets its answer's Poisson draw
+            # now (independent of the screen, which has not decided yet) and those members in the
+            # same forward, used only if the screen says private again: a stream of private answers
+            # then costs one forward per step, as plain PMixED's, and a stream of public ones only
+            # its public row. The work depends on the previous bit, which the proof treats as released
+            # (docs/privacy.md section 11), and on the draw, as in plain drawn-only mode.
             need: list[tuple[_Request, list[int]]] = []
+            drawn_for: dict[int, list[int]] = {}  # req order -> the Poisson draw of its answer
             for req in active:
                 keys = [PUBLIC]
-                if private_screen and req.screen.is_open and not req.public_only:
-                    keys += [int(i) for i in req.screen.test_members]
+                if not req.public_only:
+                    if private_screen and req.screen.is_open:
+                        keys += [int(i) for i in req.screen.test_members]
+                    if req.last_private:
+                        drawn_for[req.order] = [int(i) for i in poisson_draw(N, q)]
+                        keys += [k for k in drawn_for[req.order] if k not in keys]
                 need.append((req, keys))
             out = self._forward([self._member_group(r, k) for r, keys in need for k in keys], persistent=False)
             now: dict[int, dict[int, torch.Tensor]] = {  # req order -> row -> [V] (rows run this step)
@@ -570,8 +585,12 @@ class Decoder:
                 if ids:
                     a2 = chi_square(public, torch.stack([rows[k] for k in ids]))
                 private = self._decide(req, public, self._scores(req, public, a2))
-                decided.append((req, [int(i) for i in poisson_draw(N, q)] if private else None))
-            run_members([(r, d) for r, d in decided if d])  # phase 3: the drawn members
+                req.last_private = private
+                draw = drawn_for.get(req.order)
+                if private and draw is None:
+                    draw = [int(i) for i in poisson_draw(N, q)]
+                decided.append((req, draw if private else None))
+            run_members([(r, d) for r, d in decided if d])  # phase 3: drawn members not run in phase 1
             for req, drawn in decided:
                 public = now[req.order][PUBLIC]
                 members = (torch.stack([now[req.order][k] for k in drawn]) if drawn
