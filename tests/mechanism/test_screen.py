@@ -65,3 +65,22 @@ def test_a_private_screen_draws_its_test_members_once_per_round():
             s.decide(0.0, torch.zeros(ids.numel() + 1))
         assert s.decide(0.0, torch.zeros(ids.numel())) is True  # threshold -1e9: private
     assert 8.5 < sum(sizes) / len(sizes) < 11.5  # Poisson(0.5) over 20 members
+
+
+def test_the_next_rounds_test_members_drawn_ahead_are_the_ones_it_uses():
+    """``next_test_members`` draws S_r before the round is paid for and opened (the engine runs
+    those members early); ``open_round`` takes that draw, once, and the law is unchanged."""
+    g = torch.Generator().manual_seed(2)
+    s = Screen(ScreenParams(20, threshold=-1e9, weight=1.0, svt_epsilon=1.0, test_rate=0.5), g)
+    sizes = []
+    for _ in range(200):
+        ahead = s.next_test_members()
+        assert torch.equal(s.next_test_members(), ahead)  # drawn once, not redrawn
+        assert torch.equal(s.open_round(), ahead)
+        with pytest.raises(RuntimeError, match="open"):
+            s.next_test_members()
+        sizes.append(ahead.numel())
+        assert s.decide(0.0, torch.zeros(ahead.numel())) is True
+        assert not torch.equal(s.open_round(), ahead) or ahead.numel() in (0, 20)  # not reused: a fresh draw
+        s.decide(0.0, torch.zeros(s.test_members.numel()))
+    assert 8.5 < sum(sizes) / len(sizes) < 11.5  # Poisson(0.5) over 20 members

@@ -218,21 +218,39 @@ def test_a_threshold_of_minus_1e9_makes_every_token_private(runtime, mode):
     assert got == greedy(runtime, m, prompt, 7, private=True)
 
 
-def test_drawn_mode_runs_a_private_streams_members_with_its_public_row(runtime, monkeypatch):
-    """After a private answer the next answer's draw is made before the screen decides and its
-    members join the public row's forward: one forward per step, not two (the first step has no
-    previous bit: public row, then the drawn members), and the same tokens."""
-    m = mech(threshold=PRIVATE_SCREEN, q=1.0)
-    calls = _rows(runtime, monkeypatch)
+@pytest.mark.parametrize("private_screen", [False, True])
+def test_drawn_mode_runs_a_private_streams_members_with_its_public_row(runtime, monkeypatch, private_screen):
+    """After a private answer the next answer's draw (and, with a private score, the next round's
+    test subsample) is made before the screen decides and its members join the public row's
+    forward: one forward per step, not two or three (the first step has no previous bit: public
+    row, then the test members, then the drawn ones), and the same tokens."""
+    if private_screen:  # every member a test member (q_s = 1), few drawn: the test rows always matter
+        m = AdaptivePMixED(epsilon=8.0, delta=1e-5, private_queries=8, ensemble_size=N, sample_rate=0.05,
+                           screen_threshold=PRIVATE_SCREEN, screen_weight=1.0, screen_epsilon=0.05, screen_rate=1.0,
+                           lam_max=0.9)
+    else:
+        m = mech(threshold=PRIVATE_SCREEN, q=1.0)
+    forwards: list[list[list[int]]] = []
+    real = Decoder._forward
+
+    def spy(self, groups, persistent):
+        if groups:
+            forwards.append([list(g.adapters) for g in groups])
+        return real(self, groups, persistent)
+
+    monkeypatch.setattr(Decoder, "_forward", spy)
     prompt = [7, 8, 9, 10]
     with ledger(m) as led, Decoder(runtime, m, led, mode="drawn") as dec:
         got = [t.id for t in dec.submit(prompt, SamplingParams(max_tokens=6, top_k=1, stop_at_eos=False))]
         assert net_units(led) == 6
     monkeypatch.undo()
-    forwards = [c for c in calls if c]
-    assert len(forwards) == 2 + 5, forwards  # step 1: two; steps 2-6: one each
-    assert all(sorted(a for g in c for a in g) == [PUBLIC, *range(N)] for c in forwards[2:])
-    assert got == greedy(runtime, m, prompt, 6, private=True)
+    # step 1 (no previous bit): the public row, then the round's test members (private score: all
+    # N) or the drawn members (q = 1: all N); steps 2-6: one forward each holding every row
+    assert len(forwards) == 2 + 5, forwards
+    assert forwards[0] == [[PUBLIC]]
+    assert all(sorted(a for g in c for a in g) == [PUBLIC, *range(N)] for c in forwards[2:]), forwards
+    if not private_screen:
+        assert got == greedy(runtime, m, prompt, 6, private=True)
 
 
 def test_constant_mode_work_does_not_depend_on_the_screen(runtime, monkeypatch):

@@ -66,17 +66,31 @@ class Screen:
         self.generator = generator
         self.test_members: torch.Tensor = torch.zeros(0, dtype=torch.long)  # S_r, [m]
         self._rho = 0.0
+        self._next: torch.Tensor | None = None  # S of the next round, when drawn ahead
         self.is_open = False
 
-    def open_round(self) -> torch.Tensor:
-        """Start a round: draw S_r and rho_r. Returns S_r's member indices [m] (empty for a public
-        screen: no member is read)."""
+    def _subsample(self) -> torch.Tensor:
         p = self.params
-        if p.private:
-            mask = poisson_mask(p.ensemble_size, p.test_rate, None, self.generator)
-            self.test_members = torch.nonzero(mask).flatten()
-        else:
-            self.test_members = torch.zeros(0, dtype=torch.long)
+        if not p.private:
+            return torch.zeros(0, dtype=torch.long)
+        return torch.nonzero(poisson_mask(p.ensemble_size, p.test_rate, None, self.generator)).flatten()
+
+    def next_test_members(self) -> torch.Tensor:
+        """The next round's S_r, drawn now (the same Poisson law, independent of everything else)
+        so that its members can run before the round is paid for and opened; ``open_round`` then
+        uses it. Nothing is released by drawing it."""
+        if self.is_open:
+            raise RuntimeError("a round is open: its test members are test_members")
+        if self._next is None:
+            self._next = self._subsample()
+        return self._next
+
+    def open_round(self) -> torch.Tensor:
+        """Start a round: draw S_r (or take the one ``next_test_members`` drew) and rho_r. Returns
+        S_r's member indices [m] (empty for a public screen: no member is read)."""
+        p = self.params
+        self.test_members = self._subsample() if self._next is None else self._next
+        self._next = None
         self._rho = laplace(p.threshold_scale, self.generator)
         self.is_open = True
         return self.test_members

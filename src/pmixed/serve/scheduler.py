@@ -40,9 +40,10 @@ mode all N members run for every token, the test members' scores are computed fr
 a mask is drawn and ``release_masked`` runs for every token (an all-False mask for a public
 answer), so a step's work depends neither on the screen's decision nor on the draw. In drawn
 mode a public answer runs no member beyond what was speculated: the test members run while the
-screen is private, and when the stream's previous answer was private the next answer's Poisson
-draw is made before the screen decides and its members run in the same forward as the public
-row (used only for a private answer), so a run of private answers costs one forward per step;
+screen is private, and when the stream's previous answer was private the next round's test
+subsample and the next answer's Poisson draw are made before the round is paid and the screen
+decides, and their members run in the same forward as the public row (the draw's used only for a
+private answer), so a run of private answers costs one forward per step;
 timing then reveals the screen's bits (treated as released by the proof) and the draws.
 
 What leaves the engine: tokens, finish reasons, the budget's state, and counters that do not
@@ -535,9 +536,10 @@ class Decoder:
                 ready.append((req, dist, not private))
         else:
             # phase 1: the public rows, and the open rounds' test members when the score is private.
-            # A request whose screen's previous bit was private also gets its answer's Poisson draw
-            # now (independent of the screen, which has not decided yet) and those members in the
-            # same forward, used only if the screen says private again: a stream of private answers
+            # A request whose screen's previous bit was private also gets the next round's test
+            # subsample (private score) and its answer's Poisson draw now (independent of the
+            # screen, which has not decided yet) and those members in the same forward, the draw
+            # used only if the screen says private again: a stream of private answers
             # then costs one forward per step, as plain PMixED's, and a stream of public ones only
             # its public row. The work depends on the previous bit, which the proof treats as released
             # (docs/privacy.md section 11), and on the draw, as in plain drawn-only mode.
@@ -548,6 +550,8 @@ class Decoder:
                 if not req.public_only:
                     if private_screen and req.screen.is_open:
                         keys += [int(i) for i in req.screen.test_members]
+                    elif private_screen and req.last_private:  # the round to open: its S_r drawn ahead
+                        keys += [int(i) for i in req.screen.next_test_members()]
                     if req.last_private:
                         drawn_for[req.order] = [int(i) for i in poisson_draw(N, q)]
                         keys += [k for k in drawn_for[req.order] if k not in keys]
@@ -575,7 +579,7 @@ class Decoder:
                 for r, k in missing:
                     now[r.order][k] = got[id(r.groups[k])][0]
 
-            if private_screen:  # phase 2: the test members of rounds opened in this step
+            if private_screen:  # phase 2: test members of rounds opened in this step, not run ahead
                 run_members([(r, [int(i) for i in r.screen.test_members]) for r in opened])
             decided: list[tuple[_Request, list[int] | None]] = []  # (req, drawn members or None: public)
             for req in opened:
