@@ -42,7 +42,7 @@ answer), so a step's work depends neither on the screen's decision nor on the dr
 mode a public answer runs no member beyond what was speculated: the test members run while the
 screen is private, and when the stream's previous answer was private the next round's test
 subsample and the next answer's Poisson draw are made before the round is paid and the screen
-decides, and their members run in the same forward as the public row (the draw's used only for a
+decides, and their members run in the same forward as the public row (the draw is used only for a
 private answer), so a run of private answers costs one forward per step;
 timing then reveals the screen's bits (treated as released by the proof) and the draws.
 
