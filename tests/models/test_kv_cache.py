@@ -49,8 +49,10 @@ def test_appends_in_place_while_capacity_lasts():
         assert keys.data_ptr() == buf and keys[0, 0, -1, 0] == i
     layer.update(torch.ones(1, 1, 1, 2), torch.ones(1, 1, 1, 2))  # full: one reallocation
     assert layer._k.data_ptr() != buf and layer._k.shape[2] <= 64
-    layer.crop(5)
+    layer.crop(-5)  # remove 5 positions (transformers 4.56 and 5.x alike)
     assert layer.get_seq_length() == cap + 1 - 5 == layer.keys.shape[2]
+    keys, _ = layer.update(torch.full((1, 1, 1, 2), 7.0), torch.zeros(1, 1, 1, 2))  # into the freed room
+    assert keys.shape[2] == cap + 1 - 4 and keys[0, 0, -1, 0] == 7.0
 
 
 def test_batch_select_and_a_row_count_change():
@@ -58,9 +60,15 @@ def test_batch_select_and_a_row_count_change():
     k = torch.arange(24.0).view(4, 1, 3, 2)
     layer.update(k, k)
     layer.batch_select_indices(torch.tensor([2, 0]))
-    assert torch.equal(layer.keys, k[[2, 0]])
+    assert torch.equal(layer.keys, k[[2, 0]]) and layer.get_seq_length() == 3
+    layer.batch_repeat_interleave(2)
+    assert torch.equal(layer.keys, k[[2, 2, 0, 0]])
+    keys, _ = layer.update(torch.ones(4, 1, 1, 2), torch.ones(4, 1, 1, 2))
+    assert keys.shape == (4, 1, 4, 2) and torch.equal(keys[:, :, :3], k[[2, 2, 0, 0]])
     with pytest.raises(ValueError, match="rows"):
         layer.update(torch.zeros(3, 1, 1, 2), torch.zeros(3, 1, 1, 2))
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.keys is None
 
 
 def test_growing_cache_copies_what_it_is_given():

@@ -30,12 +30,16 @@ KV = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, 
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values [B, H, length, D] as views of a buffer [B, H, capacity, D]."""
 
-    def __init__(self, limit: int | None = None, **kwargs: Any):
-        super().__init__(**kwargs)
+    def __init__(self, limit: int | None = None):
+        super().__init__()  # transformers 4.56 takes no arguments here, 5.x keyword ones
         self.limit = limit  # the most positions worth reserving (the context), None: no cap
         self._k: torch.Tensor | None = None  # [B, H, capacity, D]
         self._v: torch.Tensor | None = None
         self.length = 0
+
+    def _start(self, device: torch.device) -> None:
+        self.device = device
+        self.is_initialized = True  # read by transformers 5.x (crop, reset), unused by 4.56
 
     def _capacity_for(self, needed: int) -> int:
         cap = max(needed, 2 * (0 if self._k is None else self._k.shape[2]), 16)
@@ -57,9 +61,8 @@ class GrowingLayer(DynamicLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``key_states`` / ``value_states`` [B, H, t, D]; return all positions so far."""
-        if not self.is_initialized:
-            self.device = key_states.device
-            self.is_initialized = True
+        if self._k is None:
+            self._start(key_states.device)
         t = key_states.shape[2]
         end = self.length + t
         if self._k is None or end > self._k.shape[2] or self._k.shape[0] != key_states.shape[0]:
@@ -79,8 +82,7 @@ class GrowingLayer(DynamicLayer):
         """Start as ``rows`` rows of ``length`` zero positions (heads and widths as ``like_k`` /
         ``like_v`` [b, H, L, D]) with ``room`` spare positions (fewer beyond ``limit``); return
         the views [rows, H, length, D] for the caller to fill."""
-        self.device = like_k.device
-        self.is_initialized = True
+        self._start(like_k.device)
         cap = length + room if self.limit is None else max(length, min(length + room, self.limit))
         self._k = like_k.new_zeros(rows, like_k.shape[1], cap, like_k.shape[3])
         self._v = like_v.new_zeros(rows, like_v.shape[1], cap, like_v.shape[3])
@@ -98,32 +100,27 @@ class GrowingLayer(DynamicLayer):
         self.length = 0
         self.is_initialized = False
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Keep the first ``length - tokens_to_remove`` positions (negative: keep that many)."""
-        keep = self.length - tokens_to_remove if tokens_to_remove >= 0 else -tokens_to_remove
-        self.length = max(0, min(self.length, keep))
-        if self._k is not None:
-            self.keys = self._k[:, :, : self.length]
-            self.values = self._v[:, :, : self.length]
+    def crop(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' crop (its argument's meaning differs between versions), on the views: they
+        stay a prefix of the buffer, whose later positions become spare."""
+        super().crop(*args, **kwargs)
+        self.length = 0 if self.keys is None else self.keys.shape[2]
 
-    def _rebuild(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def _rebuild(self) -> None:
+        keys, values = self.keys, self.values
         self._k = self._v = None
         self.length = 0
         self.update(keys, values)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)  # new tensors in keys / values
         if self.length:
-            self._rebuild(self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0))
+            self._rebuild()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
         if self.length:
-            self._rebuild(self.keys[indices, ...], self.values[indices, ...])
-
-    def capacity_bytes(self) -> int:
-        """The bytes the buffers hold (spare positions included)."""
-        if self._k is None:
-            return 0
-        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+            self._rebuild()
 
 
 def growing_cache(layers: KV | None = None, limit: int | None = None) -> DynamicCache:
