@@ -387,32 +387,21 @@ class Decoder:
         if self.adaptive:
             self._step_adaptive(active)
             return
-        N = self.mechanism.ensemble_size
         plan: list[tuple[_Request, list[int], torch.Tensor | None]] = []  # (req, group keys, mask)
         for req in active:
             if self.mode == "constant":
-                g = req.groups.setdefault(ALL, RowGroup([PUBLIC, *range(N)]))
-                g.tokens = req.seq[g.seen:]
+                self._all_group(req)
                 mask = None if req.public_only else self.mechanism.draw_mask()
                 plan.append((req, [ALL], mask))
             else:
                 drawn = [] if req.public_only else [int(i) for i in self.mechanism.draw()]
                 keys = [PUBLIC, *drawn]
                 for k in keys:
-                    g = req.groups.setdefault(k, RowGroup([k]))
-                    g.tokens = req.seq[g.seen:]
-                    req.idle[k] = self._step_no
+                    self._member_group(req, k)
                 plan.append((req, keys, None))
         groups = [req.groups[k] for req, keys, _ in plan for k in keys]
-        single = [g for g in groups if len(g.tokens) == 1]
-        multi = [g for g in groups if len(g.tokens) > 1]
-        out: dict[int, torch.Tensor] = {}
-        persistent = self.mode == "constant"  # the same groups step together: reuse the batch cache
-        with self._lock:
-            self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
-        for batch in (multi, single):  # at most two batched forwards
-            for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
-                out[id(g)] = probs.double().cpu()  # [b, V]: the mechanism runs on the CPU
+        # constant: the same groups step together, so the batch cache is reused
+        out = self._forward(groups, persistent=self.mode == "constant")
         ready: list[tuple[_Request, torch.Tensor, torch.Tensor]] = []  # (req, released, public)
         for req, keys, mask in plan:
             if self.mode == "constant":
@@ -458,6 +447,13 @@ class Decoder:
             for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
                 out[id(g)] = probs.double().cpu()
         return out
+
+    def _all_group(self, req: _Request) -> RowGroup:
+        """Constant-work mode: ``req``'s one group of the public row and every member, given the
+        tokens it has not seen (one, after the prefill)."""
+        g = req.groups.setdefault(ALL, RowGroup([PUBLIC, *range(self.mechanism.ensemble_size)]))
+        g.tokens = req.seq[g.seen:]
+        return g
 
     def _member_group(self, req: _Request, k: int) -> RowGroup:
         """Drawn mode: member (or public) row ``k``'s group, caught up on the tokens it missed."""
@@ -509,10 +505,7 @@ class Decoder:
         ready: list[tuple[_Request, torch.Tensor, bool]] = []  # (req, distribution, screened public)
         order = sorted(active, key=lambda r: r.order)  # admission order decides who is paid
         if self.mode == "constant":
-            for req in active:
-                g = req.groups.setdefault(ALL, RowGroup([PUBLIC, *range(N)]))
-                g.tokens = req.seq[g.seen:]
-            out = self._forward([req.groups[ALL] for req in active], persistent=True)
+            out = self._forward([self._all_group(req) for req in active], persistent=True)
             no_draw = torch.zeros(N, dtype=torch.bool)
             for req in order:
                 rows = out[id(req.groups[ALL])]  # [N + 1, V]
