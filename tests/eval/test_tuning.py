@@ -352,7 +352,7 @@ def test_the_cap_statistic_is_charged_before_any_member_runs_and_refused_whole(t
     led = Ledger(MEMORY, epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta)
     res = tune_bind(rt, texts, params, cands, led, generator=torch.Generator().manual_seed(0))
     assert calls == [1] and [h.mechanism for h in led.history()] == [BIND_MECHANISM]
-    assert res.chosen.lam_max == params.choose(res.noisy_cap_share)
+    assert res.chosen.lam_max == params.choose(res.released)
     with pytest.raises(ValueError, match="public positions"):
         tune_bind(rt, texts[:, :5], params, cands, led)
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -150,7 +151,9 @@ def tune_cmd(
         ens, runtime = load_runtime(cfg, progress=not quiet)
         if method == "bind":
             L = min(cfg.eval.block_size, runtime.context_length or cfg.eval.block_size)
-            params, cands = bind_plan(cfg, public_blocks * (L - 1), score_epsilon)  # the same order
+            # the positions at the model's context: the charge (H4) and the candidates do not
+            # depend on them, so the plan's order and calibrations stand
+            params = dataclasses.replace(params, positions=public_blocks * (L - 1))
             charge = bind_charge(params, led.orders)
         else:
             blocks = unit_blocks(ens, cfg.eval.block_size, runtime.context_length)  # U, the number of held-out units, is public
@@ -191,14 +194,14 @@ def tune_cmd(
     where = "in-memory experiment ledger" if path is None else f"ledger {_shown(path)}"
     if method == "bind":
         con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy cap share "
-                  f"{res.noisy_cap_share:.3f} over {params.positions} public positions: lam_max "
+                  f"{res.released:.3f} over {params.positions} public positions: lam_max "
                   f"{params.low:g} below {params.lower:.3g}, {params.high:g} from {params.upper:g}, else "
                   f"{params.reference.lam_max:g})", markup=False)
         con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
                   f"(delta {p.delta:g}); one Laplace release of pure epsilon {score_epsilon:g}, eq. (H4)", markup=False)
     else:
         con.print(f"chosen shape: tail = {c.tail:g}, lam_max = {c.lam_max:g} (noisy hit rate "
-                  f"{res.noisy_hit_rate:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
+                  f"{res.released:.3f} over {len(blocks)} held-out units x {per_unit} positions)", markup=False)
         con.print(f"tuning charged to the {where}: epsilon spent now {res.epsilon_spent:.4f} of {p.epsilon:g} "
                   f"(delta {p.delta:g}); {len(cands)} candidates, E[trials] = {expected_trials(eta, gamma):.1f} "
                   "(the number run is not shown: it is part of what eq. (H3) hides)", markup=False)

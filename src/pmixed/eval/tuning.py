@@ -47,17 +47,20 @@ class Candidate:
 
 @dataclass(frozen=True)
 class TuneResult:
-    """What `pmixed tune` releases: the chosen candidate, its noisy hit count (divided by the
-    public nominal count U m of tuning queries), and the tuning's charge."""
+    """What `pmixed tune` releases: the chosen candidate, the noisy statistic the choice is a
+    function of, and the tuning's charge. ``statistic`` names it: "noisy_hit_rate" for trials (the
+    best trial's noisy hit count over the public nominal count U m of tuning queries, eq. (H1)),
+    "noisy_cap_share" for the cap statistic (the Laplace release of eq. (H4))."""
 
     chosen: Candidate
-    noisy_hit_rate: float
-    params: TuneParams
+    released: float
+    params: Any  # privacy.tuning.TuneParams (trials) or BindParams (cap statistic)
     epsilon_spent: float  # the ledger's epsilon after the tuning's charge
+    statistic: str = "noisy_hit_rate"
 
     def record(self) -> dict[str, Any]:
         return {"lam_max": self.chosen.lam_max, "tail": self.chosen.tail, "label": self.chosen.label,
-                "alpha": self.chosen.calibration.params.max_order, "noisy_hit_rate": self.noisy_hit_rate,
+                "alpha": self.chosen.calibration.params.max_order, self.statistic: self.released,
                 "tuning": self.params.record(), "epsilon_spent": self.epsilon_spent}
 
 
@@ -219,22 +222,6 @@ def serving_calibration(cfg: Any, chosen: Candidate, spent: dict[float, float]) 
 PUBLIC_SEED = 0
 
 
-@dataclass(frozen=True)
-class BindResult:
-    """What the cap-statistic tuner releases: the chosen candidate and the noisy mean cap share
-    (the Laplace release of eq. (H4); the choice is a function of it)."""
-
-    chosen: Candidate
-    noisy_cap_share: float
-    params: Any  # privacy.tuning.BindParams
-    epsilon_spent: float
-
-    def record(self) -> dict[str, Any]:
-        return {"lam_max": self.chosen.lam_max, "tail": self.chosen.tail, "label": self.chosen.label,
-                "alpha": self.chosen.calibration.params.max_order, "noisy_cap_share": self.noisy_cap_share,
-                "tuning": self.params.record(), "epsilon_spent": self.epsilon_spent}
-
-
 @torch.no_grad()
 def public_blocks(runtime: Any, n_blocks: int, block_size: int, start_token: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
     """``n_blocks`` texts of ``block_size`` tokens [n, L] int64 (CPU) sampled from the public model
@@ -304,7 +291,7 @@ def bind_plan(cfg: Any, positions: int, score_epsilon: float, orders: Sequence[f
 
 
 def tune_bind(runtime: Any, blocks: torch.Tensor, params: Any, cands: dict[float, Candidate], ledger: Any, *,
-              generator: torch.Generator | None = None, shares: torch.Tensor | None = None) -> BindResult:
+              generator: torch.Generator | None = None, shares: torch.Tensor | None = None) -> TuneResult:
     """The cap-statistic tuner (``bind_plan`` gives ``params`` and ``cands``): charge (H4) to
     ``ledger`` first (BudgetExhausted: nothing runs), then the members' mean cap share on the
     public ``blocks`` plus Lap(1 / (N eps_s)) picks lam_max. ``generator`` only for experiments."""
@@ -316,4 +303,4 @@ def tune_bind(runtime: Any, blocks: torch.Tensor, params: Any, cands: dict[float
     if shares is None:
         shares = cap_shares(runtime, blocks, params.reference)
     noisy = float(shares.mean()) + laplace(params.noise_scale, generator)
-    return BindResult(cands[params.choose(noisy)], noisy, params, ledger.epsilon_spent())
+    return TuneResult(cands[params.choose(noisy)], noisy, params, ledger.epsilon_spent(), "noisy_cap_share")
