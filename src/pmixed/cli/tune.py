@@ -32,6 +32,14 @@ def _floats(field: str, text: str) -> list[float]:
     return vals
 
 
+#: Each option's default under the method that reads it. The options themselves default to None
+#: ("not given"), so that one the chosen method does not read is refused instead of ignored.
+DEFAULTS = {"--public-blocks": 8, "--positions-per-unit": 16, "--gamma": 0.5, "--eta": 1.0,
+            "--tails": "1,3,10,30", "--lam-max": "0.25,0.5,0.75,0.9"}
+#: --score-epsilon's default by method.
+SCORE_EPSILON = {"bind": 0.5, "trials": 1.0}
+
+
 def tune_cmd(
     config: Path = ConfigOpt,
     ledger: str | None = typer.Option(
@@ -45,19 +53,23 @@ def tune_cmd(
                                  "(cheap); trials: the best of random trials on the held-out units, eqs. (H1)-(H3)."),
     public_blocks: int | None = typer.Option(
         None, "--public-blocks", min=1, help="bind: texts sampled from the public model whose positions are scored "
-                                             "(default 8)."),
+                                             f"(default {DEFAULTS['--public-blocks']})."),
     per_unit: int | None = typer.Option(
         None, "--positions-per-unit", min=1,
-        help="trials: scored positions queried per held-out unit (m: the hit count's sensitivity; default 16)."),
+        help="trials: scored positions queried per held-out unit (m: the hit count's sensitivity; "
+             f"default {DEFAULTS['--positions-per-unit']})."),
     score_epsilon: float | None = typer.Option(
-        None, "--score-epsilon", help="Pure epsilon of the noisy statistic (bind, default 0.5) or of each trial's "
-                                      "noisy hit count (trials, default 1)."),
+        None, "--score-epsilon", help=f"Pure epsilon of the noisy statistic (bind, default {SCORE_EPSILON['bind']:g}) or of "
+                                      f"each trial's noisy hit count (trials, default {SCORE_EPSILON['trials']:g})."),
     gamma: float | None = typer.Option(
-        None, "--gamma", help="trials: trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1 (default 0.5)."),
-    eta: float | None = typer.Option(None, "--eta", help="trials: trial-count law D_{eta,gamma} (1: geometric; default 1)."),
-    tails: str | None = typer.Option(None, "--tails", help="trials: candidate tails s (comma-separated; default 1,3,10,30)."),
+        None, "--gamma", help="trials: trial-count law D_{eta,gamma}: E[K] = 1/gamma at eta = 1 "
+                                 f"(default {DEFAULTS['--gamma']:g})."),
+    eta: float | None = typer.Option(None, "--eta", help="trials: trial-count law D_{eta,gamma} (1: geometric; "
+                                                          f"default {DEFAULTS['--eta']:g})."),
+    tails: str | None = typer.Option(None, "--tails", help="trials: candidate tails s (comma-separated; "
+                                                            f"default {DEFAULTS['--tails']})."),
     lam_max: str | None = typer.Option(
-        None, "--lam-max", help="trials: candidate lam_max (comma-separated; default 0.25,0.5,0.75,0.9)."),
+        None, "--lam-max", help=f"trials: candidate lam_max (comma-separated; default {DEFAULTS['--lam-max']})."),
     output_dir: Path | None = typer.Option(None, "--output-dir", "-o", help="Override [run] output_dir."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -113,14 +125,11 @@ def tune_cmd(
     if given:  # an option the chosen method does not read is a mistake, not something to ignore
         raise ConfigError("method", f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not read by "
                                     f"--method {method}")
-    public_blocks = 8 if public_blocks is None else public_blocks
-    per_unit = 16 if per_unit is None else per_unit
-    gamma = 0.5 if gamma is None else gamma
-    eta = 1.0 if eta is None else eta
-    tails = "1,3,10,30" if tails is None else tails
-    lam_max = "0.25,0.5,0.75,0.9" if lam_max is None else lam_max
-    if score_epsilon is None:
-        score_epsilon = 0.5 if method == "bind" else 1.0
+    public_blocks, per_unit, gamma, eta, tails, lam_max = (
+        DEFAULTS[name] if value is None else value
+        for name, value in (("--public-blocks", public_blocks), ("--positions-per-unit", per_unit),
+                            ("--gamma", gamma), ("--eta", eta), ("--tails", tails), ("--lam-max", lam_max)))
+    score_epsilon = SCORE_EPSILON[method] if score_epsilon is None else score_epsilon
     laplace_rdp(2.0, score_epsilon)  # every argument checked before the model loads
     check_ensemble_matches(cfg)
     # the plan before the ledger and the model: it fixes the one order at which every candidate is
