@@ -71,9 +71,10 @@ def test_batch_select_and_a_row_count_change():
     assert layer.get_seq_length() == 0 and layer.keys is None
 
 
-def test_growing_cache_copies_what_it_is_given():
+def test_growing_cache_builds_growing_layers_that_copy_what_they_are_given():
     k = torch.randn(2, 1, 3, 2)
-    cache = growing_cache([(k, k)], limit=8)
+    cache = growing_cache(limit=8)
+    cache.update(k, k, 0)
     assert isinstance(cache.layers[0], GrowingLayer) and torch.equal(cache.layers[0].keys, k)
     k.zero_()
     assert not torch.equal(cache.layers[0].keys, k)  # its own buffer

@@ -16,16 +16,12 @@ tests/models/test_kv_cache.py); only where they are stored differs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 __all__ = ["GrowingLayer", "growing_cache"]
-
-KV = Sequence[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [B, H, L, D]
-
 
 class GrowingLayer(DynamicLayer):
     """One layer's keys and values [B, H, length, D] as views of a buffer [B, H, capacity, D]."""
@@ -123,11 +119,9 @@ class GrowingLayer(DynamicLayer):
             self._rebuild()
 
 
-def growing_cache(layers: KV | None = None, limit: int | None = None) -> DynamicCache:
-    """A transformers cache whose layers are ``GrowingLayer``s (``limit``: positions worth
-    reserving), holding a copy of ``layers`` when given (one copy, into buffers with room)."""
+def growing_cache(limit: int | None = None) -> DynamicCache:
+    """An empty transformers cache whose layers are ``GrowingLayer``s (``limit``: positions worth
+    reserving); the model's first update of each layer creates it."""
     cache = DynamicCache()
     cache.layer_class_to_replicate = lambda: GrowingLayer(limit)
-    for li, (k, v) in enumerate(layers or ()):
-        cache.update(k, v, li)
     return cache
