@@ -56,7 +56,7 @@ from pmixed.privacy.ledger_store import (
     Totals,
     charge_records,
     dump_curve,
-    load_curve,
+    totals_from_row,
 )
 
 __all__ = ["FORMAT", "SCHEMA", "SCHEMA_VERSION", "PostgresLedgerStore", "is_postgres_url", "parse_url"]
@@ -343,12 +343,7 @@ class PostgresLedgerStore:
     def _totals_row(self, conn, lock: bool = False) -> Totals:
         sql = f"SELECT rdp, n_charges, last_charge_id FROM {self.schema}.totals WHERE budget = %s"
         row = conn.execute(sql + (" FOR UPDATE" if lock else ""), (self.budget,)).fetchone()
-        if row is None:
-            raise LedgerError(f"ledger {self.location} is damaged: its totals row is missing")
-        try:
-            return Totals(load_curve(row[0], self._n()), row[1], row[2])
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {self.location} is damaged: bad totals ({e})") from e
+        return totals_from_row(row, self._n(), self.location)
 
     def read_totals(self) -> Totals:
         pg = self._psycopg

@@ -58,7 +58,7 @@ from pmixed.privacy.ledger_store import (
     Totals,
     charge_records,
     dump_curve,
-    load_curve,
+    totals_from_row,
 )
 
 __all__ = ["APPLICATION_ID", "FORMAT", "MEMORY", "SCHEMA_VERSION", "SqliteLedgerStore"]
@@ -302,12 +302,7 @@ class SqliteLedgerStore:
 
     def _totals_row(self, conn: sqlite3.Connection) -> Totals:
         row = conn.execute("SELECT rdp, n_charges, last_charge_id FROM totals WHERE id = 1").fetchone()
-        if row is None:
-            raise LedgerError(f"ledger {self.location} is damaged: its totals row is missing")
-        try:
-            return Totals(load_curve(row[0], self._n()), row[1], row[2])
-        except (ValueError, TypeError) as e:
-            raise LedgerError(f"ledger {self.location} is damaged: bad totals ({e})") from e
+        return totals_from_row(row, self._n(), self.location)
 
     def read_totals(self) -> Totals:
         try:

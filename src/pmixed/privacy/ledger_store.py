@@ -164,6 +164,19 @@ def load_params(text: str) -> dict:
     return value
 
 
+def totals_from_row(row, n: int, location: str) -> Totals:
+    """The stored totals row (rdp, n_charges, last_charge_id), as every store selects it, ->
+    Totals over ``n`` orders; a missing or undecodable row is a damaged ledger (LedgerError)."""
+    from pmixed.errors import LedgerError
+
+    if row is None:
+        raise LedgerError(f"ledger {location} is damaged: its totals row is missing")
+    try:
+        return Totals(load_curve(row[0], n), row[1], row[2])
+    except (ValueError, TypeError) as e:
+        raise LedgerError(f"ledger {location} is damaged: bad totals ({e})") from e
+
+
 def charge_records(rows, n: int, location: str) -> list[ChargeRecord]:
     """Stored charge rows (id, time, count, label, rdp, epsilon_after, mechanism, params), as
     every store selects them, -> ChargeRecords over ``n`` orders; a row that does not decode is
