@@ -59,6 +59,9 @@ def _register() -> None:
     from pmixed.cli import tune
 
     app.command("tune")(tune.tune_cmd)
+    from pmixed.cli import audit
+
+    app.command("audit")(audit.audit_cmd)
     from pmixed.cli import serve
 
     app.command("serve")(serve.serve_cmd)
