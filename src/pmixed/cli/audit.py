@@ -90,6 +90,8 @@ def audit_cmd(
                        else "consistent with the claim (a lower bound: it cannot show the claim tight)")
         else:
             verdict = ("caught: the audit detects an unsound mechanism here" if r.violated
+                       else "not caught: it reached the most these sessions can show (raise --sessions, or "
+                            "lower --queries, whose claim is smaller)" if r.epsilon_lower >= r.ceiling - 1e-9
                        else "not caught: on these positions the audit is too weak to detect even this")
         con.print(f"{label}: {sessions} sessions per world x {queries} queries at public positions, member "
                   f"{member} replaced by a canary; test {r.direction}: {c['tp']}/{c['n1']} hits against "
