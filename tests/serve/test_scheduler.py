@@ -4,17 +4,21 @@ the draw, and refusals happen before anything is charged."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
 from pmixed.errors import PromptTooLong  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
-from pmixed.models.runtime import PUBLIC, EnsembleRuntime  # noqa: E402
+from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
 from pmixed.privacy.ledger import Ledger, record_count  # noqa: E402
-from pmixed.serve.scheduler import Decoder, QueueFull  # noqa: E402
+from pmixed.serve import scheduler as scheduler_mod  # noqa: E402
+from pmixed.serve.scheduler import Decoder, QueueFull, catch_up_batches  # noqa: E402
 from pmixed.serve.stream import SamplingParams  # noqa: E402
 from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
 
@@ -197,3 +201,68 @@ def test_a_request_is_one_reservation_not_one_transaction_per_token(runtime):
         hist = led.history()[1:]
         assert len(hist) == 2 and hist[0].count == 30 and hist[1].mechanism == REFUND
         assert sum(record_count(r) for r in hist) == len(got)  # the refund returns the untaken part
+
+
+# ----------------------------------------------------------------- catch-up rows in few forwards
+
+def _cost(batches, overhead):
+    return sum(sum(len(g.adapters) for g in b) * max(len(g.tokens) for g in b) + overhead for b in batches)
+
+
+def _groups(spec):
+    return [RowGroup(list(range(rows)), tokens=[1] * n) for n, rows in spec]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(2, 40), st.integers(1, 5)), min_size=1, max_size=12),
+       st.integers(1, 4), st.integers(0, 200))
+def test_every_group_once_and_the_cheapest_contiguous_split(spec, most, overhead):
+    groups = _groups(spec)
+    got = catch_up_batches(groups, most, overhead)
+    assert 1 <= len(got) <= most
+    assert sorted(id(g) for b in got for g in b) == sorted(id(g) for g in groups)
+    lens = sorted({len(g.tokens) for g in groups})
+    spans = [max(len(g.tokens) for g in b) for b in got]
+    assert spans == sorted(spans)  # contiguous by pending count
+    best = None
+    for k in range(1, min(most, len(lens)) + 1):
+        for cuts in itertools.combinations(range(1, len(lens)), k - 1):
+            edges = [0, *cuts, len(lens)]
+            split = [[g for g in groups if lens[a] <= len(g.tokens) <= lens[b - 1]] for a, b in zip(edges, edges[1:])]
+            c = _cost(split, overhead)
+            best = c if best is None else min(best, c)
+    assert _cost(got, overhead) == best
+
+
+def test_no_groups_and_one_count():
+    assert catch_up_batches([]) == []
+    groups = _groups([(3, 2), (3, 1)])
+    assert catch_up_batches(groups) == [groups]
+    # a few long catch-ups beside many short ones: split, since padding the short ones costs more
+    mixed = _groups([(2, 1)] * 40 + [(30, 1)] * 2)
+    got = catch_up_batches(mixed, overhead=16)
+    assert len(got) == 2 and {len(g.tokens) for g in got[1]} == {30}
+
+
+def test_split_catch_up_forwards_compute_what_one_forward_does(runtime, monkeypatch):
+    """Drawn mode with members drawn on a fixed schedule, so that their catch-ups have different
+    lengths: forwards split at every pending count (no forward cost) give the same tokens as one
+    padded forward (a huge one), greedy; and the split does happen."""
+    m = mech(q=0.5)
+    schedule = itertools.cycle([[0], [1, 2], [0, 1], [2], [0, 1, 2], []])
+    monkeypatch.setattr(m, "draw", lambda generator=None: torch.tensor(next(schedule), dtype=torch.long))
+    calls = []
+    real = scheduler_mod.catch_up_batches
+    monkeypatch.setattr(scheduler_mod, "catch_up_batches", lambda gs, *a, **k: calls.append(out := real(gs, *a, **k)) or out)
+    got = {}
+    for cost in (0, 10**9):
+        monkeypatch.setattr(scheduler_mod, "FORWARD_COST_POSITIONS", cost)
+        schedule = itertools.cycle([[0], [1, 2], [0, 1], [2], [0, 1, 2], []])
+        calls.clear()
+        with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode="drawn") as dec:
+            streams = [dec.submit(p, SamplingParams(max_tokens=10, top_k=1, stop_at_eos=False))
+                       for p in ([1, 2, 3], [5, 6, 7, 8, 9, 10])]
+            got[cost] = [[t.id for t in s] for s in streams]
+        got[(cost, "most")] = max(len(c) for c in calls)
+    assert got[0] == got[10**9]
+    assert got[(0, "most")] > 1 and got[(10**9, "most")] == 1

@@ -114,6 +114,51 @@ class _Request:
 
 
 ALL = -2  # constant mode's one group of N + 1 rows
+#: Rows with several pending tokens run in at most this many forwards, each padded to its
+#: longest row; a forward's fixed cost, counted in row-positions of padding it is worth saving.
+MAX_CATCH_UP_FORWARDS = 3
+FORWARD_COST_POSITIONS = 64
+
+
+def catch_up_batches(groups: Sequence[RowGroup], most: int | None = None,
+                     overhead: int | None = None) -> list[list[RowGroup]]:
+    """Split groups with pending tokens into at most ``most`` batches of contiguous pending
+    counts minimising sum(rows x longest pending) + overhead x batches: a batch pads every row
+    to its longest, so one batch of a few long catch-ups and many short ones is mostly padding.
+    Exact, by dynamic programming over the distinct pending counts. [] for no groups."""
+    most = MAX_CATCH_UP_FORWARDS if most is None else most
+    overhead = FORWARD_COST_POSITIONS if overhead is None else overhead
+    if not groups:
+        return []
+    by_len: dict[int, list[RowGroup]] = {}
+    for g in groups:
+        by_len.setdefault(len(g.tokens), []).append(g)
+    lens = sorted(by_len)  # distinct pending counts, ascending
+    rows = [sum(len(g.adapters) for g in by_len[n]) for n in lens]
+    D = len(lens)
+    prefix = [0]
+    for r in rows:
+        prefix.append(prefix[-1] + r)
+    # best[b][i]: the cost of the first i counts in b batches; cut[b][i]: where its last batch starts
+    inf = float("inf")
+    best = [[inf] * (D + 1) for _ in range(most + 1)]
+    cut = [[0] * (D + 1) for _ in range(most + 1)]
+    best[0][0] = 0.0
+    for b in range(1, most + 1):
+        for i in range(1, D + 1):
+            for j in range(i):  # the last batch holds counts j..i-1, padded to lens[i - 1]
+                c = best[b - 1][j] + (prefix[i] - prefix[j]) * lens[i - 1] + overhead
+                if c < best[b][i]:
+                    best[b][i], cut[b][i] = c, j
+    b = min(range(1, most + 1), key=lambda k: best[k][D])
+    out, i = [], D
+    while b > 0:
+        j = cut[b][i]
+        out.append([g for n in lens[j:i] for g in by_len[n]])
+        i, b = j, b - 1
+    return out[::-1]
+
+
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
 
 
@@ -436,14 +481,15 @@ class Decoder:
     # ------------------------------------------------------------------ screened PMixED
 
     def _forward(self, groups: list[RowGroup], persistent: bool) -> dict[int, torch.Tensor]:
-        """At most two batched forwards (rows with several pending tokens, rows with one) ->
-        id(group) -> [b, V] float64 on the CPU."""
+        """Batched forwards -> id(group) -> [b, V] float64 on the CPU: one for the rows with one
+        pending token, and the rows with several (prefill, drawn mode's catch-up) in at most
+        ``MAX_CATCH_UP_FORWARDS`` more, grouped by pending count (``catch_up_batches``)."""
         single = [g for g in groups if len(g.tokens) == 1]
         multi = [g for g in groups if len(g.tokens) > 1]
         out: dict[int, torch.Tensor] = {}
         with self._lock:
             self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
-        for batch in (multi, single):
+        for batch in [*catch_up_batches(multi), single]:
             for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
                 out[id(g)] = probs.double().cpu()
         return out
