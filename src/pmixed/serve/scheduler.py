@@ -9,8 +9,9 @@ A background thread advances every active request by one token per step:
    all consume every token, so a step's work does not depend on the Poisson draw. **drawn**
    mode: the public row plus the members drawn for this token, each with its own cache that
    catches up on the tokens it missed (less work, but the step's time depends on |S|);
-3. run the rows: one batched forward for the rows with one pending token, one more for rows
-   with several (new prompts: prefill; drawn mode: members catching up);
+3. run the rows: one batched forward for the rows with one pending token, and the rows with
+   several (new prompts: prefill; drawn mode: members catching up) in at most three more, split
+   by pending count where the padding saved is worth a forward (``catch_up_batches``);
 4. per request: check the public row (an invalid one ends that request with "error", before
    its draw is used and without a charge: it depends on public data only), release the token's
    distribution (eq. (M1); constant mode with the work of all N members, ``release_masked``);
