@@ -266,3 +266,11 @@ def test_split_catch_up_forwards_compute_what_one_forward_does(runtime, monkeypa
         got[(cost, "most")] = max(len(c) for c in calls)
     assert got[0] == got[10**9]
     assert got[(0, "most")] > 1 and got[(10**9, "most")] == 1
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_split_prefill_equals_full_recomputation(runtime, monkeypatch, mode):
+    """Prompts of different lengths prefilled in separate forwards (no forward cost), then decoded
+    (in constant mode from the caches the split left): the same tokens as full recomputation."""
+    monkeypatch.setattr(scheduler_mod, "FORWARD_COST_POSITIONS", 0)
+    test_concurrent_batched_requests_equal_full_recomputation(runtime, mode)
