@@ -18,8 +18,8 @@ pbar_j (eq. (M1)), each pbar_j a function of member j alone (eq. (P1)), so the p
 y*_t under a draw is the mean over S of a_j,t = release({j})[y*_t], and p_0's share when S is
 empty. ``position_rates`` computes a_j,t with the library's own ``release`` on one member at a
 time (and the canary's a'_t the same way) and checks, on random draws with several members,
-that ``release`` of the whole draw gives the mean: the simulation is of the released
-mechanism, not of a model of it. Sessions then draw masks and Bernoulli tokens in bulk.
+that ``release`` of the whole draw, and ``release_masked`` (constant-work serving's path), give
+the mean: the simulation is of the released mechanism, not of a model of it. Sessions then draw masks and Bernoulli tokens in bulk.
 
 Choosing y*_t reads the public row only: among tokens at log-spaced ranks of p_0, the one whose
 canary moves the release most per unit noise, (c (a' - p_0))^2 / p_0 (a chi-square score; any
