@@ -224,7 +224,7 @@ class AuditResult:
 
 
 def audit(rates: PositionRates, params: MechanismParams, *, delta: float, epsilon_claimed: float,
-          sessions: int = 2000, confidence: float = 0.95, generator: torch.Generator | None = None) -> AuditResult:
+          sessions: int = 20000, confidence: float = 0.95, generator: torch.Generator | None = None) -> AuditResult:
     """Run the game (module docstring) on ``rates`` with ``sessions`` sessions per world: the first
     half of each world's sessions chooses each direction's threshold, the second half is counted
     and gives eq. (A3); the result is the larger direction's bound, at ``confidence`` overall (four
