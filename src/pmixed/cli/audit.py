@@ -44,6 +44,7 @@ def audit_cmd(
     from pmixed.errors import ConfigError
     from pmixed.eval.audit import audit, ensemble_positions, position_rates, unsound_control
     from pmixed.eval.runner import check_ensemble_matches, load_runtime
+    from pmixed.eval.tuning import start_token
     from pmixed.mechanism.pmixed import PMixED
 
     if quiet:
@@ -62,11 +63,10 @@ def audit_cmd(
     check_ensemble_matches(cfg)
     announce_long_steps(cfg)
     ens, runtime = load_runtime(cfg, progress=not quiet)
-    tok = ens.tokenizer
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     L = min(65, runtime.context_length or 65)
     gen = torch.Generator().manual_seed(seed)
-    public, members = ensemble_positions(runtime, queries, L, start or 0, cfg.eval.chunk_for(runtime.device.type))
+    public, members = ensemble_positions(runtime, queries, L, start_token(ens.tokenizer),
+                                         cfg.eval.chunk_for(runtime.device.type))
     claim = mech.epsilon_after(queries)
     runs = {"mechanism": mech.params, **({"control": unsound_control(mech.params)} if control else {})}
     results = {}

@@ -90,6 +90,7 @@ def tune_cmd(
         held_out_units,
         plan,
         serving_calibration,
+        start_token,
         tune,
         tune_bind,
         unit_blocks,
@@ -175,8 +176,7 @@ def tune_cmd(
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         chunk = cfg.eval.chunk_for(runtime.device.type)
         if method == "bind":
-            start = ens.tokenizer.bos_token_id if ens.tokenizer.bos_token_id is not None else ens.tokenizer.eos_token_id
-            texts = public_blocks_of(runtime, public_blocks, L, start or 0)  # public: the public model alone
+            texts = public_blocks_of(runtime, public_blocks, L, start_token(ens.tokenizer))  # the public model alone
             res = tune_bind(runtime, texts, params, cands, led, generator=gen)
         else:
             res = tune(runtime, blocks, cands, params, led, generator=gen, chunk=chunk)

@@ -28,6 +28,7 @@ public rule gives a valid bound).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -260,8 +261,6 @@ def unsound_control(params: MechanismParams) -> MechanismParams:
     """The same mechanism without its ball (every radius infinite, lam_max 1: each drawn member
     released as it is) but audited against the sound claim: the control that shows what the
     audit can catch on the same positions (it is not private at any epsilon)."""
-    import dataclasses
-
     return dataclasses.replace(params, radii=tuple(math.inf for _ in params.radii), lam_max=1.0)
 
 

@@ -222,6 +222,12 @@ def serving_calibration(cfg: Any, chosen: Candidate, spent: dict[float, float]) 
 PUBLIC_SEED = 0
 
 
+def start_token(tokenizer: Any) -> int:
+    """The token public texts start from: the tokenizer's BOS, else its EOS, else 0."""
+    tok = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return tok or 0
+
+
 @torch.no_grad()
 def public_blocks(runtime: Any, n_blocks: int, block_size: int, start_token: int, seed: int = PUBLIC_SEED) -> torch.Tensor:
     """``n_blocks`` texts of ``block_size`` tokens [n, L] int64 (CPU) sampled from the public model
