@@ -129,6 +129,7 @@ class _NoTok:
 def setup(args, root: Path):
     base, targets, fifo = base_model(args.model)
     dirs = save_members(base, targets, fifo, root, args.members)
+    base.to(getattr(torch, args.dtype))  # the inference precision, as ``[eval] dtype`` (cast before stacking)
     rt = EnsembleRuntime(base, _NoTok(), dirs)
     mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=10**6, ensemble_size=args.members,
                   sample_rate=args.sample_rate)
@@ -268,6 +269,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--load-tokens", type=int, default=32)
     ap.add_argument("--modes", default="drawn,constant")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="precision of the forwards (the engine's and the floors'), as [eval] dtype")
     ap.add_argument("--only-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -280,6 +283,7 @@ def main(argv=None) -> dict:
                  "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         rt, mech = setup(args, Path(tmp))
+        res["dtype"] = str(rt.dtype).removeprefix("torch.")  # what the forwards run in
         drawn_rows = max(1, round(1 + args.sample_rate * args.members))
         res["D"] = decoder_per_token(rt, mech, args, "drawn", Path(tmp) / "d.ledger")
         res["C"] = decoder_per_token(rt, mech, args, "constant", Path(tmp) / "c.ledger")
@@ -301,7 +305,7 @@ def main(argv=None) -> dict:
             cmd = [sys.executable, __file__, "--only-load", f"{mode}:{s}", "--model", args.model,
                    "--members", str(args.members), "--sample-rate", str(args.sample_rate),
                    "--prompt", str(args.prompt), "--load-tokens", str(args.load_tokens),
-                   "--threads", str(args.threads)]
+                   "--threads", str(args.threads), "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             res["load"].append(json.loads(out.stdout.strip().splitlines()[-1]))
     single = {r["mode"]: r["tokens_per_s"] for r in res["load"] if r["streams"] == 1}
@@ -312,7 +316,7 @@ def main(argv=None) -> dict:
         return res
     ms = lambda x: f"{1e3 * x:.2f} ms"  # noqa: E731
     print(f"model {args.model}, N = {args.members}, q = {args.sample_rate}, prompt {args.prompt}, "
-          f"{args.tokens} generated tokens, {args.threads} thread(s); per generated token:")
+          f"{args.tokens} generated tokens, {args.threads} thread(s), {res['dtype']}; per generated token:")
     print(f"  (D)  drawn-only decoder          {ms(res['D'])}   D/Fd = {res['ratios']['D/Fd']:.2f}x (target <= 1.5)")
     print(f"  (C)  constant-work decoder       {ms(res['C'])}   C/Fc = {res['ratios']['C/Fc']:.2f}x (target <= 1.5); C/D = {res['ratios']['C/D']:.2f}x")
     print(f"  (Fd) floor: {drawn_rows} rows, one batched cached forward   {ms(res['Fd'])}")

@@ -1,8 +1,9 @@
-"""Smoke tests of benchmarks/mechanism.py, naive_reference.py and eval_speed.py at tiny sizes."""
+"""Smoke tests of benchmarks/mechanism.py, naive_reference.py, eval_speed.py and serve_speed.py at tiny sizes."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -156,3 +157,28 @@ def test_eval_speed_runs_tiny(capsys):
     assert out["max_abs_diff_engine_vs_peft"] < 1e-5  # the engine's members are PEFT's members
     assert out["P_vs_PA_max_rel_diff"] < 1e-6  # drawn pairs only = every pair, on the released probs
     assert out["R_over_PA"] > 0 and "(PA) PMixED + ensemble average" in text
+
+
+def test_serve_speed_runs_micro_in_bf16(capsys):
+    """Every timed path of the serving benchmark and one load run (a fresh subprocess), with the
+    forwards in bf16 as ``--dtype bfloat16`` asks: the numbers are positive and the run says its
+    precision."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    serve_speed = _bench_module("serve_speed")
+
+    threads = torch.get_num_threads()
+    try:
+        out = serve_speed.main([
+            "--model", "micro", "--members", "3", "--tokens", "6", "--recompute-tokens", "2", "--prompt", "4",
+            "--streams", "2", "--modes", "drawn", "--load-tokens", "3", "--dtype", "bfloat16", "--json",
+        ])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert out["dtype"] == "bfloat16"
+    for key in ("D", "C", "Fd", "Fc", "Fw", "R", "S", "AD", "AC", "APD"):
+        assert out[key] > 0, key
+    assert all(v > 0 for v in out["ratios"].values())
+    (load,) = out["load"]
+    assert (load["mode"], load["streams"], load["tokens"]) == ("drawn", 2, 6) and load["tokens_per_s"] > 0
+    assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"

@@ -72,6 +72,8 @@ def test_serve_startup_failures_are_one_line(serve_run, tmp_path, capsys):
     assert code == 4 and err.startswith("error: ") and err.count("\n") == 1
     code, _, err = run(["serve", "--config", str(cfg_path), "--keys", str(kf), "--mode", "fast"], capsys)
     assert code == 2 and "mode" in err
+    code, _, err = run(["serve", "--config", str(cfg_path), "--keys", str(kf), "--dtype", "float8"], capsys)
+    assert code == 2 and "dtype" in err and err.count("\n") == 1
 
 
 def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
@@ -81,7 +83,7 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
 
     kf, ledger = tmp_path / "keys.db", tmp_path / "serve.ledger"
     _, key = KeyStore(kf).create("c")
-    proc, url = start_serve(cfg_path, kf, ledger, "--mode", "drawn")
+    proc, url = start_serve(cfg_path, kf, ledger, "--mode", "drawn", "--dtype", "bfloat16")
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
         r = c.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
@@ -90,7 +92,7 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
     finally:
         err = stop_serve(proc)
     assert proc.returncode == 0, err
-    assert "serving 'tiny'" in err and "hi" not in err.replace("http", "").replace("chat", "")
+    assert "serving 'tiny'" in err and "forwards in bfloat16" in err and "hi" not in err.replace("http", "").replace("chat", "")
     with Ledger(ledger) as led:
         assert sum(record_count(rec) for rec in led.history()) == r.usage.completion_tokens
 
