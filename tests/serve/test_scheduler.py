@@ -126,6 +126,47 @@ def test_constant_work_mode_does_not_depend_on_the_draw(runtime, monkeypatch, mo
     assert (runs[0] == runs[1]) is same
 
 
+def _public_forwards(runtime, monkeypatch, m, drawn: bool) -> list[tuple]:
+    """Drawn mode, every member or none drawn at every step: the forwards that held a public row,
+    each as its groups' (rows, pending tokens, cached tokens)."""
+    seen = []
+    real = type(runtime).decode
+
+    def spy(self, groups, **kw):
+        if any(PUBLIC in g.adapters for g in groups):
+            seen.append(tuple((tuple(g.adapters), len(g.tokens), g.seen) for g in groups))
+        return real(self, groups, **kw)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(type(runtime), "decode", spy)
+        mp.setattr(m, "draw", lambda generator=None: torch.arange(N) if drawn else torch.zeros(0, dtype=torch.long))
+        with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode="drawn") as dec:
+            streams = [dec.submit(p, SamplingParams(max_tokens=5, stop_at_eos=False)) for p in ([1, 2, 3], [4, 5])]
+            assert [len(list(s)) for s in streams] == [5, 5]
+    return seen
+
+
+def test_drawn_mode_computes_the_public_rows_apart_from_the_draw(runtime, monkeypatch):
+    """p_0 is the proof's common anchor across draws (docs/privacy.md section 7): in drawn mode the
+    forwards that compute it hold public rows only, the same forwards whatever is drawn. The
+    unsound variant (public rows batched with the drawn members, as before) is caught."""
+    m = mech(q=0.5)
+    every, none = (_public_forwards(runtime, monkeypatch, m, d) for d in (True, False))
+    assert every == none and len(every) >= 5
+    assert all(rows == (PUBLIC,) for fwd in every for rows, _, _ in fwd)
+    monkeypatch.setattr(scheduler_mod, "public_apart", lambda groups: [list(groups)])  # the unsound variant
+    every, none = (_public_forwards(runtime, monkeypatch, m, d) for d in (True, False))
+    assert every != none
+
+
+def test_public_apart_keeps_public_rows_alone():
+    pub, mem = RowGroup([PUBLIC], [1]), RowGroup([2], [1, 2])
+    assert scheduler_mod.public_apart([mem, pub]) == [[pub], [mem]]
+    assert scheduler_mod.public_apart([mem]) == [[mem]] and scheduler_mod.public_apart([]) == []
+    with pytest.raises(ValueError, match="group of its own"):
+        scheduler_mod.public_apart([RowGroup([PUBLIC, 0], [1])])
+
+
 def test_refusals_come_before_any_charge(runtime):
     m = mech()
     with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:

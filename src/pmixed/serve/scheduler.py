@@ -11,7 +11,9 @@ A background thread advances every active request by one token per step:
    catches up on the tokens it missed (less work, but the step's time depends on |S|);
 3. run the rows: one batched forward for the rows with one pending token, and the rows with
    several (new prompts: prefill; drawn mode: members catching up) in at most three more, split
-   by pending count where the padding saved is worth a forward (``catch_up_batches``);
+   by pending count where the padding saved is worth a forward (``catch_up_batches``); in drawn
+   mode the public rows run in forwards of their own, so that p_0 does not depend on the draw
+   through the batch's rounding (``public_apart``);
 4. per request: check the public row (an invalid one ends that request with "error", before
    its draw is used and without a charge: it depends on public data only), release the token's
    distribution (eq. (M1); constant mode with the work of all N members, ``release_masked``);
@@ -158,6 +160,17 @@ def catch_up_batches(groups: Sequence[RowGroup], most: int | None = None,
         out.append([g for n in lens[j:i] for g in by_len[n]])
         i, b = j, b - 1
     return out[::-1]
+
+
+def public_apart(groups: Sequence[RowGroup]) -> list[list[RowGroup]]:
+    """Drawn mode's groups as [public rows, member rows] (empty parts dropped): the forwards that
+    compute p_0 then hold public rows only, so their composition (which requests, how many
+    pending tokens) is public and p_0 is the same whatever is drawn."""
+    public = [g for g in groups if g.adapters == [PUBLIC]]
+    members = [g for g in groups if g.adapters != [PUBLIC]]
+    if any(PUBLIC in g.adapters for g in members):
+        raise ValueError("drawn mode keeps the public row in a group of its own")
+    return [part for part in (public, members) if part]
 
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, float("inf"))
@@ -484,15 +497,22 @@ class Decoder:
     def _forward(self, groups: list[RowGroup], persistent: bool) -> dict[int, torch.Tensor]:
         """Batched forwards -> id(group) -> [b, V] float64 on the CPU: one for the rows with one
         pending token, and the rows with several (prefill, drawn mode's catch-up) in at most
-        ``MAX_CATCH_UP_FORWARDS`` more, grouped by pending count (``catch_up_batches``)."""
-        single = [g for g in groups if len(g.tokens) == 1]
-        multi = [g for g in groups if len(g.tokens) > 1]
-        out: dict[int, torch.Tensor] = {}
+        ``MAX_CATCH_UP_FORWARDS`` more, grouped by pending count (``catch_up_batches``).
+
+        Drawn mode runs the public rows in forwards of their own (``public_apart``): a batched
+        forward may round a row differently with the batch's size and padding, and which member
+        rows share a step depends on the draw, while p_0 is the proof's common anchor across draws
+        (docs/privacy.md section 7); a member row may vary with the draw (Lemma 1 and (B2) hold
+        for each draw's own pbar_i)."""
         with self._lock:
             self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
-        for batch in [*catch_up_batches(multi), single]:
-            for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
-                out[id(g)] = probs.double().cpu()
+        out: dict[int, torch.Tensor] = {}
+        for part in (public_apart(groups) if self.mode == "drawn" else [groups]):
+            single = [g for g in part if len(g.tokens) == 1]
+            multi = [g for g in part if len(g.tokens) > 1]
+            for batch in [*catch_up_batches(multi), single]:
+                for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
+                    out[id(g)] = probs.double().cpu()
         return out
 
     def _all_group(self, req: _Request) -> RowGroup:
