@@ -13,7 +13,7 @@ A background thread advances every active request by one token per step:
    several (new prompts: prefill; drawn mode: members catching up) in at most three more, split
    by pending count where the padding saved is worth a forward (``catch_up_batches``); in drawn
    mode the public rows run in forwards of their own, so that p_0 does not depend on the draw
-   through the batch's rounding (``public_apart``);
+   through the batch's rounding (``public_apart``), and each part's one-token rows join its split;
 4. per request: check the public row (an invalid one ends that request with "error", before
    its draw is used and without a charge: it depends on public data only), release the token's
    distribution (eq. (M1); constant mode with the work of all N members, ``release_masked``);
@@ -45,8 +45,9 @@ answer), so a step's work depends neither on the screen's decision nor on the dr
 mode a public answer runs no member beyond what was speculated: the test members run while the
 screen is private, and when the stream's previous answer was private the next round's test
 subsample and the next answer's Poisson draw are made before the round is paid and the screen
-decides, and their members run in the same forward as the public row (the draw is used only for a
-private answer), so a run of private answers costs one forward per step;
+decides, and their members run in the same step as the public row (the draw is used only for a
+private answer; the public rows run in forwards of their own, as in plain drawn mode), so a run
+of private answers costs one step's forwards, as plain PMixED's;
 timing then reveals the screen's bits (treated as released by the proof) and the draws.
 
 What leaves the engine: tokens, finish reasons, the budget's state, and counters that do not
@@ -497,7 +498,8 @@ class Decoder:
     def _forward(self, groups: list[RowGroup], persistent: bool) -> dict[int, torch.Tensor]:
         """Batched forwards -> id(group) -> [b, V] float64 on the CPU: one for the rows with one
         pending token, and the rows with several (prefill, drawn mode's catch-up) in at most
-        ``MAX_CATCH_UP_FORWARDS`` more, grouped by pending count (``catch_up_batches``).
+        ``MAX_CATCH_UP_FORWARDS`` more, grouped by pending count (``catch_up_batches``); in drawn
+        mode, whose rows change every step, the one-token rows join that split too.
 
         Drawn mode runs the public rows in forwards of their own (``public_apart``): a batched
         forward may round a row differently with the batch's size and padding, and which member
@@ -506,11 +508,15 @@ class Decoder:
         for each draw's own pbar_i)."""
         with self._lock:
             self._stats["rows_total"] += sum(len(g.adapters) for g in groups)
+        if self.mode == "drawn":  # rows change every step: any contiguous split of each part
+            batches = [b for part in public_apart(groups)
+                       for b in catch_up_batches(part, MAX_CATCH_UP_FORWARDS + 1)]
+        else:  # the one-token rows keep one batch, so that constant mode's next step reuses it
+            single = [g for g in groups if len(g.tokens) == 1]
+            batches = [*catch_up_batches([g for g in groups if len(g.tokens) > 1]), single]
         out: dict[int, torch.Tensor] = {}
-        for part in (public_apart(groups) if self.mode == "drawn" else [groups]):
-            single = [g for g in part if len(g.tokens) == 1]
-            multi = [g for g in part if len(g.tokens) > 1]
-            for batch in [*catch_up_batches(multi), single]:
+        for batch in batches:
+            if batch:
                 for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
                     out[id(g)] = probs.double().cpu()
         return out
@@ -598,9 +604,10 @@ class Decoder:
             # phase 1: the public rows, and the open rounds' test members when the score is private.
             # A request whose screen's previous bit was private also gets the next round's test
             # subsample (private score) and its answer's Poisson draw now (independent of the
-            # screen, which has not decided yet) and those members in the same forward, the draw
-            # used only if the screen says private again: a stream of private answers
-            # then costs one forward per step, as plain PMixED's, and a stream of public ones only
+            # screen, which has not decided yet) and those members in the same step (``_forward``
+            # runs the public rows apart), the draw used only if the screen says private again: a
+            # stream of private answers then costs one step's forwards, as plain PMixED's, and a
+            # stream of public ones only
             # its public row. The work depends on the previous bit, which the proof treats as released
             # (docs/privacy.md section 11), and on the draw, as in plain drawn-only mode.
             need: list[tuple[_Request, list[int]]] = []
