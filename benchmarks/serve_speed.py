@@ -41,7 +41,14 @@ Load (``--streams 1,8,32``): S concurrent streams of ``--load-tokens`` tokens ea
 each configuration in a fresh subprocess (its peak RSS is its own): aggregate tokens/s, p50/p95
 inter-token latency, p50/p95 time to first token, peak RSS.
 
+``--load-repeats R`` runs R interleaved rounds of the load configurations and reports the run with
+the median rate of each (its own latencies and memory), with every run's rate; ``--load-only``
+skips the per-token part. ``--dtype bfloat16`` runs the forwards (engine and floors) in bf16, as
+``[eval] dtype`` / ``pmixed serve --dtype`` do.
+
     python benchmarks/serve_speed.py --model tiny --members 32 --sample-rate 0.5
+    python benchmarks/serve_speed.py --model smollm2-random --members 8 --load-tokens 16 --dtype bfloat16 \
+        --modes drawn --streams 1,32 --load-only --load-repeats 3
     python benchmarks/serve_speed.py --model smollm2-random --members 8 --tokens 64 --streams 1,8
 """
 
@@ -271,6 +278,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="precision of the forwards (the engine's and the floors'), as [eval] dtype")
+    ap.add_argument("--load-repeats", type=int, default=1,
+                    help="rounds over the load configurations (interleaved); each figure is the run "
+                         "with the median tokens/s (a noisy machine)")
+    ap.add_argument("--load-only", action="store_true", help="skip the per-token part")
     ap.add_argument("--only-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -280,7 +291,29 @@ def main(argv=None) -> dict:
         print(json.dumps(load_run(args)))
         return {}
     res: dict = {"model": args.model, "members": args.members, "sample_rate": args.sample_rate,
-                 "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads}
+                 "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads,
+                 "dtype": args.dtype, "load_repeats": args.load_repeats}
+    if not args.load_only:
+        per_token(args, res)
+    res["load"] = load_runs(args)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return res
+    if not args.load_only:
+        print_per_token(args, res)
+    print(f"load ({args.model}, N = {args.members}, q = {args.sample_rate}, {res['dtype']}, {args.load_tokens} tokens "
+          f"per stream; {args.load_repeats} interleaved round(s), the median run's figures): mode | streams | tokens/s "
+          "| x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
+    for r in res["load"]:
+        runs = "" if len(r["tokens_per_s_runs"]) < 2 else "  (runs: " + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]) + ")"
+        print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {r['x_single']:.2f}x | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['cache_bound_mib_per_request']:.2f}{runs}")
+    return res
+
+
+def per_token(args, res: dict) -> None:
+    """The one-stream figures (D, C, the floors, R, S, the screened ones) and their ratios."""
     with tempfile.TemporaryDirectory() as tmp:
         rt, mech = setup(args, Path(tmp))
         res["dtype"] = str(rt.dtype).removeprefix("torch.")  # what the forwards run in
@@ -299,21 +332,35 @@ def main(argv=None) -> dict:
         res["APD"] = decoder_per_token(rt, adaptive_mech(args, True), args, "drawn", Path(tmp) / "apd.ledger")
     res["ratios"] = {"AD/D": res["AD"] / res["D"], "AC/C": res["AC"] / res["C"], "APD/D": res["APD"] / res["D"],"D/Fd": res["D"] / res["Fd"], "D/Fw": res["D"] / res["Fw"], "C/Fc": res["C"] / res["Fc"], "R/D": res["R"] / res["D"],
                      "R/C": res["R"] / res["C"], "S/D": res["S"] / res["D"], "C/D": res["C"] / res["D"]}
-    res["load"] = []
-    for mode in args.modes.split(","):
-        for s in [int(x) for x in args.streams.split(",") if x]:
+
+
+def load_runs(args) -> list[dict]:
+    """Every (mode, streams) configuration in a fresh subprocess, ``--load-repeats`` interleaved
+    rounds; per configuration the run with the median tokens/s, with every run's rate."""
+    configs = [(mode, int(s)) for mode in args.modes.split(",") for s in args.streams.split(",") if s]
+    runs: dict[tuple[str, int], list[dict]] = {c: [] for c in configs}
+    for _ in range(args.load_repeats):
+        for mode, s in configs:
             cmd = [sys.executable, __file__, "--only-load", f"{mode}:{s}", "--model", args.model,
                    "--members", str(args.members), "--sample-rate", str(args.sample_rate),
                    "--prompt", str(args.prompt), "--load-tokens", str(args.load_tokens),
                    "--threads", str(args.threads), "--dtype", args.dtype]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            res["load"].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    single = {r["mode"]: r["tokens_per_s"] for r in res["load"] if r["streams"] == 1}
-    for r in res["load"]:
-        r["x_single"] = r["tokens_per_s"] / single[r["mode"]] if r["mode"] in single else None
-    if args.json:
-        print(json.dumps(res, indent=2))
-        return res
+            runs[(mode, s)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    load = []
+    for c in configs:
+        ordered = sorted(runs[c], key=lambda r: r["tokens_per_s"])
+        pick = dict(ordered[(len(ordered) - 1) // 2])  # the median run (the lower one of an even count)
+        pick["tokens_per_s_runs"] = [r["tokens_per_s"] for r in runs[c]]
+        load.append(pick)
+    single = {r["mode"]: r["tokens_per_s"] for r in load if r["streams"] == 1}
+    for r in load:
+        r["x_single"] = r["tokens_per_s"] / single[r["mode"]] if r["mode"] in single else float("nan")
+    return load
+
+
+def print_per_token(args, res: dict) -> None:
+    drawn_rows = max(1, round(1 + args.sample_rate * args.members))
     ms = lambda x: f"{1e3 * x:.2f} ms"  # noqa: E731
     print(f"model {args.model}, N = {args.members}, q = {args.sample_rate}, prompt {args.prompt}, "
           f"{args.tokens} generated tokens, {args.threads} thread(s), {res['dtype']}; per generated token:")
@@ -331,12 +378,6 @@ def main(argv=None) -> dict:
     print(f"  (AC) the same, constant-work  {ms(res['AC'])}   AC/C = {res['ratios']['AC/C']:.2f}x (target <= 1.25)")
     print(f"  (APD) screened, private screen (test members at q_s 0.5), every query private, drawn-only  "
           f"{ms(res['APD'])}   APD/D = {res['ratios']['APD/D']:.2f}x")
-    print("load: mode | streams | tokens/s | x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
-    for r in res["load"]:
-        print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {r['x_single']:.2f}x | "
-              f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['cache_bound_mib_per_request']:.2f}")
-    return res
 
 
 if __name__ == "__main__":

@@ -182,3 +182,13 @@ def test_serve_speed_runs_micro_in_bf16(capsys):
     (load,) = out["load"]
     assert (load["mode"], load["streams"], load["tokens"]) == ("drawn", 2, 6) and load["tokens_per_s"] > 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
+    try:  # the load part alone, two interleaved rounds: the median run, with both rates
+        out = serve_speed.main(["--model", "micro", "--members", "3", "--prompt", "4", "--streams", "1,2",
+                                "--modes", "drawn", "--load-tokens", "2", "--load-only", "--load-repeats", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    text = capsys.readouterr().out
+    assert "D" not in out and "2 interleaved round(s)" in text and "(runs: " in text
+    assert [len(r["tokens_per_s_runs"]) for r in out["load"]] == [2, 2]
+    for r in out["load"]:
+        assert r["tokens_per_s"] == min(r["tokens_per_s_runs"])  # the lower median of two
