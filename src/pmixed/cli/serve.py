@@ -105,7 +105,7 @@ def serve_cmd(
     dtype: str | None = typer.Option(
         None, "--dtype",
         help="Precision of the forwards: model, float32, bfloat16 or float16 (default: [eval] dtype). bfloat16 "
-             "serves 2-3x faster under load on CPUs with AMX (README, Serving speed); the mechanism runs in float64 "
+             "serves about 2x faster under load on CPUs with AMX (README, Serving speed); the mechanism runs in float64 "
              "either way, so the guarantee is the same."),
     max_active: int = typer.Option(8, "--max-active", min=1, help="Requests decoded at once."),
     max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests waiting beyond --max-active (then 429)."),

@@ -607,9 +607,9 @@ class Decoder:
             # screen, which has not decided yet) and those members in the same step (``_forward``
             # runs the public rows apart), the draw used only if the screen says private again: a
             # stream of private answers then costs one step's forwards, as plain PMixED's, and a
-            # stream of public ones only
-            # its public row. The work depends on the previous bit, which the proof treats as released
-            # (docs/privacy.md section 11), and on the draw, as in plain drawn-only mode.
+            # stream of public ones only its public row. The work depends on the previous bit, which
+            # the proof treats as released (docs/privacy.md section 11), and on the draw, as in
+            # plain drawn-only mode.
             need: list[tuple[_Request, list[int]]] = []
             drawn_for: dict[int, list[int]] = {}  # req order -> the Poisson draw of its answer
             for req in active:
