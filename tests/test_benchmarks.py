@@ -34,6 +34,14 @@ rdp_budget, solve_beta = _naive.rdp_budget, _naive.solve_beta
 V, N, P = 1000, 8, 16
 
 
+@pytest.fixture
+def keep_threads():
+    """The benchmarks' ``--threads`` is process-wide: restore torch's thread count after a test."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _is_distribution(d: torch.Tensor, dtype=torch.float64, tol=1e-9) -> bool:
     return (
         d.dtype == dtype
@@ -106,12 +114,8 @@ def test_releases_are_distributions(mech, regime):
     assert torch.allclose(nbt, nb[:4].gather(1, targets[:4, None]).squeeze(1))
 
 
-def test_main_runs_tiny(capsys):
-    threads = torch.get_num_threads()
-    try:
-        out = _run_main()
-    finally:
-        torch.set_num_threads(threads)  # --threads is process-wide
+def test_main_runs_tiny(capsys, keep_threads):
+    out = _run_main()
     text = capsys.readouterr().out
     assert "per-token speedup (naive/ours)" in text and "block speedup" in text
     assert text.strip().splitlines()[-1].startswith('{"benchmark": "mechanism"')
@@ -133,21 +137,17 @@ def _run_main():
     ])  # fmt: skip
 
 
-def test_eval_speed_runs_tiny(capsys):
+def test_eval_speed_runs_tiny(capsys, keep_threads):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     pytest.importorskip("scipy")
     eval_speed = _bench_module("eval_speed")
 
-    threads = torch.get_num_threads()
-    try:
-        out = eval_speed.main([
-            "--model", "micro", "--members", "3", "--seq", "16", "--blocks", "1",
-            "--repeats", "1", "--warmup", "1", "--naive-positions", "4", "--threads", "1",
-            "--measure-memory", "--json",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    out = eval_speed.main([
+        "--model", "micro", "--members", "3", "--seq", "16", "--blocks", "1",
+        "--repeats", "1", "--warmup", "1", "--naive-positions", "4", "--threads", "1",
+        "--measure-memory", "--json",
+    ])  # fmt: skip
     text = capsys.readouterr().out
     assert "P/F (PMixED / floor)" in text and "R/P (reference-style / PMixED)" in text
     assert "memory ratio (stacked / public, peak RSS)" in text
@@ -159,7 +159,7 @@ def test_eval_speed_runs_tiny(capsys):
     assert out["R_over_PA"] > 0 and "(PA) PMixED + ensemble average" in text
 
 
-def test_serve_speed_runs_micro_in_bf16(capsys):
+def test_serve_speed_runs_micro_in_bf16(capsys, keep_threads):
     """Every timed path of the serving benchmark and one load run (a fresh subprocess), with the
     forwards in bf16 as ``--dtype bfloat16`` asks: the numbers are positive and the run says its
     precision."""
@@ -167,14 +167,10 @@ def test_serve_speed_runs_micro_in_bf16(capsys):
     pytest.importorskip("peft")
     serve_speed = _bench_module("serve_speed")
 
-    threads = torch.get_num_threads()
-    try:
-        out = serve_speed.main([
-            "--model", "micro", "--members", "3", "--tokens", "6", "--recompute-tokens", "2", "--prompt", "4",
-            "--streams", "2", "--modes", "drawn", "--load-tokens", "3", "--dtype", "bfloat16", "--json",
-        ])  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
+    out = serve_speed.main([
+        "--model", "micro", "--members", "3", "--tokens", "6", "--recompute-tokens", "2", "--prompt", "4",
+        "--streams", "2", "--modes", "drawn", "--load-tokens", "3", "--dtype", "bfloat16", "--json",
+    ])  # fmt: skip
     assert out["dtype"] == "bfloat16"
     for key in ("D", "C", "Fd", "Fc", "Fw", "R", "S", "AD", "AC", "APD"):
         assert out[key] > 0, key
@@ -182,11 +178,9 @@ def test_serve_speed_runs_micro_in_bf16(capsys):
     (load,) = out["load"]
     assert (load["mode"], load["streams"], load["tokens"]) == ("drawn", 2, 6) and load["tokens_per_s"] > 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
-    try:  # the load part alone, two interleaved rounds: the median run, with both rates
-        out = serve_speed.main(["--model", "micro", "--members", "3", "--prompt", "4", "--streams", "1,2",
-                                "--modes", "drawn", "--load-tokens", "2", "--load-only", "--load-repeats", "2"])
-    finally:
-        torch.set_num_threads(threads)
+    # the load part alone, two interleaved rounds: the median run, with both rates
+    out = serve_speed.main(["--model", "micro", "--members", "3", "--prompt", "4", "--streams", "1,2",
+                            "--modes", "drawn", "--load-tokens", "2", "--load-only", "--load-repeats", "2"])
     text = capsys.readouterr().out
     assert "D" not in out and "2 interleaved round(s)" in text and "(runs: " in text
     assert [len(r["tokens_per_s_runs"]) for r in out["load"]] == [2, 2]
