@@ -306,7 +306,8 @@ def main(argv=None) -> dict:
           "| x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
     for r in res["load"]:
         runs = "" if len(r["tokens_per_s_runs"]) < 2 else "  (runs: " + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]) + ")"
-        print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {r['x_single']:.2f}x | "
+        x = "-" if r["x_single"] is None else f"{r['x_single']:.2f}x"  # no single-stream run
+        print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {x} | "
               f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
               f"{r['peak_rss_mib']:.0f} | {r['cache_bound_mib_per_request']:.2f}{runs}")
     return res
@@ -355,7 +356,7 @@ def load_runs(args) -> list[dict]:
         load.append(pick)
     single = {r["mode"]: r["tokens_per_s"] for r in load if r["streams"] == 1}
     for r in load:
-        r["x_single"] = r["tokens_per_s"] / single[r["mode"]] if r["mode"] in single else float("nan")
+        r["x_single"] = r["tokens_per_s"] / single[r["mode"]] if r["mode"] in single else None
     return load
 
 
