@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from pmixed.models.kv_cache import GrowingLayer  # noqa: E402
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
 from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
 
@@ -27,9 +28,28 @@ def reference(rt: EnsembleRuntime, adapter: int, seq: list[int]) -> torch.Tensor
 
 @pytest.mark.parametrize("split_head", [True, False])
 def test_batched_groups_equal_separate_full_forwards(runtime, monkeypatch, split_head):
-    rt = runtime
     if not split_head:
-        monkeypatch.setattr(rt, "split_head", lambda: None)
+        monkeypatch.setattr(runtime, "split_head", lambda: None)
+    check_batched_groups(runtime)
+
+
+def test_padding_is_written_whatever_fresh_batch_buffers_hold(runtime, monkeypatch):
+    """The padded batch cache starts uninitialised (``GrowingLayer.blank``): filled with NaN here,
+    as reused memory may be, every result stays exact, so every padded position was written (a
+    masked position still enters attention's product, with weight 0, and 0 * NaN is NaN)."""
+    blank = GrowingLayer.blank
+
+    def poisoned(self, *args):
+        out = blank(self, *args)
+        self._k.fill_(float("nan"))
+        self._v.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(GrowingLayer, "blank", poisoned)
+    check_batched_groups(runtime)
+
+
+def check_batched_groups(rt: EnsembleRuntime) -> None:
     g = torch.Generator().manual_seed(0)
     seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (9, 4, 12, 6)]
     groups = [RowGroup([PUBLIC, 0, 1, 2]), RowGroup([1]), RowGroup([PUBLIC]), RowGroup([2, PUBLIC])]

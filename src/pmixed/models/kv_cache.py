@@ -75,13 +75,16 @@ class GrowingLayer(DynamicLayer):
     def blank(
         self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, length: int, room: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start as ``rows`` rows of ``length`` zero positions (heads and widths as ``like_k`` /
+        """Start as ``rows`` rows of ``length`` positions (heads and widths as ``like_k`` /
         ``like_v`` [b, H, L, D]) with ``room`` spare positions (fewer beyond ``limit``); return
-        the views [rows, H, length, D] for the caller to fill."""
+        the views [rows, H, length, D] for the caller to fill. They are uninitialised: the caller
+        writes every one of the ``length`` positions (zeros where a row is padding: a masked
+        position's value still enters attention's product with weight 0, and garbage there could
+        be NaN). The spare positions are never read before an append writes them."""
         self._start(like_k.device)
         cap = length + room if self.limit is None else max(length, min(length + room, self.limit))
-        self._k = like_k.new_zeros(rows, like_k.shape[1], cap, like_k.shape[3])
-        self._v = like_v.new_zeros(rows, like_v.shape[1], cap, like_v.shape[3])
+        self._k = like_k.new_empty(rows, like_k.shape[1], cap, like_k.shape[3])
+        self._v = like_v.new_empty(rows, like_v.shape[1], cap, like_v.shape[3])
         self.length = length
         self.keys = self._k[:, :, :length]
         self.values = self._v[:, :, :length]

@@ -226,13 +226,17 @@ class EnsembleRuntime:
         for li, (k0, v0) in enumerate(ref):
             layer = cache.layer_class_to_replicate()
             cache.layers.append(layer)
-            keys, values = layer.blank(k0, v0, B, lmax, room)  # [B, H, lmax, D] zeros
+            keys, values = layer.blank(k0, v0, B, lmax, room)  # [B, H, lmax, D] uninitialised
             r = 0
             for g, b in zip(groups, sizes):
-                if g.cache is not None:  # else a first step next to groups with history: all padding
+                held = 0 if g.cache is None else g.cache[li][0].shape[2]  # None: a first step, all padding
+                if held < lmax:  # the left padding: zeros (masked, but read with weight 0)
+                    keys[r : r + b, :, : lmax - held].zero_()
+                    values[r : r + b, :, : lmax - held].zero_()
+                if held:
                     k, v = g.cache[li]
-                    keys[r : r + b, :, lmax - k.shape[2] :].copy_(k)
-                    values[r : r + b, :, lmax - v.shape[2] :].copy_(v)
+                    keys[r : r + b, :, lmax - held :].copy_(k)
+                    values[r : r + b, :, lmax - held :].copy_(v)
                 r += b
         return cache
 
