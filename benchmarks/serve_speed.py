@@ -39,7 +39,9 @@ file (fsync'd, one transaction per step), sampled from the OS CSPRNG. Timed in O
 
 Load (``--streams 1,8,32``): S concurrent streams of ``--load-tokens`` tokens each, in both modes,
 each configuration in a fresh subprocess (its peak RSS is its own): aggregate tokens/s, p50/p95
-inter-token latency, p50/p95 time to first token, peak RSS.
+inter-token latency, p50/p95 time to first token, peak RSS. ``--arrival-gap MS`` submits stream i
+at i x MS milliseconds instead of all at once, so that requests join and leave the running batch
+throughout the run (continuous batching's churn).
 
 ``--load-repeats R`` runs R interleaved rounds of the load configurations and reports the run with
 the median rate of each (its own latencies and memory), with every run's rate; ``--load-only``
@@ -245,6 +247,7 @@ def load_run(args) -> dict:
             t0 = time.perf_counter()
             threads = []
             for i in range(streams):
+                time.sleep(max(0.0, t0 + i * args.arrival_gap / 1e3 - time.perf_counter()))  # staggered arrivals
                 starts[i] = time.perf_counter()
                 s = dec.submit(prompt(args, i), SamplingParams(max_tokens=args.load_tokens, stop_at_eos=False))
                 th = threading.Thread(target=read, args=(i, s))
@@ -281,6 +284,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--load-repeats", type=int, default=1,
                     help="rounds over the load configurations (interleaved); each figure is the run "
                          "with the median tokens/s (a noisy machine)")
+    ap.add_argument("--arrival-gap", type=float, default=0.0,
+                    help="milliseconds between the load streams' arrivals (0: all at once); staggered, "
+                         "requests join and leave the running batch throughout the run")
     ap.add_argument("--load-only", action="store_true", help="skip the per-token part")
     ap.add_argument("--only-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
@@ -292,7 +298,7 @@ def main(argv=None) -> dict:
         return {}
     res: dict = {"model": args.model, "members": args.members, "sample_rate": args.sample_rate,
                  "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads,
-                 "dtype": args.dtype, "load_repeats": args.load_repeats}
+                 "dtype": args.dtype, "load_repeats": args.load_repeats, "arrival_gap_ms": args.arrival_gap}
     if not args.load_only:
         per_token(args, res)
     res["load"] = load_runs(args)
@@ -301,8 +307,9 @@ def main(argv=None) -> dict:
         return res
     if not args.load_only:
         print_per_token(args, res)
+    gap = f", arriving {args.arrival_gap:g} ms apart" if args.arrival_gap else ""
     print(f"load ({args.model}, N = {args.members}, q = {args.sample_rate}, {res['dtype']}, {args.load_tokens} tokens "
-          f"per stream; {args.load_repeats} interleaved round(s), the median run's figures): mode | streams | tokens/s "
+          f"per stream{gap}; {args.load_repeats} interleaved round(s), the median run's figures): mode | streams | tokens/s "
           "| x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
     for r in res["load"]:
         runs = "" if len(r["tokens_per_s_runs"]) < 2 else "  (runs: " + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]) + ")"
@@ -345,7 +352,7 @@ def load_runs(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--only-load", f"{mode}:{s}", "--model", args.model,
                    "--members", str(args.members), "--sample-rate", str(args.sample_rate),
                    "--prompt", str(args.prompt), "--load-tokens", str(args.load_tokens),
-                   "--threads", str(args.threads), "--dtype", args.dtype]
+                   "--threads", str(args.threads), "--dtype", args.dtype, "--arrival-gap", str(args.arrival_gap)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[(mode, s)].append(json.loads(out.stdout.strip().splitlines()[-1]))
     load = []

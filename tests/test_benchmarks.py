@@ -178,11 +178,14 @@ def test_serve_speed_runs_micro_in_bf16(capsys, keep_threads):
     (load,) = out["load"]
     assert (load["mode"], load["streams"], load["tokens"]) == ("drawn", 2, 6) and load["tokens_per_s"] > 0
     assert json.loads(capsys.readouterr().out)["dtype"] == "bfloat16"
-    # the load part alone, two interleaved rounds: the median run, with both rates
+    # the load part alone, two interleaved rounds: the median run, with both rates; staggered arrivals
     out = serve_speed.main(["--model", "micro", "--members", "3", "--prompt", "4", "--streams", "1,2",
-                            "--modes", "drawn", "--load-tokens", "2", "--load-only", "--load-repeats", "2"])
+                            "--modes", "drawn", "--load-tokens", "2", "--load-only", "--load-repeats", "2",
+                            "--arrival-gap", "300"])
     text = capsys.readouterr().out
     assert "D" not in out and "2 interleaved round(s)" in text and "(runs: " in text
+    assert "arriving 300 ms apart" in text and out["arrival_gap_ms"] == 300
+    assert out["load"][1]["wall_s"] >= 0.3  # the second stream was submitted 300 ms after the first
     assert [len(r["tokens_per_s_runs"]) for r in out["load"]] == [2, 2]
     for r in out["load"]:
         assert r["tokens_per_s"] == min(r["tokens_per_s_runs"])  # the lower median of two

@@ -71,6 +71,33 @@ def test_batch_select_and_a_row_count_change():
     assert layer.get_seq_length() == 0 and layer.keys is None
 
 
+def test_spare_rows_take_a_joining_cache_and_a_leaving_one_is_filled_from_the_last_rows():
+    layer = GrowingLayer()
+    k = torch.arange(24.0).view(4, 1, 3, 2)
+    keys, values = layer.blank(k, k, rows=4, length=3, room=2, spare_rows=2)
+    keys.copy_(k)
+    values.copy_(-k)
+    assert layer.capacity_rows == 6 and layer.keys.shape == (4, 1, 3, 2)
+    short = torch.full((2, 1, 2, 2), 7.0)
+    layer.put_rows(4, short, -short)  # right-aligned at length 3, its first position zeroed
+    layer.set_rows(6)
+    assert torch.equal(layer.keys[4:, :, 0], torch.zeros(2, 1, 2)) and torch.equal(layer.keys[4:, :, 1:], short)
+    layer.move_rows(1, 4, 2)  # rows 1-2 leave, the last two take their place
+    layer.set_rows(4)
+    assert torch.equal(layer.keys[[0, 3]], k[[0, 3]]) and torch.equal(layer.keys[1:3], layer._k[4:6, :, :3])
+    assert torch.equal(layer.values[1:3, :, 1:], -short)
+    keys, _ = layer.update(torch.ones(4, 1, 1, 2), torch.ones(4, 1, 1, 2))  # appends on the 4 rows in use
+    assert keys.shape == (4, 1, 4, 2) and layer.capacity_rows == 6
+    with pytest.raises(ValueError, match="overlapping"):
+        layer.move_rows(0, 1, 2)
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.put_rows(5, short, short)  # 2 rows from row 5 of 6
+    with pytest.raises(ValueError, match="do not fit"):
+        layer.put_rows(4, torch.zeros(1, 1, 5, 2), torch.zeros(1, 1, 5, 2))  # longer than the cache
+    with pytest.raises(ValueError, match="holds 6"):
+        layer.set_rows(7)
+
+
 def test_growing_cache_builds_growing_layers_that_copy_what_they_are_given():
     k = torch.randn(2, 1, 3, 2)
     cache = growing_cache(limit=8)

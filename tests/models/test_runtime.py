@@ -105,3 +105,84 @@ def test_persistent_batches_are_reused_and_equal_full_forwards(runtime):
     groups[1].tokens = [seqs[1][groups[1].seen]]  # only one group steps: the rebuild path
     out = rt.decode([groups[1]], persistent=True)
     torch.testing.assert_close(out[0][0], reference(rt, PUBLIC, seqs[1][: groups[1].seen]), rtol=1e-5, atol=1e-6)
+
+
+def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, monkeypatch):
+    """Constant-work serving under churn: a group that leaves gives its rows to the last slot's
+    group, one that joins goes into the spare rows, and the batch buffer stays the same (no
+    rebuild); a group that left keeps a cache of its own and is exact when it steps again; a
+    group of another size falls back to the rebuild, and so does one that stepped elsewhere in
+    between (its rows in the batch are stale). Fresh buffers hold NaN (as reused memory may):
+    every number still equals the full forward."""
+    rt = runtime
+    blank = GrowingLayer.blank
+
+    def poisoned(self, *args):
+        out = blank(self, *args)
+        self._k.fill_(float("nan"))
+        self._v.fill_(float("nan"))
+        return out
+
+    monkeypatch.setattr(GrowingLayer, "blank", poisoned)
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(0, VOCAB, (40,), generator=g).tolist() for _ in range(7)]
+    pool = [RowGroup([PUBLIC, 0, 1, 2]) for _ in range(6)] + [RowGroup([PUBLIC, 2])]
+    for i, grp in enumerate(pool):
+        grp.tokens = seqs[i][: 3 + i]
+    rt.decode(pool[:4], persistent=True)  # prefill of unequal lengths: copies
+    rt.decode(pool[4:6], persistent=True)
+    rt.decode(pool[6:], persistent=True)
+
+    def step(members: list[int]) -> None:
+        grps = [pool[i] for i in members]
+        for i in members:
+            pool[i].tokens = [seqs[i][pool[i].seen]]
+        out = rt.decode(grps, persistent=True)
+        for i, o in zip(members, out):
+            for j, a in enumerate(pool[i].adapters):
+                torch.testing.assert_close(o[j], reference(rt, a, seqs[i][: pool[i].seen]), rtol=1e-5, atol=1e-6)
+
+    step([0, 1, 2, 3])  # the rebuild that makes the persistent batch (with spare rows)
+    batch = pool[0]._batch
+    buf = batch.cache.layers[0]._k.data_ptr()
+    step([0, 1, 2, 3])
+    step([3, 0, 2])  # group 1 leaves (the last slot's group fills its rows), in another order
+    assert pool[0]._batch is batch and pool[1]._batch is None
+    step([0, 2, 3, 4])  # group 4 joins into the spare rows
+    step([4, 0, 2, 3])
+    assert pool[4]._batch is batch and batch.cache.layers[0]._k.data_ptr() == buf
+    assert [id(s) for s in batch.slots] == [id(pool[i]) for i in (0, 3, 2, 4)]
+    step([1])  # the group that left steps alone on its own copy
+    step([0, 2, 3, 4, 1])  # and comes back
+    assert pool[1]._batch is batch and batch.cache.layers[0]._k.data_ptr() == buf
+    assert batch.cache.layers[0].capacity_rows == 20  # 16 rows + a quarter more
+    step([0, 2, 3, 4, 1, 6])  # a group of 2 rows: over the spare rows, a rebuild
+    again = pool[0]._batch
+    assert again is not batch and again.cache.layers[0].capacity_rows == 22 + 5
+    step([0, 2, 4, 1, 6])  # group 3 leaves, but the last slot has 2 rows, not 4: a rebuild
+    assert pool[0]._batch is not again
+    step([0, 2, 4, 1, 6])
+    latest = pool[0]._batch
+    assert latest.cache.layers[0].rows == 18
+    for i in (2, max((0, 2, 4, 1, 6), key=lambda i: pool[i].seen)):  # one, then the longest, step
+        pool[i].tokens = [seqs[i][pool[i].seen]]  # on their own, outside the batch
+        rt.decode([pool[i]])
+    step([0, 2, 4, 1, 6])  # their rows in the batch are a step behind, one is longer: not reused
+    final = pool[0]._batch
+    assert final is not latest
+    step([0, 2, 4, 1, 6])
+    step([0, 4, 2])  # the last two slots leave (1, then 6: nothing moves), in another order
+    step([4, 0])  # and a middle one (2): the last slot's group moves into its rows
+    assert pool[0]._batch is final and [id(s) for s in final.slots] == [id(pool[0]), id(pool[4])]
+    step([0, 4])
+
+
+def test_spare_rows_of_a_persistent_batch_stay_within_max_rows(runtime):
+    rt = runtime
+    for most, want in ((None, 8 + 4), (10, 10), (8, 8), (4, 8)):  # a quarter more, or one group more
+        groups = [RowGroup([PUBLIC, 0, 1, 2], tokens=t) for t in ([1, 2, 3], [1, 2])]  # unaligned: copies
+        rt.decode(groups, persistent=True, max_rows=most)
+        for grp in groups:
+            grp.tokens = [4]
+        rt.decode(groups, persistent=True, max_rows=most)  # the rebuild that makes the batch
+        assert groups[0]._batch.cache.layers[0].capacity_rows == want

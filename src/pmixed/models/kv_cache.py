@@ -8,7 +8,11 @@ step at 8 streams of 33 rows, measured with the torch profiler). ``GrowingLayer`
 [B, H, capacity, D]; ``keys`` / ``values`` are views of its first ``length`` positions; when an
 append does not fit, the buffer is reallocated at twice the size (amortised O(1) copies per
 position), never beyond ``limit`` positions (the model's context, so the memory bound of a
-request's caches is unchanged) unless the append itself needs more.
+request's caches is unchanged) unless the append itself needs more. The buffer may also hold
+spare rows [rows, capacity_rows): a persistent batch (constant-work serving) takes a joining
+request into them and fills a leaving one's rows with the last rows (``put_rows`` / ``move_rows``
+/ ``set_rows``), so that a change of the batch's membership copies one request's cache instead
+of the whole batch.
 
 Values are identical to ``DynamicLayer``'s (the same positions hold the same tensors; tests:
 tests/models/test_kv_cache.py); only where they are stored differs.
@@ -24,7 +28,8 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 __all__ = ["GrowingLayer", "growing_cache"]
 
 class GrowingLayer(DynamicLayer):
-    """One layer's keys and values [B, H, length, D] as views of a buffer [B, H, capacity, D]."""
+    """One layer's keys and values [rows, H, length, D] as views of a buffer [capacity_rows, H,
+    capacity, D]."""
 
     def __init__(self, limit: int | None = None):
         super().__init__()  # transformers 4.56 takes no arguments here, 5.x keyword ones
@@ -32,6 +37,7 @@ class GrowingLayer(DynamicLayer):
         self._k: torch.Tensor | None = None  # [B, H, capacity, D]
         self._v: torch.Tensor | None = None
         self.length = 0
+        self.rows = 0  # rows in use (the first ones of the buffer)
 
     def _start(self, device: torch.device) -> None:
         self.device = device
@@ -46,11 +52,12 @@ class GrowingLayer(DynamicLayer):
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         cap = self._capacity_for(needed)
         b, h, _, d = key_states.shape
+        b = max(b, 0 if self._k is None else self._k.shape[0])  # spare rows are kept
         k = key_states.new_empty(b, h, cap, d)
         v = value_states.new_empty(b, h, cap, value_states.shape[3])
         if self._k is not None and self.length:
-            k[:, :, : self.length].copy_(self._k[:, :, : self.length])
-            v[:, :, : self.length].copy_(self._v[:, :, : self.length])
+            k[: self.rows, :, : self.length].copy_(self._k[: self.rows, :, : self.length])
+            v[: self.rows, :, : self.length].copy_(self._v[: self.rows, :, : self.length])
         self._k, self._v = k, v
 
     def update(
@@ -59,36 +66,70 @@ class GrowingLayer(DynamicLayer):
         """Append ``key_states`` / ``value_states`` [B, H, t, D]; return all positions so far."""
         if self._k is None:
             self._start(key_states.device)
+            self.rows = key_states.shape[0]
+        elif self.rows != key_states.shape[0]:
+            raise ValueError(f"cache holds {self.rows} rows, the step has {key_states.shape[0]}")
         t = key_states.shape[2]
         end = self.length + t
-        if self._k is None or end > self._k.shape[2] or self._k.shape[0] != key_states.shape[0]:
-            if self._k is not None and self._k.shape[0] != key_states.shape[0]:
-                raise ValueError(f"cache holds {self._k.shape[0]} rows, the step has {key_states.shape[0]}")
+        if self._k is None or end > self._k.shape[2]:
             self._grow(key_states, value_states, end)
-        self._k[:, :, self.length : end].copy_(key_states)
-        self._v[:, :, self.length : end].copy_(value_states)
+        self._k[: self.rows, :, self.length : end].copy_(key_states)
+        self._v[: self.rows, :, self.length : end].copy_(value_states)
         self.length = end
-        self.keys = self._k[:, :, :end]  # [B, H, length, D] views
-        self.values = self._v[:, :, :end]
+        self._views()
         return self.keys, self.values
 
+    def _views(self) -> None:
+        self.keys = self._k[: self.rows, :, : self.length]  # [rows, H, length, D] views
+        self.values = self._v[: self.rows, :, : self.length]
+
     def blank(
-        self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, length: int, room: int
+        self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, length: int, room: int,
+        spare_rows: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Start as ``rows`` rows of ``length`` positions (heads and widths as ``like_k`` /
-        ``like_v`` [b, H, L, D]) with ``room`` spare positions (fewer beyond ``limit``); return
-        the views [rows, H, length, D] for the caller to fill. They are uninitialised: the caller
-        writes every one of the ``length`` positions (zeros where a row is padding: a masked
-        position's value still enters attention's product with weight 0, and garbage there could
-        be NaN). The spare positions are never read before an append writes them."""
+        ``like_v`` [b, H, L, D]) with ``room`` spare positions (fewer beyond ``limit``) and
+        ``spare_rows`` spare rows; return the views [rows, H, length, D] for the caller to fill.
+        They are uninitialised: the caller writes every one of the ``length`` positions (zeros
+        where a row is padding: a masked position's value still enters attention's product with
+        weight 0, and garbage there could be NaN). Spare positions and rows are never read before
+        an append or ``put_rows`` writes them."""
         self._start(like_k.device)
         cap = length + room if self.limit is None else max(length, min(length + room, self.limit))
-        self._k = like_k.new_empty(rows, like_k.shape[1], cap, like_k.shape[3])
-        self._v = like_v.new_empty(rows, like_v.shape[1], cap, like_v.shape[3])
-        self.length = length
-        self.keys = self._k[:, :, :length]
-        self.values = self._v[:, :, :length]
+        self._k = like_k.new_empty(rows + spare_rows, like_k.shape[1], cap, like_k.shape[3])
+        self._v = like_v.new_empty(rows + spare_rows, like_v.shape[1], cap, like_v.shape[3])
+        self.length, self.rows = length, rows
+        self._views()
         return self.keys, self.values
+
+    @property
+    def capacity_rows(self) -> int:
+        return 0 if self._k is None else self._k.shape[0]
+
+    def put_rows(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write a cache k / v [b, H, s, D] (s <= length) into rows [start, start + b) of the
+        buffer, right-aligned at ``length``, its left padding zeroed; ``set_rows`` exposes them."""
+        b, s = k.shape[0], k.shape[2]
+        if start + b > self.capacity_rows or s > self.length:
+            raise ValueError(f"{b} rows of {s} positions do not fit at row {start} of "
+                             f"{self.capacity_rows} rows x {self.length} positions")
+        for buf, x in ((self._k, k), (self._v, v)):
+            buf[start : start + b, :, : self.length - s].zero_()
+            buf[start : start + b, :, self.length - s : self.length].copy_(x)
+
+    def move_rows(self, dst: int, src: int, count: int) -> None:
+        """Copy rows [src, src + count) onto rows [dst, dst + count) (disjoint), every position."""
+        if dst + count > src and src + count > dst:
+            raise ValueError("overlapping row ranges")
+        for buf in (self._k, self._v):
+            buf[dst : dst + count, :, : self.length].copy_(buf[src : src + count, :, : self.length])
+
+    def set_rows(self, rows: int) -> None:
+        """Use the first ``rows`` rows of the buffer (<= ``capacity_rows``)."""
+        if rows > self.capacity_rows:
+            raise ValueError(f"{rows} rows, the buffer holds {self.capacity_rows}")
+        self.rows = rows
+        self._views()
 
     def get_seq_length(self) -> int:
         return self.length
@@ -96,7 +137,7 @@ class GrowingLayer(DynamicLayer):
     def reset(self) -> None:
         self._k = self._v = None
         self.keys = self.values = None
-        self.length = 0
+        self.length = self.rows = 0
         self.is_initialized = False
 
     def crop(self, *args: Any, **kwargs: Any) -> None:
@@ -108,7 +149,7 @@ class GrowingLayer(DynamicLayer):
     def _rebuild(self) -> None:
         keys, values = self.keys, self.values
         self._k = self._v = None
-        self.length = 0
+        self.length = self.rows = 0
         self.update(keys, values)
 
     def batch_repeat_interleave(self, repeats: int) -> None:

@@ -48,14 +48,70 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [b, H, L
 
 @dataclass
 class _Batch:
-    """The padded batch cache that a list of groups shared in their last step (``decode(...,
-    persistent=True)``): a cache of ``GrowingLayer``s, per layer (keys, values) [B, H, width, D]
-    with group ``order[j]``'s rows right-aligned at ``width``. The same groups in the same order
-    pass it to the next step as is, which appends the new position in place."""
+    """The padded batch cache that groups share across steps (``decode(..., persistent=True)``):
+    a cache of ``GrowingLayer``s, per layer (keys, values) [B, H, width, D] with ``slots[j]``'s
+    rows at the j-th place (in slot order) right-aligned at ``width``. A later step whose groups
+    are these, give or take some (``adopt``), reuses it: the new position is appended in place."""
 
     cache: Any
-    order: list[int]
+    slots: list[RowGroup]
     width: int
+
+    def layers(self) -> list[Any]:
+        return list(self.cache.layers)
+
+    def adopt(self, groups: Sequence[RowGroup], waste: int) -> list[RowGroup] | None:
+        """Make the batch hold exactly ``groups`` (one pending token each): a group that left is
+        detached (its cache copied out) and its rows filled with the last slot's, when that slot
+        has as many rows; a group that joins (with a cache no longer than ``width``) goes into
+        the spare rows. Returns the groups in slot order, or None (nothing changed) when that
+        cannot be done, or would keep more than ``waste`` positions of padding per row: the
+        caller then rebuilds the batch."""
+        want = {id(g) for g in groups}
+        mine = {id(g) for g in self.slots if g._batch is self}  # a slot whose group stepped elsewhere is stale
+        joining = [g for g in groups if id(g) not in mine]
+        if any(g.cache is None or g.seen > self.width for g in joining):
+            return None
+        if self.width - max(g.seen for g in groups) > waste:
+            return None
+        sizes = [len(g.adapters) for g in self.slots]
+        gone = [j for j, g in enumerate(self.slots) if id(g) not in want or id(g) not in mine]
+        sim = list(sizes)  # the removals on sizes alone, checked before anything moves
+        for j in reversed(gone):  # later slots first: the last one is never a leaving one
+            if j == len(sim) - 1:
+                sim.pop()
+            elif sim[-1] != sim[j]:
+                return None
+            else:
+                sim[j] = sim.pop()
+        layers = self.layers()
+        if sum(sim) + sum(len(g.adapters) for g in joining) > layers[0].capacity_rows:
+            return None
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        for j in gone:  # a group that leaves keeps a cache of its own
+            g = self.slots[j]
+            if g._batch is self:
+                g.cache = [(k.clone(), v.clone()) for k, v in g.cache]
+                g._batch = None
+        for j in reversed(gone):
+            last = len(self.slots) - 1
+            if j != last:
+                for layer in layers:
+                    layer.move_rows(starts[j], starts[last], sizes[last])
+                self.slots[j] = self.slots[last]
+                sizes[j] = sizes[last]
+            self.slots.pop()
+            sizes.pop()
+        r = sum(sizes)
+        for g in joining:
+            for layer, (k, v) in zip(layers, g.cache):
+                layer.put_rows(r, k, v)
+            r += len(g.adapters)
+            self.slots.append(g)
+            g._batch = self
+        for layer in layers:
+            layer.set_rows(r)
+        return list(self.slots)
 
 
 @dataclass
@@ -129,7 +185,8 @@ class EnsembleRuntime:
         return softmax_(x)
 
     @torch.no_grad()
-    def decode(self, groups: Sequence[RowGroup], *, persistent: bool = False) -> list[torch.Tensor]:
+    def decode(self, groups: Sequence[RowGroup], *, persistent: bool = False,
+               max_rows: int | None = None) -> list[torch.Tensor]:
         """One batched forward over every row of ``groups``: each group consumes its pending
         tokens; returns each group's next-token distributions [b, V] float32 (on the runtime's
         device), and advances each group's ``cache`` / ``seen`` in place (``tokens`` cleared).
@@ -142,10 +199,13 @@ class EnsembleRuntime:
 
         ``persistent=True`` (the same groups step together every time, as in constant-work
         serving): the groups keep views into the step's batch cache instead of copies, and when
-        the same groups come back in the same order with one token each, that batch is reused
+        the batch's groups come back (in any order) with one token each, that batch is reused
         without re-padding and appends the new position in place (``GrowingLayer``), so a steady
-        step copies nothing but the new keys and values. Other steps copy each group's cache
-        into the padded batch once, and (not persistent) out again.
+        step copies nothing but the new keys and values. Groups may leave and join such a batch
+        (``_Batch.adopt``: a leaving group's rows are filled with the last slot's, a joining one
+        goes into spare rows, about a quarter of the rows, never beyond ``max_rows`` in all):
+        that copies the caches of the groups that move, not the whole batch. Other steps copy
+        each group's cache into the padded batch once, and (not persistent) out again.
         """
         if not groups:
             return []
@@ -153,20 +213,27 @@ class EnsembleRuntime:
             if not g.tokens:
                 raise ValueError(f"decode group {g.adapters} has no pending tokens")
         dev = self.device
-        sizes = [len(g.adapters) for g in groups]
-        B = sum(sizes)
         n = max(len(g.tokens) for g in groups)
-        shared = groups[0]._batch
-        reuse = (shared is not None and n == 1 and shared.order == [id(g) for g in groups]
-                 and all(g._batch is shared for g in groups))
-        lmax = shared.width if reuse else max(g.seen for g in groups)
+        held: dict[int, tuple[int, _Batch]] = {}  # id(batch) -> (rows of ``groups`` it holds, batch)
+        for g in groups:
+            if g._batch is not None:
+                c = held.get(id(g._batch), (0, g._batch))[0]
+                held[id(g._batch)] = (c + len(g.adapters), g._batch)
+        shared = max(held.values(), key=lambda x: x[0])[1] if held else None  # the one holding most
+        order = None
+        if persistent and n == 1 and shared is not None:
+            order = shared.adopt(groups, waste=max(16, max(g.seen for g in groups) // 2))
+        run = order if order is not None else list(groups)  # the groups in row order
+        sizes = [len(g.adapters) for g in run]
+        B = sum(sizes)
+        lmax = shared.width if order is not None else max(g.seen for g in run)
         ids = torch.zeros(B, n, dtype=torch.long)  # [B, n]
         mask = torch.zeros(B, lmax + n, dtype=torch.long)  # [B, Lmax + n]
         pos = torch.zeros(B, n, dtype=torch.long)  # [B, n]
         last = torch.zeros(B, dtype=torch.long)  # [B] each row's last real pending position
         adapters: list[int] = []
         r = 0
-        for g, b in zip(groups, sizes):
+        for g, b in zip(run, sizes):
             t = len(g.tokens)
             ids[r : r + b, :t] = torch.tensor(g.tokens, dtype=torch.long)
             mask[r : r + b, lmax - g.seen : lmax + t] = 1
@@ -175,12 +242,16 @@ class EnsembleRuntime:
             adapters += g.adapters
             r += b
         kw: dict[str, Any] = {"attention_mask": mask.to(dev), "position_ids": pos.to(dev), "use_cache": True}
-        if reuse:
+        if order is not None:
             kw["past_key_values"] = shared.cache
         else:
-            # persistent: room for as many steps again as the cache holds (amortised doubling)
+            # persistent: room for as many steps again as the cache holds (amortised doubling),
+            # and for a quarter more rows (a joining group goes there instead of a rebuild)
             room = max(n, lmax) if persistent else n
-            kw["past_key_values"] = self._batched_cache(groups, sizes, lmax, room)
+            spare = max(max(sizes), B // 4) if persistent and n == 1 else 0
+            if max_rows is not None:
+                spare = max(0, min(spare, max_rows - B))
+            kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
         if split is None:
@@ -196,11 +267,15 @@ class EnsembleRuntime:
         new_cache = output_cache(out)
         layers = [(layer.keys, layer.values) for layer in new_cache.layers]  # [B, H, Lmax + n, D]
         probs = softmax_(logits.float())  # [B, V]
-        aligned = persistent and all(len(g.tokens) == n for g in groups)  # every group ends at the right edge
-        batch = _Batch(new_cache, [id(g) for g in groups], lmax + n) if aligned else None
-        result = []
+        aligned = persistent and all(len(g.tokens) == n for g in run)  # every group ends at the right edge
+        if order is not None:
+            shared.width = lmax + n
+            batch = shared
+        else:
+            batch = _Batch(new_cache, list(run), lmax + n) if aligned else None
+        result: dict[int, torch.Tensor] = {}
         r = 0
-        for g, b in zip(groups, sizes):
+        for g, b in zip(run, sizes):
             t = len(g.tokens)
             sl = slice(lmax - g.seen, lmax + t)  # the group's real entries, contiguous
             if aligned:  # views: the next step of the same groups reuses ``batch`` whole
@@ -210,13 +285,15 @@ class EnsembleRuntime:
             g._batch = batch
             g.seen += t
             g.tokens = []
-            result.append(probs[r : r + b])
+            result[id(g)] = probs[r : r + b]
             r += b
-        return result
+        return [result[id(g)] for g in groups]
 
-    def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int, room: int) -> Any:
+    def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int, room: int,
+                       spare_rows: int = 0) -> Any:
         """The groups' caches, left-padded to ``lmax`` and stacked along the batch, copied once
-        into a cache of ``GrowingLayer``s with ``room`` spare positions to append in place."""
+        into a cache of ``GrowingLayer``s with ``room`` spare positions to append in place (and
+        ``spare_rows`` spare rows for groups that join a persistent batch)."""
         limit = self.context_length
         cache = growing_cache(limit=limit)
         if lmax == 0:
@@ -226,7 +303,7 @@ class EnsembleRuntime:
         for li, (k0, v0) in enumerate(ref):
             layer = cache.layer_class_to_replicate()
             cache.layers.append(layer)
-            keys, values = layer.blank(k0, v0, B, lmax, room)  # [B, H, lmax, D] uninitialised
+            keys, values = layer.blank(k0, v0, B, lmax, room, spare_rows)  # [B, H, lmax, D] uninitialised
             r = 0
             for g, b in zip(groups, sizes):
                 held = 0 if g.cache is None else g.cache[li][0].shape[2]  # None: a first step, all padding

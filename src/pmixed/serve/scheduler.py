@@ -55,7 +55,8 @@ depend on the draw (drawn mode's ``stats()`` omits the rows it ran). Error messa
 a member. Memory: a request holds at most N + 1 caches of at most the model's context (constant
 mode: exactly that; drawn mode: member caches idle for ``max_idle_steps`` steps are dropped and
 rebuilt on the next draw), so cache memory is bounded by ``max_active`` x (N + 1) x context x
-the per-token KV size (``cache_bytes_per_request``).
+the per-token KV size (``cache_bytes_per_request``); constant mode's shared batch reserves spare
+rows for requests that join it, within the same ``max_active`` x (N + 1) rows.
 """
 
 from __future__ import annotations
@@ -511,13 +512,15 @@ class Decoder:
         if self.mode == "drawn":  # rows change every step: any contiguous split of each part
             batches = [b for part in public_apart(groups)
                        for b in catch_up_batches(part, MAX_CATCH_UP_FORWARDS + 1)]
-        else:  # the one-token rows keep one batch, so that constant mode's next step reuses it
+        else:  # the one-token rows keep one batch, which constant mode's next step reuses (with
+            # the requests that ended left out and those whose prefill ran added: ``_Batch.adopt``)
             single = [g for g in groups if len(g.tokens) == 1]
             batches = [*catch_up_batches([g for g in groups if len(g.tokens) > 1]), single]
         out: dict[int, torch.Tensor] = {}
+        most = self.max_active * (self.mechanism.ensemble_size + 1)  # rows a batch may reserve
         for batch in batches:
             if batch:
-                for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent)):
+                for g, probs in zip(batch, self.runtime.decode(batch, persistent=persistent, max_rows=most)):
                     out[id(g)] = probs.double().cpu()
         return out
 
