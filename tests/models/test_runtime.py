@@ -33,10 +33,9 @@ def test_batched_groups_equal_separate_full_forwards(runtime, monkeypatch, split
     check_batched_groups(runtime)
 
 
-def test_padding_is_written_whatever_fresh_batch_buffers_hold(runtime, monkeypatch):
-    """The padded batch cache starts uninitialised (``GrowingLayer.blank``): filled with NaN here,
-    as reused memory may be, every result stays exact, so every padded position was written (a
-    masked position still enters attention's product, with weight 0, and 0 * NaN is NaN)."""
+@pytest.fixture
+def nan_buffers(monkeypatch):
+    """Fresh batch buffers (``GrowingLayer.blank``) filled with NaN, as reused memory may be."""
     blank = GrowingLayer.blank
 
     def poisoned(self, *args):
@@ -46,6 +45,12 @@ def test_padding_is_written_whatever_fresh_batch_buffers_hold(runtime, monkeypat
         return out
 
     monkeypatch.setattr(GrowingLayer, "blank", poisoned)
+
+
+def test_padding_is_written_whatever_fresh_batch_buffers_hold(runtime, nan_buffers):
+    """The padded batch cache starts uninitialised (``GrowingLayer.blank``): filled with NaN here,
+    as reused memory may be, every result stays exact, so every padded position was written (a
+    masked position still enters attention's product, with weight 0, and 0 * NaN is NaN)."""
     check_batched_groups(runtime)
 
 
@@ -107,7 +112,7 @@ def test_persistent_batches_are_reused_and_equal_full_forwards(runtime):
     torch.testing.assert_close(out[0][0], reference(rt, PUBLIC, seqs[1][: groups[1].seen]), rtol=1e-5, atol=1e-6)
 
 
-def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, monkeypatch):
+def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, nan_buffers):
     """Constant-work serving under churn: a group that leaves gives its rows to the last slot's
     group, one that joins goes into the spare rows, and the batch buffer stays the same (no
     rebuild); a group that left keeps a cache of its own and is exact when it steps again; a
@@ -115,15 +120,6 @@ def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, mon
     between (its rows in the batch are stale). Fresh buffers hold NaN (as reused memory may):
     every number still equals the full forward."""
     rt = runtime
-    blank = GrowingLayer.blank
-
-    def poisoned(self, *args):
-        out = blank(self, *args)
-        self._k.fill_(float("nan"))
-        self._v.fill_(float("nan"))
-        return out
-
-    monkeypatch.setattr(GrowingLayer, "blank", poisoned)
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(0, VOCAB, (40,), generator=g).tolist() for _ in range(7)]
     pool = [RowGroup([PUBLIC, 0, 1, 2]) for _ in range(6)] + [RowGroup([PUBLIC, 2])]
