@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +58,6 @@ class _Batch:
     slots: list[RowGroup]
     width: int
 
-    def layers(self) -> list[Any]:
-        return list(self.cache.layers)
-
     def adopt(self, groups: Sequence[RowGroup], waste: int) -> list[RowGroup] | None:
         """Make the batch hold exactly ``groups`` (one pending token each): a group that left is
         detached (its cache copied out) and its rows filled with the last slot's, when that slot
@@ -76,33 +74,29 @@ class _Batch:
             return None
         sizes = [len(g.adapters) for g in self.slots]
         gone = [j for j, g in enumerate(self.slots) if id(g) not in want or id(g) not in mine]
-        sim = list(sizes)  # the removals on sizes alone, checked before anything moves
+        keep = list(range(len(self.slots)))  # by position, the slot that ends up there
+        moves: list[tuple[int, int]] = []  # (to, from) positions: the last slot fills a leaving one's rows
         for j in reversed(gone):  # later slots first: the last one is never a leaving one
-            if j == len(sim) - 1:
-                sim.pop()
-            elif sim[-1] != sim[j]:
-                return None
-            else:
-                sim[j] = sim.pop()
-        layers = self.layers()
-        if sum(sim) + sum(len(g.adapters) for g in joining) > layers[0].capacity_rows:
+            if j != len(keep) - 1:
+                if sizes[keep[-1]] != sizes[j]:
+                    return None
+                moves.append((j, len(keep) - 1))
+                keep[j] = keep[-1]
+            keep.pop()
+        layers = list(self.cache.layers)
+        r = sum(sizes[i] for i in keep)
+        if r + sum(len(g.adapters) for g in joining) > layers[0].capacity_rows:
             return None
-        starts = [sum(sizes[:j]) for j in range(len(sizes))]
         for j in gone:  # a group that leaves keeps a cache of its own
             g = self.slots[j]
             if g._batch is self:
                 g.cache = [(k.clone(), v.clone()) for k, v in g.cache]
                 g._batch = None
-        for j in reversed(gone):
-            last = len(self.slots) - 1
-            if j != last:
-                for layer in layers:
-                    layer.move_rows(starts[j], starts[last], sizes[last])
-                self.slots[j] = self.slots[last]
-                sizes[j] = sizes[last]
-            self.slots.pop()
-            sizes.pop()
-        r = sum(sizes)
+        starts = list(accumulate(sizes, initial=0))  # a position's first row (sizes match where rows move)
+        for to, frm in moves:
+            for layer in layers:
+                layer.move_rows(starts[to], starts[frm], sizes[to])
+        self.slots = [self.slots[i] for i in keep]
         for g in joining:
             for layer, (k, v) in zip(layers, g.cache):
                 layer.put_rows(r, k, v)
