@@ -70,8 +70,9 @@ def test_openai_sync_completions_and_chat(server):
     text = "".join(x.choices[0].text for x in chunks[:-1])
     assert isinstance(text, str) and all(not x.choices or x.choices[0].finish_reason or
                                          x.choices[0].public_only is False for x in chunks)
-    cchunks = list(c.chat.completions.create(model="tiny", max_tokens=4, stream=True,
-                                             messages=[{"role": "user", "content": "engine"}]))
+    cchunks = list(c.chat.completions.create(model="tiny", max_tokens=4, stream=True,  # EOS first: no piece
+                                             messages=[{"role": "user", "content": "engine"}],
+                                             extra_body={"ignore_eos": True}))
     assert cchunks[0].choices[0].delta.role == "assistant"
     assert cchunks[-1].choices[0].finish_reason in ("stop", "length")
     chat_tokens = sum(1 for x in cchunks if x.choices[0].delta.content)  # >= 1 piece, <= 4 tokens
