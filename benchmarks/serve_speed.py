@@ -41,7 +41,9 @@ Load (``--streams 1,8,32``): S concurrent streams of ``--load-tokens`` tokens ea
 each configuration in a fresh subprocess (its peak RSS is its own): aggregate tokens/s, p50/p95
 inter-token latency, p50/p95 time to first token, peak RSS. ``--arrival-gap MS`` submits stream i
 at i x MS milliseconds instead of all at once, so that requests join and leave the running batch
-throughout the run (continuous batching's churn).
+throughout the run (continuous batching's churn). ``--prefill-tokens K`` prefills the load runs'
+prompts K tokens per step at most (``Decoder(prefill_tokens=K)``, chunked prefill), so that a
+long prompt (``--prompt``) arriving does not stall the streams already decoding.
 
 ``--load-repeats R`` runs R interleaved rounds of the load configurations and reports the run with
 the median rate of each (its own latencies and memory), with every run's rate; ``--load-only``
@@ -234,7 +236,8 @@ def load_run(args) -> dict:
         rt, mech = setup(args, Path(tmp))
         rss0 = peak_rss()
         with Ledger(Path(tmp) / "load.ledger", epsilon=8.0, delta=1e-5) as led, \
-                Decoder(rt, mech, led, mode=mode, max_active=streams, max_queue=0) as dec:
+                Decoder(rt, mech, led, mode=mode, max_active=streams, max_queue=0,
+                        prefill_tokens=args.prefill_tokens or None) as dec:
             # warm-up (kernels, allocator)
             list(dec.submit(prompt(args, 99), SamplingParams(max_tokens=2, stop_at_eos=False)))
             times: list[list[float]] = [[] for _ in range(streams)]
@@ -262,7 +265,8 @@ def load_run(args) -> dict:
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) >= 2 else (xs[0] if xs else float("nan"))  # noqa: E731
     return {"mode": mode, "streams": streams, "tokens": sum(len(t) for t in times), "wall_s": wall,
             "tokens_per_s": sum(len(t) for t in times) / wall, "itl_p50_ms": 1e3 * q(itl, 50),
-            "itl_p95_ms": 1e3 * q(itl, 95), "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p95_ms": 1e3 * q(ttft, 95),
+            "itl_p95_ms": 1e3 * q(itl, 95), "itl_p99_ms": 1e3 * q(itl, 99),
+            "itl_max_ms": 1e3 * max(itl, default=float("nan")), "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p95_ms": 1e3 * q(ttft, 95),
             "peak_rss_mib": peak_rss() / 2**20, "rss_before_mib": rss0 / 2**20,
             "cache_bound_mib_per_request": None if cache is None else cache / 2**20}
 
@@ -287,6 +291,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--arrival-gap", type=float, default=0.0,
                     help="milliseconds between the load streams' arrivals (0: all at once); staggered, "
                          "requests join and leave the running batch throughout the run")
+    ap.add_argument("--prefill-tokens", type=int, default=0,
+                    help="load runs: chunked prefill, at most this many prompt tokens per step (0: whole prompts)")
     ap.add_argument("--load-only", action="store_true", help="skip the per-token part")
     ap.add_argument("--only-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
@@ -298,7 +304,8 @@ def main(argv=None) -> dict:
         return {}
     res: dict = {"model": args.model, "members": args.members, "sample_rate": args.sample_rate,
                  "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads,
-                 "dtype": args.dtype, "load_repeats": args.load_repeats, "arrival_gap_ms": args.arrival_gap}
+                 "dtype": args.dtype, "load_repeats": args.load_repeats, "arrival_gap_ms": args.arrival_gap,
+                 "prefill_tokens": args.prefill_tokens or None}
     if not args.load_only:
         per_token(args, res)
     res["load"] = load_runs(args)
@@ -308,14 +315,16 @@ def main(argv=None) -> dict:
     if not args.load_only:
         print_per_token(args, res)
     gap = f", arriving {args.arrival_gap:g} ms apart" if args.arrival_gap else ""
+    gap += f", prompts of {args.prompt} tokens" + (f" prefilled {args.prefill_tokens} tokens per step"
+                                                   if args.prefill_tokens else " prefilled whole")
     print(f"load ({args.model}, N = {args.members}, q = {args.sample_rate}, {res['dtype']}, {args.load_tokens} tokens "
           f"per stream{gap}; {args.load_repeats} interleaved round(s), the median run's figures): mode | streams | tokens/s "
-          "| x single | ITL p50 / p95 ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
+          "| x single | ITL p50 / p95 / p99 / max ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
     for r in res["load"]:
         runs = "" if len(r["tokens_per_s_runs"]) < 2 else "  (runs: " + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]) + ")"
         x = "-" if r["x_single"] is None else f"{r['x_single']:.2f}x"  # no single-stream run
         print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {x} | "
-              f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
+              f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} / {r['itl_p99_ms']:.1f} / {r['itl_max_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
               f"{r['peak_rss_mib']:.0f} | {r['cache_bound_mib_per_request']:.2f}{runs}")
     return res
 
@@ -352,7 +361,8 @@ def load_runs(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--only-load", f"{mode}:{s}", "--model", args.model,
                    "--members", str(args.members), "--sample-rate", str(args.sample_rate),
                    "--prompt", str(args.prompt), "--load-tokens", str(args.load_tokens),
-                   "--threads", str(args.threads), "--dtype", args.dtype, "--arrival-gap", str(args.arrival_gap)]
+                   "--threads", str(args.threads), "--dtype", args.dtype, "--arrival-gap", str(args.arrival_gap),
+                   "--prefill-tokens", str(args.prefill_tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[(mode, s)].append(json.loads(out.stdout.strip().splitlines()[-1]))
     load = []

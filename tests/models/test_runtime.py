@@ -175,7 +175,8 @@ def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, nan
 
 def test_spare_rows_of_a_persistent_batch_stay_within_max_rows(runtime):
     rt = runtime
-    for most, want in ((None, 8 + 4), (10, 10), (8, 8), (4, 8)):  # a quarter more, or one group more
+    # no max_rows: a quarter more or one group more; max_rows: every row up to it (reserved, not written)
+    for most, want in ((None, 8 + 4), (10, 10), (8, 8), (4, 8), (64, 64)):
         groups = [RowGroup([PUBLIC, 0, 1, 2], tokens=t) for t in ([1, 2, 3], [1, 2])]  # unaligned: copies
         rt.decode(groups, persistent=True, max_rows=most)
         for grp in groups:

@@ -206,10 +206,12 @@ def test_a_public_screen_answers_from_the_public_model_after_one_unit(runtime, m
 
 
 @pytest.mark.parametrize("mode", ["constant", "drawn"])
-def test_a_threshold_of_minus_1e9_makes_every_token_private(runtime, mode):
+@pytest.mark.parametrize("prefill_tokens", [None, 2])
+def test_a_threshold_of_minus_1e9_makes_every_token_private(runtime, mode, prefill_tokens):
+    """(prefill_tokens = 2: the prompt is consumed over two steps, chunked prefill.)"""
     m = mech(threshold=PRIVATE_SCREEN, q=1.0)
     prompt = [7, 8, 9, 10]
-    with ledger(m) as led, Decoder(runtime, m, led, mode=mode) as dec:
+    with ledger(m) as led, Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens) as dec:
         s = dec.submit(prompt, SamplingParams(max_tokens=7, top_k=1, stop_at_eos=False))
         got = [t.id for t in s]
         assert net_units(led) == 7 and dec.stats()["units"] == 7
@@ -253,9 +255,10 @@ def test_drawn_mode_runs_a_private_streams_members_with_its_public_row(runtime, 
         assert got == greedy(runtime, m, prompt, 6, private=True)
 
 
-def test_constant_mode_work_does_not_depend_on_the_screen(runtime, monkeypatch):
+@pytest.mark.parametrize("prefill_tokens", [None, 2])
+def test_constant_mode_work_does_not_depend_on_the_screen(runtime, monkeypatch, prefill_tokens):
     """The rows run and the releases computed per step are the same whether the screen answers
-    every token privately or every token from the public model."""
+    every token privately or every token from the public model (also with chunked prefill)."""
     import pmixed.serve.scheduler as sched
 
     runs = []
@@ -267,8 +270,8 @@ def test_constant_mode_work_does_not_depend_on_the_screen(runtime, monkeypatch):
             mp.setattr(sched, "release_masked",
                        lambda *a, masked=masked, real=real, **k: masked.append(1) or real(*a, **k))
             m = mech(threshold=threshold, q=0.5)
-            with ledger(m) as led, Decoder(runtime, m, led) as dec:
-                s = dec.submit([1, 2, 3], SamplingParams(max_tokens=5, stop_at_eos=False))
+            with ledger(m) as led, Decoder(runtime, m, led, prefill_tokens=prefill_tokens) as dec:
+                s = dec.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=5, stop_at_eos=False))
                 assert len(list(s)) == 5
             runs.append((calls, len(masked)))
     assert runs[0] == runs[1] and runs[0][1] == 5

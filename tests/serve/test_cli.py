@@ -74,6 +74,8 @@ def test_serve_startup_failures_are_one_line(serve_run, tmp_path, capsys):
     assert code == 2 and "mode" in err
     code, _, err = run(["serve", "--config", str(cfg_path), "--keys", str(kf), "--dtype", "float8"], capsys)
     assert code == 2 and "dtype" in err and err.count("\n") == 1
+    code, _, err = run(["serve", "--config", str(cfg_path), "--keys", str(kf), "--prefill-tokens", "1"], capsys)
+    assert code == 2 and "prefill_tokens" in err and err.count("\n") == 1
 
 
 def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
@@ -83,7 +85,7 @@ def test_pmixed_serve_command_on_loopback(serve_run, tmp_path):
 
     kf, ledger = tmp_path / "keys.db", tmp_path / "serve.ledger"
     _, key = KeyStore(kf).create("c")
-    proc, url = start_serve(cfg_path, kf, ledger, "--mode", "drawn", "--dtype", "bfloat16")
+    proc, url = start_serve(cfg_path, kf, ledger, "--mode", "drawn", "--dtype", "bfloat16", "--prefill-tokens", "2")
     try:
         c = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
         r = c.chat.completions.create(model="tiny", max_tokens=4, messages=[{"role": "user", "content": "hi"}])

@@ -18,7 +18,7 @@ from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
 from pmixed.privacy.ledger import Ledger, record_count  # noqa: E402
 from pmixed.serve import scheduler as scheduler_mod  # noqa: E402
-from pmixed.serve.scheduler import Decoder, QueueFull, catch_up_batches  # noqa: E402
+from pmixed.serve.scheduler import ALL, Decoder, QueueFull, catch_up_batches  # noqa: E402
 from pmixed.serve.stream import SamplingParams  # noqa: E402
 from tests.models.test_stacked_lora import ARCHS, VOCAB, save_adapters  # noqa: E402
 
@@ -55,11 +55,12 @@ def greedy_reference(rt, m, prompt, n):
 
 
 @pytest.mark.parametrize("mode", ["constant", "drawn"])
-def test_concurrent_batched_requests_equal_full_recomputation(runtime, mode):
+def test_concurrent_batched_requests_equal_full_recomputation(runtime, mode, prefill_tokens=None,
+                                                              prompts=([1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [4, 4, 4, 4])):
     m = mech(q=1.0)
-    prompts = [[1, 2, 3], [5, 6, 7, 8, 9, 10], [11], [4, 4, 4, 4]]
     want = [greedy_reference(runtime, m, p, 6 + i) for i, p in enumerate(prompts)]
-    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode=mode) as dec:
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, \
+            Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens) as dec:
         streams = [dec.submit(p, SamplingParams(max_tokens=6 + i, top_k=1, stop_at_eos=False))
                    for i, p in enumerate(prompts)]
         got = [[t.id for t in s] for s in streams]
@@ -109,9 +110,11 @@ def _rows_per_forward(runtime, monkeypatch):
 
 
 @pytest.mark.parametrize("mode, same", [("constant", True), ("drawn", False)])
-def test_constant_work_mode_does_not_depend_on_the_draw(runtime, monkeypatch, mode, same):
+@pytest.mark.parametrize("prefill_tokens", [None, 2])
+def test_constant_work_mode_does_not_depend_on_the_draw(runtime, monkeypatch, mode, same, prefill_tokens):
     """The rows run per step are the same whether every member or none is drawn in constant
-    mode; in drawn mode they are not (what the mode's timing assumption is about)."""
+    mode; in drawn mode they are not (what the mode's timing assumption is about). Also with
+    chunked prefill (a budget of 2 prompt tokens per step)."""
     m = mech(q=0.5)
     runs = []
     for drawn in (True, False):
@@ -119,8 +122,9 @@ def test_constant_work_mode_does_not_depend_on_the_draw(runtime, monkeypatch, mo
             sizes = _rows_per_forward(runtime, mp)
             mp.setattr("pmixed.mechanism.pmixed.poisson_mask",
                        lambda n, q, positions=None, g=None, d=drawn: torch.full((n,), d))
-            with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode=mode) as dec:
-                s = dec.submit([1, 2, 3], SamplingParams(max_tokens=4, stop_at_eos=False))
+            with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, \
+                    Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens) as dec:
+                s = dec.submit([1, 2, 3, 4, 5], SamplingParams(max_tokens=4, stop_at_eos=False))
                 assert len(list(s)) == 4
             runs.append(list(sizes))
     assert (runs[0] == runs[1]) is same
@@ -315,3 +319,54 @@ def test_split_prefill_equals_full_recomputation(runtime, monkeypatch, mode):
     (in constant mode from the caches the split left): the same tokens as full recomputation."""
     monkeypatch.setattr(scheduler_mod, "FORWARD_COST_POSITIONS", 0)
     test_concurrent_batched_requests_equal_full_recomputation(runtime, mode)
+
+
+LONG_PROMPTS = ([1, 2, 3], [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [11], [4] * 9, [2, 7] * 4)
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+@pytest.mark.parametrize("budget", [2, 5])
+def test_chunked_prefill_equals_full_recomputation(runtime, mode, budget):
+    """Prompts consumed a few tokens per step (several chunks, requests waiting for the budget,
+    chunks beside decoding streams): the same tokens as full recomputation, greedy."""
+    test_concurrent_batched_requests_equal_full_recomputation(runtime, mode, budget, LONG_PROMPTS)
+
+
+def _manual_steps(runtime, mode, budget, m=None):
+    """A decoder stepped by hand (no engine thread): one short request decoding, then a long
+    prompt and a second short one arriving. Per step: (prompt tokens consumed by the requests
+    that had sent nothing yet, tokens sent to the first stream)."""
+    m = m or mech(q=1.0)
+    lead = ALL if mode == "constant" else PUBLIC
+    seen = lambda r: r.groups[lead].seen if lead in r.groups else 0  # noqa: E731
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        dec = Decoder(runtime, m, led, mode=mode, prefill_tokens=budget)  # not started: stepped here
+        first = dec.submit([1, 2], SamplingParams(max_tokens=12, stop_at_eos=False))
+        dec.step()
+        later = [dec.submit(list(range(3, 20)), SamplingParams(max_tokens=3, stop_at_eos=False)),
+                 dec.submit([9, 9, 9], SamplingParams(max_tokens=3, stop_at_eos=False))]
+        steps = []
+        while not all(s.done for s in later):
+            reqs = list(dec._active) + list(dec._pending)
+            before = [(r, r.generated, seen(r)) for r in reqs]
+            sent = first.completion_tokens
+            dec.step()
+            took = sum(seen(r) - s0 for r, g0, s0 in before if g0 == 0)
+            steps.append((took, first.completion_tokens - sent))
+            assert len(steps) < 40
+        dec.close()
+    return steps, later
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_chunked_prefill_keeps_decoding_streams_stepping(runtime, mode):
+    """With a budget of 4 prompt tokens per step, the 17-token prompt is consumed over several
+    steps, no step consumes more than 4 prompt tokens, and the stream already decoding gets one
+    token at every step meanwhile; without a budget the whole prompt goes in one step."""
+    steps, later = _manual_steps(runtime, mode, 4)
+    assert all(took <= 4 for took, _ in steps)
+    assert all(sent == 1 for _, sent in steps)
+    assert len(steps) >= 17 // 4 + 1
+    assert [s.finish_reason for s in later] == ["length", "length"]
+    steps, _ = _manual_steps(runtime, mode, None)
+    assert max(took for took, _ in steps) >= 17

@@ -109,6 +109,10 @@ def serve_cmd(
              "either way, so the guarantee is the same."),
     max_active: int = typer.Option(8, "--max-active", min=1, help="Requests decoded at once."),
     max_queue: int = typer.Option(32, "--max-queue", min=0, help="Requests waiting beyond --max-active (then 429)."),
+    prefill_tokens: int = typer.Option(
+        64, "--prefill-tokens", min=0,
+        help="Chunked prefill: at most this many prompt tokens consumed per step, so that a long prompt "
+             "does not stall the streams already decoding (0: each prompt whole, in the step it arrives)."),
     public_continuation: bool = typer.Option(
         False, "--public-continuation",
         help="When the budget runs out, continue from the public model alone, each such token marked."),
@@ -130,6 +134,8 @@ def serve_cmd(
 
     if mode not in ("constant", "drawn"):
         raise ConfigError("mode", f"must be 'constant' or 'drawn', got {mode!r}")
+    if prefill_tokens == 1:  # a one-token piece would make constant mode's batch rebuild (scheduler)
+        raise ConfigError("prefill_tokens", "must be 0 (each prompt whole) or at least 2")
     if mechanism is not None and mechanism not in MECHANISMS:
         raise ConfigError("mechanism", f"must be one of {', '.join(MECHANISMS)}, got {mechanism!r}")
     if dtype is not None and dtype not in ("model", *DTYPES):
@@ -176,7 +182,8 @@ def serve_cmd(
         _, runtime = load_runtime(cfg, progress=False)
         mech = adaptive if adaptive is not None else PMixED.from_config(cfg.privacy, runtime.n_members)
         decoder = Decoder(runtime, mech, led, mode=mode, max_active=max_active, max_queue=max_queue,
-                          public_continuation=public_continuation, unit=cfg.data.unit or "part")
+                          public_continuation=public_continuation, unit=cfg.data.unit or "part",
+                          prefill_tokens=prefill_tokens or None)
     except BaseException:
         led.close()
         raise

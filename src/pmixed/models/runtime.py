@@ -242,9 +242,9 @@ class EnsembleRuntime:
             # persistent: room for as many steps again as the cache holds (amortised doubling),
             # and for a quarter more rows (a joining group goes there instead of a rebuild)
             room = max(n, lmax) if persistent else n
-            spare = max(max(sizes), B // 4) if persistent and n == 1 else 0
-            if max_rows is not None:
-                spare = max(0, min(spare, max_rows - B))
+            spare = 0
+            if persistent and n == 1:  # spare rows are reserved, not written: pages committed on first use
+                spare = max(max(sizes), B // 4) if max_rows is None else max(0, max_rows - B)
             kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
