@@ -98,6 +98,27 @@ def test_spare_rows_take_a_joining_cache_and_a_leaving_one_is_filled_from_the_la
         layer.set_rows(7)
 
 
+@pytest.mark.parametrize("length, shift", [(9, 2), (9, 4), (9, 5), (9, 8), (9, 9), (3, 1), (5, 0)])
+def test_shift_left_drops_the_first_positions_in_place(length, shift):
+    """Positions [shift, length) become [0, length - shift) of the rows in use, in the same
+    buffer, whether or not the moved part overlaps where it goes (pieces of ``shift``); rows
+    beyond those in use are untouched; appends go on after it."""
+    layer = GrowingLayer()
+    k = torch.randn(3, 2, length, 4)
+    layer.update(k, -k)
+    layer.set_rows(2)
+    spare_row = layer._k[2].clone()
+    ptr = layer._k.data_ptr()
+    layer.shift_left(shift)
+    assert layer._k.data_ptr() == ptr and layer.length == length - shift
+    assert torch.equal(layer.keys, k[:2, :, shift:]) and torch.equal(layer.values, -k[:2, :, shift:])
+    assert torch.equal(layer._k[2], spare_row)
+    keys, _ = layer.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
+    assert keys.shape == (2, 2, length - shift + 1, 4) and torch.equal(keys[:, :, :-1], k[:2, :, shift:])
+    with pytest.raises(ValueError, match="cannot drop"):
+        layer.shift_left(layer.length + 1)
+
+
 def test_growing_cache_builds_growing_layers_that_copy_what_they_are_given():
     k = torch.randn(2, 1, 3, 2)
     cache = growing_cache(limit=8)

@@ -173,6 +173,35 @@ def test_groups_join_and_leave_a_persistent_batch_without_a_rebuild(runtime, nan
     step([0, 4])
 
 
+def test_a_persistent_batch_drops_the_padding_every_row_has_in_place(runtime, nan_buffers):
+    """The long group that made the batch wide leaves: the others' rows are mostly padding, which
+    is dropped in the same buffer (no rebuild) when a shorter group joins. Every number still
+    equals each row's full forward; a moved piece that overlaps where it goes is copied exactly."""
+    rt = runtime
+    g = torch.Generator().manual_seed(9)
+    seqs = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (40, 12, 12, 12)]
+    pool = [RowGroup([PUBLIC, 0, 1, 2], tokens=s[: len(s) - 6]) for s in seqs]
+    rt.decode(pool[:3], persistent=True)  # prefill, unequal lengths: copies
+    rt.decode(pool[3:], persistent=True)
+
+    def step(members: list[int]) -> None:
+        for i in members:
+            pool[i].tokens = [seqs[i][pool[i].seen]]
+        out = rt.decode([pool[i] for i in members], persistent=True)
+        for i, o in zip(members, out):
+            for j, a in enumerate(pool[i].adapters):
+                torch.testing.assert_close(o[j], reference(rt, a, seqs[i][: pool[i].seen]), rtol=1e-5, atol=1e-6)
+
+    step([0, 1, 2])  # the rebuild that makes the batch: width 35 for the long group
+    batch = pool[0]._batch
+    buf, wide = batch.cache.layers[0]._k.data_ptr(), batch.width
+    step([1, 2, 3])  # the long one leaves, a short one joins: 29 positions of padding each
+    assert pool[1]._batch is batch and batch.cache.layers[0]._k.data_ptr() == buf
+    assert batch.width == max(pool[i].seen for i in (1, 2, 3)) < wide - 16
+    step([1, 2, 3])
+    step([3, 1])
+
+
 def test_spare_rows_of_a_persistent_batch_stay_within_max_rows(runtime):
     rt = runtime
     # no max_rows: a quarter more or one group more; max_rows: every row up to it (reserved, not written)

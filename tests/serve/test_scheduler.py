@@ -370,3 +370,18 @@ def test_chunked_prefill_keeps_decoding_streams_stepping(runtime, mode):
     assert [s.finish_reason for s in later] == ["length", "length"]
     steps, _ = _manual_steps(runtime, mode, None)
     assert max(took for took, _ in steps) >= 17
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_an_ended_request_lets_go_of_its_caches(runtime, mode):
+    """A request that ends drops its caches at once: in constant mode its rows in the shared batch
+    become free there (nothing copied out for it), and it holds no memory while its stream lives."""
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        dec = Decoder(runtime, mech(q=1.0), led, mode=mode)  # stepped here
+        streams = [dec.submit([1, 2, 3], SamplingParams(max_tokens=n, stop_at_eos=False)) for n in (2, 4)]
+        dec.step()
+        reqs = list(dec._active)
+        while not all(s.done for s in streams):
+            dec.step()
+        dec.close()
+    assert len(reqs) == 2 and all(g.cache is None and g._batch is None for r in reqs for g in r.groups.values())

@@ -12,7 +12,7 @@ request's caches is unchanged) unless the append itself needs more. The buffer m
 spare rows [rows, capacity_rows): a persistent batch (constant-work serving) takes a joining
 request into them and fills a leaving one's rows with the last rows (``put_rows`` / ``move_rows``
 / ``set_rows``), so that a change of the batch's membership copies one request's cache instead
-of the whole batch.
+of the whole batch, and drops padding that every row has in place (``shift_left``).
 
 Values are identical to ``DynamicLayer``'s (the same positions hold the same tensors; tests:
 tests/models/test_kv_cache.py); only where they are stored differs.
@@ -123,6 +123,21 @@ class GrowingLayer(DynamicLayer):
             raise ValueError("overlapping row ranges")
         for buf in (self._k, self._v):
             buf[dst : dst + count, :, : self.length].copy_(buf[src : src + count, :, : self.length])
+
+    def shift_left(self, shift: int) -> None:
+        """Drop the first ``shift`` positions of every row in use, moving the rest to the left
+        in place (the dropped ones must be padding for every row): positions [shift, length)
+        become [0, length - shift). Copied in pieces of ``shift`` positions, left to right, so no
+        piece overlaps the one it is copied onto; nothing is allocated."""
+        if not 0 <= shift <= self.length:
+            raise ValueError(f"cannot drop {shift} of {self.length} positions")
+        if shift:
+            for buf in (self._k, self._v):
+                for a in range(shift, self.length, shift):
+                    b = min(a + shift, self.length)
+                    buf[: self.rows, :, a - shift : b - shift].copy_(buf[: self.rows, :, a:b])
+            self.length -= shift
+            self._views()
 
     def set_rows(self, rows: int) -> None:
         """Use the first ``rows`` rows of the buffer (<= ``capacity_rows``)."""

@@ -62,16 +62,18 @@ class _Batch:
         """Make the batch hold exactly ``groups`` (one pending token each): a group that left is
         detached (its cache copied out) and its rows filled with the last slot's, when that slot
         has as many rows; a group that joins (with a cache no longer than ``width``) goes into
-        the spare rows. Returns the groups in slot order, or None (nothing changed) when that
-        cannot be done, or would keep more than ``waste`` positions of padding per row: the
-        caller then rebuilds the batch."""
+        the spare rows; when every row would keep more than ``waste`` positions of padding
+        (the groups that made the batch wide have left), that padding is dropped in place
+        (``GrowingLayer.shift_left``: no allocation, whose fresh pages cost more than the copy).
+        Returns the groups in slot order, or None (nothing changed) when that cannot be done:
+        the caller then rebuilds the batch."""
         want = {id(g) for g in groups}
         mine = {id(g) for g in self.slots if g._batch is self}  # a slot whose group stepped elsewhere is stale
         joining = [g for g in groups if id(g) not in mine]
         if any(g.cache is None or g.seen > self.width for g in joining):
             return None
-        if self.width - max(g.seen for g in groups) > waste:
-            return None
+        shift = self.width - max(g.seen for g in groups)  # padding every row has
+        shift = shift if shift > waste else 0
         sizes = [len(g.adapters) for g in self.slots]
         gone = [j for j, g in enumerate(self.slots) if id(g) not in want or id(g) not in mine]
         keep = list(range(len(self.slots)))  # by position, the slot that ends up there
@@ -97,6 +99,10 @@ class _Batch:
             for layer in layers:
                 layer.move_rows(starts[to], starts[frm], sizes[to])
         self.slots = [self.slots[i] for i in keep]
+        for layer in layers:
+            layer.set_rows(r)
+            layer.shift_left(shift)
+        self.width -= shift
         for g in joining:
             for layer, (k, v) in zip(layers, g.cache):
                 layer.put_rows(r, k, v)
@@ -124,6 +130,11 @@ class RowGroup:
     cache: KV | None = None
     seen: int = 0
     _batch: _Batch | None = field(default=None, repr=False, compare=False)
+
+    def release(self) -> None:
+        """Drop the cache: the group will not step again. Its rows in a persistent batch become
+        free there (``_Batch.adopt`` counts the slot as gone and copies nothing out)."""
+        self.cache, self._batch, self.tokens = None, None, []
 
     def cache_bytes(self) -> int:
         return 0 if self.cache is None else sum(k.numel() * k.element_size() * 2 for k, _ in self.cache)

@@ -418,6 +418,8 @@ class Decoder:
             except Exception:  # the refund is lost (budget wasted), never a release
                 log.exception("refund of a reservation failed")
             req.reservation = None
+        for g in req.groups.values():  # never steps again: its rows in a shared batch are free
+            g.release()
         req.stream.finish(reason, error)
 
     def _pay(self, req: _Request) -> bool:
