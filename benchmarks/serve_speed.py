@@ -43,7 +43,8 @@ inter-token latency, p50/p95 time to first token, peak RSS. ``--arrival-gap MS``
 at i x MS milliseconds instead of all at once, so that requests join and leave the running batch
 throughout the run (continuous batching's churn). ``--prefill-tokens K`` prefills the load runs'
 prompts K tokens per step at most (``Decoder(prefill_tokens=K)``, chunked prefill), so that a
-long prompt (``--prompt``) arriving does not stall the streams already decoding.
+long prompt (``--prompt``) arriving does not stall the streams already decoding (default: the
+server's, 64; 0: each prompt whole, in the step it arrives).
 
 ``--load-repeats R`` runs R interleaved rounds of the load configurations and reports the run with
 the median rate of each (its own latencies and memory), with every run's rate; ``--load-only``
@@ -83,7 +84,7 @@ from pmixed.engine import PrivatePredictor  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
 from pmixed.privacy.ledger import Ledger  # noqa: E402
-from pmixed.serve.scheduler import Decoder  # noqa: E402
+from pmixed.serve.scheduler import DEFAULT_PREFILL_TOKENS, Decoder  # noqa: E402
 from pmixed.serve.stream import SamplingParams  # noqa: E402
 
 
@@ -291,8 +292,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--arrival-gap", type=float, default=0.0,
                     help="milliseconds between the load streams' arrivals (0: all at once); staggered, "
                          "requests join and leave the running batch throughout the run")
-    ap.add_argument("--prefill-tokens", type=int, default=0,
-                    help="load runs: chunked prefill, at most this many prompt tokens per step (0: whole prompts)")
+    ap.add_argument("--prefill-tokens", type=int, default=DEFAULT_PREFILL_TOKENS,
+                    help="load runs: chunked prefill, at most this many prompt tokens per step (default: the "
+                         "server's; 0: whole prompts)")
     ap.add_argument("--load-only", action="store_true", help="skip the per-token part")
     ap.add_argument("--only-load", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
