@@ -42,7 +42,8 @@ def test_rates_are_the_release_of_one_member_and_the_canary_is_public():
     for t in (0, 5):
         y = int(rates.tokens[t])
         assert y in candidate_tokens(public[t]).tolist()
-        assert (y, float(rates.canary[t])) == choose_canary(public[t], params)  # p_0 alone decides
+        assert (y, float(rates.canary[t]), float(rates.empty[t])) == choose_canary(public[t], params)  # p_0 alone decides
+        assert float(rates.empty[t]) == pytest.approx(float(release(public[t], members[t, :0], params)[y]), abs=1e-15)
         assert float(rates.kept[t, 4]) == pytest.approx(float(release(public[t], members[t, 4:5], params)[y]), abs=1e-15)
         row = torch.zeros_like(public[t])
         row[y] = 1.0
@@ -105,10 +106,16 @@ def test_sound_mechanism_under_its_claim_and_the_unsound_control_caught():
     assert rec["violated"] is True and rec["counts"][rec["direction"]]["n1"] == 2000
 
 
-def test_cli_audit_on_a_trained_run(trained_run, capsys):
+def test_cli_audit_on_a_trained_run(trained_run, capsys, monkeypatch):
+    from pmixed.eval import runner
+
     cfg, cfg_path = trained_run
+    checks = []
+    real = runner.check_ensemble_matches
+    monkeypatch.setattr(runner, "check_ensemble_matches", lambda c: checks.append(c) or real(c))
     code, out = _cli(capsys, "audit", "--config", str(cfg_path), "-q", "--sessions", "400", "--queries", "16")
     assert code == 0, out
+    assert len(checks) == 1  # before the model loads, and not again inside load_runtime
     assert "consistent with the claim" in out and "control (deliberately unsound" in out
     rec = json.loads((cfg.output_dir / "audit" / "audit.json").read_text())
     assert rec["queries"] == 16 and rec["violated"] is False and rec["control"]["queries"] == 16

@@ -382,3 +382,22 @@ def test_pmixed_serve_mechanism_adaptive_on_loopback(serve_run, tmp_path):
     assert f"mechanism adaptive, Renyi filter order {m.order}" in err and "units left" in err
     with Ledger.open(path) as led:
         assert led.rule == m.rule and led.charges() == 0
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_warm_up_runs_the_screen_and_spends_no_unit(runtime, mode, monkeypatch):
+    """Screened PMixED's warm-up also runs the screen's statistics, and opens no round."""
+    from pmixed.serve import scheduler as scheduler_mod
+    from tests.serve.test_scheduler import _spy_warm_up
+
+    m = mech(threshold=PRIVATE_SCREEN, q=0.5, screen_epsilon=1.0)
+    ran: list[str] = []
+    for name in ("chi_square", "public_entropy"):
+        real = getattr(scheduler_mod, name)
+        monkeypatch.setattr(scheduler_mod, name, lambda *a, _r=real, _n=name, **k: ran.append(_n) or _r(*a, **k))
+    with ledger(m) as led:
+        dec = Decoder(runtime, m, led, mode=mode)
+        before = dec.stats()
+        ran += _spy_warm_up(dec, monkeypatch)
+        assert {"chi_square", "public_entropy", "release_masked", "release", "sample"} <= set(ran)
+        assert led.charges() == 0 and dec.stats() == before

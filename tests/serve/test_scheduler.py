@@ -385,3 +385,44 @@ def test_an_ended_request_lets_go_of_its_caches(runtime, mode):
             dec.step()
         dec.close()
     assert len(reqs) == 2 and all(g.cache is None and g._batch is None for r in reqs for g in r.groups.values())
+
+
+def _spy_warm_up(dec, monkeypatch) -> list[str]:
+    """Run ``dec.warm_up()`` with every draw refused and the release kernels counted; returns the
+    names of the kernels it ran."""
+    ran: list[str] = []
+
+    def no_draw(*a, **k):
+        raise AssertionError("warm-up drew members")
+
+    for name in ("draw", "draw_mask", "new_screen"):
+        if hasattr(dec.mechanism, name):
+            monkeypatch.setattr(dec.mechanism, name, no_draw)
+    for name in ("release_masked", "sample"):
+        real = getattr(scheduler_mod, name)
+        monkeypatch.setattr(scheduler_mod, name, lambda *a, _r=real, _n=name, **k: ran.append(_n) or _r(*a, **k))
+    real_release = dec.mechanism.release
+    monkeypatch.setattr(dec.mechanism, "release", lambda *a, **k: ran.append("release") or real_release(*a, **k))
+    assert dec.warm_up() >= 0
+    return ran
+
+
+@pytest.mark.parametrize("mode", ["constant", "drawn"])
+def test_warm_up_runs_the_kernels_and_draws_charges_and_counts_nothing(runtime, mode, monkeypatch):
+    """``warm_up`` (``pmixed serve`` calls it before serving) runs the forward and the mechanism's
+    kernels on public dummy input: nothing drawn, charged or counted, and the requests that follow
+    are the same as without it."""
+    m = mech(q=1.0)
+    prompts = ([1, 2, 3], [5, 6])
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        dec = Decoder(runtime, m, led, mode=mode)
+        before = dec.stats()
+        with monkeypatch.context() as mp:
+            ran = _spy_warm_up(dec, mp)
+        assert {"release_masked", "release", "sample"} <= set(ran)
+        assert led.charges() == 0 and dec.stats() == before
+        with dec:
+            outs = [list(s) for s in [dec.submit(p, SamplingParams(max_tokens=3, top_k=1, stop_at_eos=False))
+                                      for p in prompts]]
+    for p, out in zip(prompts, outs):
+        assert [t.id for t in out] == greedy_reference(runtime, m, p, 3)

@@ -62,7 +62,7 @@ def audit_cmd(
     mech = PMixED(**cfg.privacy.calibration_kwargs(N))  # the served calibration, before any model loads
     check_ensemble_matches(cfg)
     announce_long_steps(cfg)
-    ens, runtime = load_runtime(cfg, progress=not quiet)
+    ens, runtime = load_runtime(cfg, progress=not quiet, checked=True)
     L = min(65, runtime.context_length or 65)
     gen = torch.Generator().manual_seed(seed)
     public, members = ensemble_positions(runtime, queries, L, start_token(ens.tokenizer),

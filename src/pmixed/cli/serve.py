@@ -160,7 +160,8 @@ def serve_cmd(
     from pmixed.serve.protocol import Limits
     from pmixed.serve.scheduler import Decoder
 
-    if (cfg.output_dir / "ensemble.json").is_file():  # else load_runtime says there is none
+    matched = (cfg.output_dir / "ensemble.json").is_file()  # else load_runtime says there is none
+    if matched:
         check_ensemble_matches(cfg)  # EnsembleMismatch (N, base, data differ) before anything opens
     where = ledger or str(cfg.output_dir / "ledgers" / "serve.ledger")
     if "://" not in where:
@@ -179,11 +180,12 @@ def serve_cmd(
         paid_now = pay_config_tuning(cfg, led)  # privacy.tuning: the serving ledger pays it before any token
         if paid_now:
             typer.echo(paid_now, err=True)
-        _, runtime = load_runtime(cfg, progress=False)
+        _, runtime = load_runtime(cfg, progress=False, checked=matched)
         mech = adaptive if adaptive is not None else PMixED.from_config(cfg.privacy, runtime.n_members)
         decoder = Decoder(runtime, mech, led, mode=mode, max_active=max_active, max_queue=max_queue,
                           public_continuation=public_continuation, unit=cfg.data.unit or "part",
                           prefill_tokens=prefill_tokens or None)
+        decoder.warm_up()  # kernels loaded now, not in the first request's first token
     except BaseException:
         led.close()
         raise

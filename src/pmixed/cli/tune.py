@@ -158,7 +158,7 @@ def tune_cmd(
         raise LedgerError(f"{err}; {ledger_hint(_shown(path))}") from err
     with led:
         announce_long_steps(cfg)
-        ens, runtime = load_runtime(cfg, progress=not quiet)
+        ens, runtime = load_runtime(cfg, progress=not quiet, checked=True)
         if method == "bind":
             L = min(cfg.eval.block_size, runtime.context_length or cfg.eval.block_size)
             # the positions at the model's context: the charge (H4) and the candidates do not

@@ -80,9 +80,10 @@ def candidate_tokens(public: torch.Tensor, count: int = 16) -> torch.Tensor:
     return order[torch.tensor(ranks, dtype=torch.long)]
 
 
-def choose_canary(public: torch.Tensor, params: MechanismParams, count: int = 16) -> tuple[int, float]:
-    """(y*, a'): the candidate token whose point-mass member moves the release most per unit
-    noise, and that member's single release probability of it. Reads the public row only."""
+def choose_canary(public: torch.Tensor, params: MechanismParams, count: int = 16) -> tuple[int, float, float]:
+    """(y*, a', e): the candidate token whose point-mass member moves the release most per unit
+    noise, that member's single release probability of it, and the empty draw's (p_0's after the
+    release's renormalisation). Reads the public row only."""
     p0 = release(public, public.new_zeros((0, public.shape[0])), params)  # [V] the empty draw: p_0
     c = member_weight(params.ensemble_size, params.sample_rate)
     best = None
@@ -95,10 +96,10 @@ def choose_canary(public: torch.Tensor, params: MechanismParams, count: int = 16
             continue
         score = (c * (a - base)) ** 2 / base
         if best is None or score > best[0]:
-            best = (score, y, a)
+            best = (score, y, a, base)
     if best is None:
         raise ConfigError("audit", "the public distribution has no candidate token of positive probability")
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def position_rates(public: torch.Tensor, members: torch.Tensor, params: MechanismParams, member: int = 0,
@@ -119,9 +120,8 @@ def position_rates(public: torch.Tensor, members: torch.Tensor, params: Mechanis
     canary = torch.empty(T, dtype=torch.float64)
     for t in range(T):
         p0, rows = public[t], members[t]
-        y, a_canary = choose_canary(p0, params)
+        y, a_canary, empty[t] = choose_canary(p0, params)
         tokens[t], canary[t] = y, a_canary
-        empty[t] = release(p0, rows[:0], params)[y]
         for j in range(N):
             kept[t, j] = release(p0, rows[j : j + 1], params)[y]
         poisoned = rows.clone()

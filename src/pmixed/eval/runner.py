@@ -36,8 +36,10 @@ def machine() -> dict[str, Any]:
     }
 
 
-def load_runtime(cfg: Any, *, progress: bool = True):
-    """The trained ensemble + the baselines that exist, stacked on one base copy."""
+def load_runtime(cfg: Any, *, progress: bool = True, checked: bool = False):
+    """The trained ensemble + the baselines that exist, stacked on one base copy. ``checked``:
+    the caller has just run ``check_ensemble_matches(cfg)`` (it prepares the data to hash the
+    partition, which need not happen twice)."""
     from pmixed.models.device import resolve_device
     from pmixed.models.ensemble import load_ensemble
     from pmixed.models.runtime import EnsembleRuntime
@@ -47,7 +49,8 @@ def load_runtime(cfg: Any, *, progress: bool = True):
     if not (out / "ensemble.json").is_file():
         raise EnsembleMismatch(f"no ensemble in {out.resolve()} (run.output_dir {cfg.run.output_dir!r}"
                                f"{_relative_note(cfg)}): run `pmixed train ensemble --config ...` first")
-    check_ensemble_matches(cfg)  # the config's [data] / [lora] / [train] / base are the ensemble's
+    if not checked:
+        check_ensemble_matches(cfg)  # the config's [data] / [lora] / [train] / base are the ensemble's
     ens = load_ensemble(out, device=device, progress=progress)
     if cfg.eval.dtype != "model":  # after the hash checks: the inference precision ([eval] dtype)
         from pmixed.models.loading import parse_dtype
