@@ -37,6 +37,17 @@ def test_growing_layer_equals_dynamic_layer(steps, limit, seed):
             assert cap <= max(limit, ours.length)
 
 
+def test_a_reserving_layer_takes_every_position_up_to_its_limit_at_once():
+    layer = GrowingLayer(limit=40, reserve=True)
+    layer.update(torch.zeros(2, 1, 3, 2), torch.zeros(2, 1, 3, 2))
+    buf = layer._k.data_ptr()
+    assert layer._k.shape == (2, 1, 40, 2)
+    for _ in range(37):
+        layer.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    assert layer._k.data_ptr() == buf and layer.length == 40
+    assert GrowingLayer(limit=40)._capacity_for(3) == 16  # without reserve: doubling
+
+
 def test_appends_in_place_while_capacity_lasts():
     layer = GrowingLayer(limit=64)
     layer.update(torch.zeros(1, 1, 20, 2), torch.zeros(1, 1, 20, 2))
@@ -152,4 +163,35 @@ def test_steady_constant_work_step_appends_in_place(arch, tmp_path):
             for j, a in enumerate(grp.adapters):
                 ref = rt.probs(torch.tensor([s[: grp.seen]]), [a])[0, -1]
                 torch.testing.assert_close(o[j], ref, rtol=1e-5, atol=1e-6)
-    assert len(set(ptrs)) <= 3  # doubling from 5 positions to 12: at most two reallocations
+    assert len(set(ptrs)) == 1  # every position up to the context reserved at once: never regrown
+    if rt.context_length is not None:
+        assert layer._k.shape[2] == rt.context_length
+
+
+def test_blank_falls_back_to_the_least_room_where_address_space_is_refused(monkeypatch):
+    """Strict overcommit refuses a reservation up to the context: the buffer then holds
+    ``least_room`` spare positions (and grows by doubling); other errors are not swallowed."""
+    real = torch.Tensor.new_empty
+
+    def refusing(self, *size, **kw):
+        if size[2] > 20:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate ...")
+        return real(self, *size, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "new_empty", refusing)
+    like = torch.zeros(2, 1, 4, 3)
+    layer = GrowingLayer(limit=64)
+    keys, _ = layer.blank(like, like, 2, 4, room=60, spare_rows=1, least_room=4)
+    assert layer._k.shape == (3, 1, 8, 3) and keys.shape == (2, 1, 4, 3)
+    keys.zero_()
+    layer.values.zero_()
+    k = torch.ones(2, 1, 1, 3)
+    assert torch.equal(layer.update(k, k)[0][:, :, -1], k[:, :, 0])
+    reserving = GrowingLayer(limit=64, reserve=True)  # a first append reserves the context, else doubles
+    reserving.update(like, like)
+    assert reserving._k.shape[2] == 16
+    with pytest.raises(RuntimeError, match="allocate memory"):
+        GrowingLayer(limit=64).blank(like, like, 2, 4, room=60)  # no fallback asked for
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):
+        GrowingLayer(limit=64).blank(like, like, 2, 4, room=60, least_room=4)

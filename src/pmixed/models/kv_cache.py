@@ -12,7 +12,11 @@ request's caches is unchanged) unless the append itself needs more. The buffer m
 spare rows [rows, capacity_rows): a persistent batch (constant-work serving) takes a joining
 request into them and fills a leaving one's rows with the last rows (``put_rows`` / ``move_rows``
 / ``set_rows``), so that a change of the batch's membership copies one request's cache instead
-of the whole batch, and drops padding that every row has in place (``shift_left``).
+of the whole batch, and drops padding that every row has in place (``shift_left``). A persistent
+batch reserves every position up to the context at once (``blank``): on a CPU the spare positions
+and rows are address space until a step writes them, so the batch never regrows (a regrowth
+copied it whole into fresh pages, whose first touch costs more than the copy, and held both
+buffers at once).
 
 Values are identical to ``DynamicLayer``'s (the same positions hold the same tensors; tests:
 tests/models/test_kv_cache.py); only where they are stored differs.
@@ -31,9 +35,10 @@ class GrowingLayer(DynamicLayer):
     """One layer's keys and values [rows, H, length, D] as views of a buffer [capacity_rows, H,
     capacity, D]."""
 
-    def __init__(self, limit: int | None = None):
+    def __init__(self, limit: int | None = None, reserve: bool = False):
         super().__init__()  # transformers 4.56 takes no arguments here, 5.x keyword ones
         self.limit = limit  # the most positions worth reserving (the context), None: no cap
+        self.reserve = reserve  # the first allocation takes every position up to ``limit``
         self._k: torch.Tensor | None = None  # [B, H, capacity, D]
         self._v: torch.Tensor | None = None
         self.length = 0
@@ -44,17 +49,32 @@ class GrowingLayer(DynamicLayer):
         self.is_initialized = True  # read by transformers 5.x (crop, reset), unused by 4.56
 
     def _capacity_for(self, needed: int) -> int:
+        """Doubling (at least 16 positions), never beyond ``limit`` unless ``needed`` is."""
         cap = max(needed, 2 * (0 if self._k is None else self._k.shape[2]), 16)
         if self.limit is not None:
             cap = min(cap, self.limit)
         return max(cap, needed)
 
+    @staticmethod
+    def _buffers(like_k: torch.Tensor, like_v: torch.Tensor, rows: int, caps: tuple[int, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised keys / values buffers [rows, H, cap, D] at the first capacity of ``caps``
+        whose address space the system grants (a strict-overcommit refusal tries the next)."""
+        for i, cap in enumerate(caps):
+            try:
+                return (like_k.new_empty(rows, like_k.shape[1], cap, like_k.shape[3]),
+                        like_v.new_empty(rows, like_v.shape[1], cap, like_v.shape[3]))
+            except RuntimeError as err:
+                if i == len(caps) - 1 or "allocate memory" not in str(err):
+                    raise
+        raise ValueError("no capacity to allocate")
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         cap = self._capacity_for(needed)
-        b, h, _, d = key_states.shape
+        caps = (max(self.limit, needed), cap) if self.reserve and self._k is None and self.limit else (cap,)
+        b = key_states.shape[0]
         b = max(b, 0 if self._k is None else self._k.shape[0])  # spare rows are kept
-        k = key_states.new_empty(b, h, cap, d)
-        v = value_states.new_empty(b, h, cap, value_states.shape[3])
+        k, v = self._buffers(key_states, value_states, b, caps)
         if self._k is not None and self.length:
             k[: self.rows, :, : self.length].copy_(self._k[: self.rows, :, : self.length])
             v[: self.rows, :, : self.length].copy_(self._v[: self.rows, :, : self.length])
@@ -85,7 +105,7 @@ class GrowingLayer(DynamicLayer):
 
     def blank(
         self, like_k: torch.Tensor, like_v: torch.Tensor, rows: int, length: int, room: int,
-        spare_rows: int = 0,
+        spare_rows: int = 0, least_room: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Start as ``rows`` rows of ``length`` positions (heads and widths as ``like_k`` /
         ``like_v`` [b, H, L, D]) with ``room`` spare positions (fewer beyond ``limit``) and
@@ -93,11 +113,13 @@ class GrowingLayer(DynamicLayer):
         They are uninitialised: the caller writes every one of the ``length`` positions (zeros
         where a row is padding: a masked position's value still enters attention's product with
         weight 0, and garbage there could be NaN). Spare positions and rows are never read before
-        an append or ``put_rows`` writes them."""
+        an append or ``put_rows`` writes them, so on a CPU they are address space, not memory,
+        until then. Where the system refuses that address space (strict overcommit), the buffer
+        is allocated with ``least_room`` spare positions instead (and grows by doubling)."""
         self._start(like_k.device)
-        cap = length + room if self.limit is None else max(length, min(length + room, self.limit))
-        self._k = like_k.new_empty(rows + spare_rows, like_k.shape[1], cap, like_k.shape[3])
-        self._v = like_v.new_empty(rows + spare_rows, like_v.shape[1], cap, like_v.shape[3])
+        wants = (room,) if least_room is None else (room, least_room)
+        caps = tuple(length + w if self.limit is None else max(length, min(length + w, self.limit)) for w in wants)
+        self._k, self._v = self._buffers(like_k, like_v, rows + spare_rows, caps)
         self.length, self.rows = length, rows
         self._views()
         return self.keys, self.values
@@ -178,9 +200,10 @@ class GrowingLayer(DynamicLayer):
             self._rebuild()
 
 
-def growing_cache(limit: int | None = None) -> DynamicCache:
+def growing_cache(limit: int | None = None, reserve: bool = False) -> DynamicCache:
     """An empty transformers cache whose layers are ``GrowingLayer``s (``limit``: positions worth
-    reserving); the model's first update of each layer creates it."""
+    reserving; ``reserve``: the first allocation takes all of them); the model's first update of
+    each layer creates it."""
     cache = DynamicCache()
-    cache.layer_class_to_replicate = lambda: GrowingLayer(limit)
+    cache.layer_class_to_replicate = lambda: GrowingLayer(limit, reserve)
     return cache

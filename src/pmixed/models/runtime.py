@@ -250,13 +250,16 @@ class EnsembleRuntime:
         if order is not None:
             kw["past_key_values"] = shared.cache
         else:
-            # persistent: room for as many steps again as the cache holds (amortised doubling),
-            # and for a quarter more rows (a joining group goes there instead of a rebuild)
-            room = max(n, lmax) if persistent else n
+            # persistent: room up to the context (reserved, not written: a page is committed when
+            # a step first writes a position on it, so no step ever regrows the batch, which
+            # copied it whole into fresh pages); without a known context, as many steps again as
+            # the cache holds (amortised doubling). And spare rows: a joining group goes there.
+            least = max(n, lmax) if persistent else n
+            room = (self.context_length or least) if persistent else n
             spare = 0
             if persistent and n == 1:  # spare rows are reserved, not written: pages committed on first use
                 spare = max(max(sizes), B // 4) if max_rows is None else max(0, max_rows - B)
-            kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare)
+            kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare, least, reserve=persistent)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
         if split is None:
@@ -295,12 +298,14 @@ class EnsembleRuntime:
         return [result[id(g)] for g in groups]
 
     def _batched_cache(self, groups: Sequence[RowGroup], sizes: list[int], lmax: int, room: int,
-                       spare_rows: int = 0) -> Any:
+                       spare_rows: int = 0, least_room: int | None = None, *, reserve: bool = False) -> Any:
         """The groups' caches, left-padded to ``lmax`` and stacked along the batch, copied once
-        into a cache of ``GrowingLayer``s with ``room`` spare positions to append in place (and
-        ``spare_rows`` spare rows for groups that join a persistent batch)."""
+        into a cache of ``GrowingLayer``s with ``room`` spare positions to append in place (or
+        ``least_room`` where the address space is refused: ``GrowingLayer.blank``) and
+        ``spare_rows`` spare rows for groups that join a persistent batch. ``reserve``: a first
+        step's empty cache reserves every position up to the context at its first append too."""
         limit = self.context_length
-        cache = growing_cache(limit=limit)
+        cache = growing_cache(limit=limit, reserve=reserve)
         if lmax == 0:
             return cache
         ref = next(g.cache for g in groups if g.cache is not None)
@@ -308,7 +313,7 @@ class EnsembleRuntime:
         for li, (k0, v0) in enumerate(ref):
             layer = cache.layer_class_to_replicate()
             cache.layers.append(layer)
-            keys, values = layer.blank(k0, v0, B, lmax, room, spare_rows)  # [B, H, lmax, D] uninitialised
+            keys, values = layer.blank(k0, v0, B, lmax, room, spare_rows, least_room)  # [B, H, lmax, D] uninitialised
             r = 0
             for g, b in zip(groups, sizes):
                 held = 0 if g.cache is None else g.cache[li][0].shape[2]  # None: a first step, all padding
