@@ -1,4 +1,5 @@
-"""Smoke tests of benchmarks/mechanism.py, naive_reference.py, eval_speed.py and serve_speed.py at tiny sizes."""
+"""Smoke tests of benchmarks/mechanism.py, naive_reference.py, eval_speed.py, serve_speed.py and
+sampling_speed.py at tiny sizes."""
 
 from __future__ import annotations
 
@@ -189,3 +190,10 @@ def test_serve_speed_runs_micro_in_bf16(capsys, keep_threads):
     assert [len(r["tokens_per_s_runs"]) for r in out["load"]] == [2, 2]
     for r in out["load"]:
         assert r["tokens_per_s"] == min(r["tokens_per_s_runs"])  # the lower median of two
+
+
+def test_sampling_speed_runs_tiny(capsys, keep_threads):
+    out = _bench_module("sampling_speed").main(["--vocab", "256", "--rounds", "2", "--reps", "1", "--threads", "1"])
+    text = capsys.readouterr().out
+    assert "constant-time ms | sort-based ms" in text and len(out) == 5
+    assert all(r["constant_ms"] > 0 and r["sort_based_ms"] > 0 for r in out.values())

@@ -94,3 +94,26 @@ def test_masked_release_equals_the_release_of_the_drawn_members(kernels, monkeyp
     drawn = torch.ones(N, dtype=torch.bool)
     torch.testing.assert_close(release_masked(pub, bad, drawn, PARAMS), release(pub, bad, PARAMS),
                                rtol=1e-12, atol=1e-15)
+
+
+def test_masked_release_does_the_same_work_whatever_the_draw():
+    """Constant-work serving's release: the same aten ops on the same shapes for any draw (none,
+    all, some), none of them a sort or search, and no subnormal float64 value made, on float32
+    distributions with long tails (entries down to float32's subnormals and exact zeros): the
+    draw-dependent part is the mix, whose inputs are normal in float64 and whose weights are 0 or
+    at least ~1e-154 (lam from a finite moment). Releasing the drawn rows alone is caught."""
+    from pmixed.mechanism.release import release_masked
+    from tests.mechanism.test_sampling import DATA_DEPENDENT, _extreme, _subnormal, _trace
+
+    N, V = PARAMS.ensemble_size, 2048
+    pub = _extreme(5, V)
+    mem = torch.stack([_extreme(10 + i, V, scale=40.0 if i % 2 else 3.0) for i in range(N)])
+    g = torch.Generator().manual_seed(2)
+    masks = [torch.zeros(N, dtype=torch.bool), torch.ones(N, dtype=torch.bool),
+             *(torch.rand(N, generator=g) < 0.5 for _ in range(4))]
+    traces = [_trace(release_masked, pub, mem, m, PARAMS) for m in masks]
+    assert all(t.ops == traces[0].ops for t in traces[1:])
+    assert not {name for name, _ in traces[0].ops} & DATA_DEPENDENT
+    assert not any(_subnormal(v) for t in traces for v in t.values)
+    drawn_only = [_trace(release, pub, mem[m], PARAMS) for m in masks[:2]]
+    assert drawn_only[0].ops != drawn_only[1].ops  # the unsound variant's work follows the draw

@@ -1,4 +1,7 @@
-"""Fused CPU kernels (numba) for the mechanism's hot path: row checks, the moments a_k and the mix.
+"""Fused CPU kernels (numba) for the mechanism's hot path: row checks, the moments a_k and the mix;
+and the constant-time post-processing and sampling of the released distribution (fixed-round
+threshold searches for top-k / top-p, a whole-vector count for inversion sampling: no sort, no
+binary search, no early exit; ``sampling.py`` says why).
 
 The reference implementation (``divergence.abs_moments`` on float64 copies) makes ~10 passes over
 each member row; these kernels make two (a check pass and a moment pass), vectorised, and never
@@ -225,3 +228,98 @@ if AVAILABLE:
         coef = lam / (m * mtot)
         mix_row(public, (1.0 - lam.mean()) / T0, members, coef, out)
         return 0
+
+    # ---------------------------------------------------------------- post-processing thresholds
+    # (sampling.postprocess, top-k and top-p in constant time). ``bits`` [V] int64 are non-negative
+    # float64 values' bit patterns, which order as the values do. Each search runs 63 rounds of one
+    # whole pass, whatever the values: no sort, no early exit.
+
+    @njit(**KERNEL)
+    def _count_at_least(bits, cand):
+        c = 0
+        for i in range(bits.shape[0]):
+            c += bits[i] >= cand
+        return c
+
+    @njit(**KERNEL)
+    def _mass_at_least(bits, x, cand):
+        s = 0.0
+        for i in range(bits.shape[0]):
+            s += x[i] if bits[i] >= cand else 0.0
+        return s
+
+    @njit(cache=True, nogil=True)
+    def count_threshold(bits, k):
+        """The largest t in [0, 2^63) with #{i: bits[i] >= t} >= k (top-k: the k-th largest)."""
+        t = 0
+        for b in range(62, -1, -1):
+            cand = t | (1 << b)
+            ok = _count_at_least(bits, cand) >= k
+            t = cand if ok else t
+        return t
+
+    @njit(cache=True, nogil=True)
+    def mass_threshold(bits, x, target):
+        """The largest t in [0, 2^63) with sum{x[i]: bits[i] >= t} >= target (top-p). The masked
+        sum is monotone in the set (rounding is monotone and the terms are >= 0), so the
+        bisection is exact for the sum as computed."""
+        t = 0
+        for b in range(62, -1, -1):
+            cand = t | (1 << b)
+            ok = _mass_at_least(bits, x, cand) >= target
+            t = cand if ok else t
+        return t
+
+    @njit(cache=True, nogil=True)
+    def keep_top_k(x, v, k):
+        """Zero all but the k largest entries of x [V] in place, given v, the k-th largest value
+        (``count_threshold``): every entry above v, and ties at v lowest index first. Returns
+        the kept mass. Two whole passes."""
+        above = 0
+        for i in range(x.shape[0]):
+            above += x[i] > v
+        need = k - above
+        ties = 0
+        s = 0.0
+        for i in range(x.shape[0]):
+            tie = x[i] == v
+            ties += tie
+            keep = (x[i] > v) or (tie and ties <= need)
+            x[i] = x[i] if keep else 0.0
+            s += x[i]
+        return s
+
+    @njit(cache=True, nogil=True)
+    def keep_top_p(x, v, target):
+        """Zero all but the smallest prefix of x [V] sorted by value (ties by index) whose mass
+        reaches ``target``, in place, given v (``mass_threshold``): every entry above v, and
+        ties at v while the mass before them is short of the target. Returns the kept mass.
+        Two whole passes."""
+        above = 0.0
+        for i in range(x.shape[0]):
+            above += x[i] if x[i] > v else 0.0
+        before = above  # the mass before the current tie, in index order
+        s = 0.0
+        for i in range(x.shape[0]):
+            tie = x[i] == v
+            keep = (x[i] > v) or (tie and before < target)
+            before += x[i] if tie else 0.0
+            x[i] = x[i] if keep else 0.0
+            s += x[i]
+        return s
+
+    @njit(cache=True, nogil=True)
+    def sample_index(x, u):
+        """The number of entries of x's running sum (its CDF, summed in index order as
+        ``torch.cumsum`` does) that are <= u * total: a sampled index by inversion, counted over
+        the whole vector (no binary search). Two whole passes."""
+        total = 0.0
+        for i in range(x.shape[0]):
+            total += x[i]
+        thr = u * total
+        c = 0.0
+        n = 0
+        for i in range(x.shape[0]):
+            c += x[i]
+            n += c <= thr
+        return n

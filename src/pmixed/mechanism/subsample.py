@@ -11,6 +11,8 @@ import secrets
 
 import torch
 
+from pmixed.mechanism import fused
+
 _RESOLUTION = 2**53
 
 
@@ -51,7 +53,13 @@ def poisson_draw(ensemble_size: int, sample_rate: float, generator: torch.Genera
 
 def sample_token(dist: torch.Tensor, generator: torch.Generator | None = None) -> int:
     """Sample one token id from a released distribution [V] (CSPRNG unless a generator is given)."""
-    cdf = torch.cumsum(dist.to(torch.float64), dim=-1)
     u = _csprng_uniform((1,)) if generator is None else torch.rand(1, generator=generator, dtype=torch.float64)
-    idx = int(torch.searchsorted(cdf, u * cdf[-1], right=True).item())
+    # the CDF's entries <= u * total, counted over the whole vector: a binary search would read
+    # the CDF along a path that depends on it (constant time: docs/privacy.md section 8b)
+    x = dist.to(torch.float64)
+    if x.device.type == "cpu" and x.dim() == 1 and fused.enabled():
+        idx = int(fused.sample_index(x.contiguous().numpy(), float(u)))
+    else:
+        cdf = torch.cumsum(x, dim=-1)
+        idx = int((cdf <= u * cdf[-1]).sum())
     return min(idx, dist.shape[-1] - 1)
