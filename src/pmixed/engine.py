@@ -35,6 +35,7 @@ from pmixed.errors import (
 from pmixed.mechanism.adaptive import AdaptivePMixED
 from pmixed.mechanism.pairs import row_totals
 from pmixed.mechanism.pmixed import PMixED
+from pmixed.mechanism.sampling import postprocess
 from pmixed.mechanism.subsample import sample_token
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup
 from pmixed.privacy.accountant import RdpCharge
@@ -248,7 +249,6 @@ class PrivatePredictor:
         return result()
 
     def _sample(self, dist: torch.Tensor, temperature: float) -> int:
-        """Temperature (post-processing of the released distribution, free), then one token."""
-        if temperature != 1.0:
-            dist = torch.softmax(torch.log(dist.clamp(min=1e-300)) / temperature, dim=-1)
-        return sample_token(dist, self.generator)
+        """Temperature (post-processing of the released distribution, free), then one token, in
+        constant time (``mechanism.sampling``)."""
+        return sample_token(postprocess(dist, temperature=temperature), self.generator)
