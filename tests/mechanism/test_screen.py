@@ -84,3 +84,29 @@ def test_the_next_rounds_test_members_drawn_ahead_are_the_ones_it_uses():
         assert not torch.equal(s.open_round(), ahead) or ahead.numel() in (0, 20)  # not reused: a fresh draw
         s.decide(0.0, torch.zeros(s.test_members.numel()))
     assert 8.5 < sum(sizes) / len(sizes) < 11.5  # Poisson(0.5) over 20 members
+
+
+def test_scoring_every_member_weighted_by_the_round_equals_scoring_the_round_and_does_the_same_work():
+    """Constant-work serving scores all N members with those outside S_r weighted 0: the same s_t
+    as S_r's scores alone, by the same operations on the same shapes whatever S_r is (scoring
+    S_r's members alone works on |S_r| entries: caught)."""
+    from tests.mechanism.test_sampling import _trace
+
+    N = 20
+    g = torch.Generator().manual_seed(4)
+    every = torch.rand(N, generator=g, dtype=torch.float64)
+    traces, gathered = [], []
+    for seed in range(6):
+        s = Screen(ScreenParams(N, threshold=-1e9, weight=1.0, svt_epsilon=1.0, test_rate=0.5),
+                   torch.Generator().manual_seed(seed))
+        s.open_round()
+        assert float(s.test_weights.sum()) == s.test_members.numel()
+        want = s.score(0.7, every[s.test_members])
+        assert s.score_every(0.7, every) == pytest.approx(want, rel=1e-15, abs=1e-15)
+        traces.append(_trace(s.score_every, 0.7, every).ops)
+        gathered.append((s.test_members.numel(), _trace(lambda s=s: s.score(0.7, every[s.test_members])).ops))
+    assert all(t == traces[0] for t in traces)
+    sizes = {n for n, _ in gathered}
+    assert len(sizes) > 1 and len({str(ops) for _, ops in gathered}) > 1  # the gathered variant's work follows S_r
+    with pytest.raises(ValueError, match="all 20 members"):
+        s.score_every(0.7, every[:3])

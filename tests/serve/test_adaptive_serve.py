@@ -107,8 +107,8 @@ class Events:
             ev.add("O", id(self))
             return real_open(self)
 
-        def decide(self, entropy, member_scores=None):
-            private = real_decide(self, entropy, member_scores)
+        def decide(self, entropy, member_scores=None, **kw):
+            private = real_decide(self, entropy, member_scores, **kw)
             ev.add("P" if private else "U", id(self))
             return private
 

@@ -65,6 +65,7 @@ class Screen:
         self.params = params
         self.generator = generator
         self.test_members: torch.Tensor = torch.zeros(0, dtype=torch.long)  # S_r, [m]
+        self.test_weights: torch.Tensor = torch.zeros(params.ensemble_size, dtype=torch.float64)  # 1 on S_r, [N]
         self._rho = 0.0
         self._next: torch.Tensor | None = None  # S of the next round, when drawn ahead
         self.is_open = False
@@ -91,6 +92,7 @@ class Screen:
         p = self.params
         self.test_members = self._subsample() if self._next is None else self._next
         self._next = None
+        self.test_weights = torch.zeros(p.ensemble_size, dtype=torch.float64).index_fill_(0, self.test_members, 1.0)
         self._rho = laplace(p.threshold_scale, self.generator)
         self.is_open = True
         return self.test_members
@@ -105,12 +107,25 @@ class Screen:
             s += p.weight / (p.test_rate * p.ensemble_size) * float(member_scores.to(torch.float64).sum())
         return s
 
-    def decide(self, entropy: float, member_scores: torch.Tensor | None = None) -> bool:
-        """One query of the open round: True = private (the round closes), False = public."""
+    def score_every(self, entropy: float, every_score: torch.Tensor) -> float:
+        """s_t of eq. (S1) from the scores of all N members [N], those outside S_r weighted 0:
+        the same work whatever S_r is (constant-work serving computes every member's g_i)."""
+        p = self.params
+        if every_score.shape != (p.ensemble_size,):
+            raise ValueError(f"expected the scores of all {p.ensemble_size} members, got {tuple(every_score.shape)}")
+        weighted = float((every_score.to(torch.float64) * self.test_weights).sum())
+        return float(entropy) + (p.weight / (p.test_rate * p.ensemble_size) * weighted if p.private else 0.0)
+
+    def decide(self, entropy: float, member_scores: torch.Tensor | None = None, *,
+               every_score: torch.Tensor | None = None) -> bool:
+        """One query of the open round: True = private (the round closes), False = public. The
+        members' scores come as S_r's (``member_scores`` [m]) or all N (``every_score`` [N],
+        ``score_every``)."""
         if not self.is_open:
             raise RuntimeError("no open screen round: open_round() first (it is charged)")
         nu = laplace(self.params.query_scale, self.generator)
-        private = self.score(entropy, member_scores) + nu >= self.params.threshold + self._rho
+        s = self.score(entropy, member_scores) if every_score is None else self.score_every(entropy, every_score)
+        private = s + nu >= self.params.threshold + self._rho
         if private:
             self.is_open = False
         return bool(private)

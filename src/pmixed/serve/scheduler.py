@@ -707,10 +707,13 @@ class Decoder:
                     continue
                 # the same work whatever the screen decides and whatever is drawn: every member's
                 # chi-square, a fresh mask, one release_masked over all N rows
-                a2 = chi_square(public, members) if private_screen else None  # [N]
-                scores = self._scores(req, public, None if a2 is None else a2[req.screen.test_members])
+                # (every member's score, those outside the round's test subsample weighted 0)
                 mask = poisson_mask(N, q)  # the private answer's own draw, independent of the screen's
-                private = self._decide(req, public, scores)
+                h = float(public_entropy(public[None])[0])
+                if private_screen:
+                    private = req.screen.decide(h, every_score=member_score(chi_square(public, members)))
+                else:
+                    private = req.screen.decide(h)
                 dist = release_masked(public, members, mask if private else no_draw, self._release_params)
                 ready.append((req, dist, not private))
         else:
