@@ -49,12 +49,15 @@ server's, 64; 0: each prompt whole, in the step it arrives).
 ``--load-repeats R`` runs R interleaved rounds of the load configurations and reports the run with
 the median rate of each (its own latencies and memory), with every run's rate; ``--load-only``
 skips the per-token part. ``--dtype bfloat16`` runs the forwards (engine and floors) in bf16, as
-``[eval] dtype`` / ``pmixed serve --dtype`` do.
+``[eval] dtype`` / ``pmixed serve --dtype`` do. ``--device cuda`` runs them on the GPU (the
+mechanism stays on the CPU, as in ``pmixed serve``; timed loops of the floors and of the
+recomputation end with ``torch.cuda.synchronize``; load runs add their peak GPU memory).
 
     python benchmarks/serve_speed.py --model tiny --members 32 --sample-rate 0.5
     python benchmarks/serve_speed.py --model smollm2-random --members 8 --load-tokens 16 --dtype bfloat16 \
         --modes drawn --streams 1,32 --load-only --load-repeats 3
     python benchmarks/serve_speed.py --model smollm2-random --members 8 --tokens 64 --streams 1,8
+    python benchmarks/serve_speed.py --device cuda --model smollm2-random --members 8 --streams 1,8,32
 """
 
 from __future__ import annotations
@@ -82,6 +85,7 @@ except ImportError:
 
 from pmixed.engine import PrivatePredictor  # noqa: E402
 from pmixed.mechanism.pmixed import PMixED  # noqa: E402
+from pmixed.models.device import resolve_device  # noqa: E402
 from pmixed.models.runtime import PUBLIC, EnsembleRuntime, RowGroup  # noqa: E402
 from pmixed.privacy.ledger import Ledger  # noqa: E402
 from pmixed.serve.scheduler import DEFAULT_PREFILL_TOKENS, Decoder  # noqa: E402
@@ -142,6 +146,7 @@ def setup(args, root: Path):
     base, targets, fifo = base_model(args.model)
     dirs = save_members(base, targets, fifo, root, args.members)
     base.to(getattr(torch, args.dtype))  # the inference precision, as ``[eval] dtype`` (cast before stacking)
+    base.to(resolve_device(args.device))  # the runtime runs where the base is
     rt = EnsembleRuntime(base, _NoTok(), dirs)
     mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=10**6, ensemble_size=args.members,
                   sample_rate=args.sample_rate)
@@ -182,15 +187,24 @@ def drawn_work_rows(members: int, q: float, steps: int) -> float:
     return 1 + members * last / steps
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer around a call measures the call (the
+    decoders' steps end on the CPU, which waits already)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def floor_per_token(rt, args, rows: int) -> float:
     g = RowGroup([PUBLIC, *range(rows - 1)], tokens=prompt(args, 1))
     rt.decode([g], persistent=True)
     tok = 1
+    sync(rt.device)
     t0 = time.perf_counter()
     for _ in range(args.tokens - 1):  # the cache appended in place (models/kv_cache.py): no re-copy
         g.tokens = [tok]
         rt.decode([g], persistent=True)
+    sync(rt.device)
     return (time.perf_counter() - t0) / (args.tokens - 1)
 
 
@@ -207,6 +221,7 @@ def recompute_per_token(rt, mech, args) -> tuple[float, int]:
         pub = rt.probs(ids, [PUBLIC])[0, -1].double()
         mem = rt.probs(ids.expand(len(drawn), -1), [int(i) for i in drawn])[:, -1].double() if len(drawn) else pub.new_zeros(0, pub.shape[0])
         mech.release(pub, mem)
+        sync(rt.device)
         total += time.perf_counter() - t0
     return total / len(steps), len(steps)
 
@@ -269,6 +284,7 @@ def load_run(args) -> dict:
             "itl_p95_ms": 1e3 * q(itl, 95), "itl_p99_ms": 1e3 * q(itl, 99),
             "itl_max_ms": 1e3 * max(itl, default=float("nan")), "ttft_p50_ms": 1e3 * q(ttft, 50), "ttft_p95_ms": 1e3 * q(ttft, 95),
             "peak_rss_mib": peak_rss() / 2**20, "rss_before_mib": rss0 / 2**20,
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if rt.device.type == "cuda" else None,
             "cache_bound_mib_per_request": None if cache is None else cache / 2**20}
 
 
@@ -286,6 +302,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="precision of the forwards (the engine's and the floors'), as [eval] dtype")
+    ap.add_argument("--device", default="cpu", help="where the forwards run: cpu, cuda, cuda:<i> or auto "
+                    "(the mechanism runs on the CPU, as in pmixed serve)")
     ap.add_argument("--load-repeats", type=int, default=1,
                     help="rounds over the load configurations (interleaved); each figure is the run "
                          "with the median tokens/s (a noisy machine)")
@@ -306,7 +324,7 @@ def main(argv=None) -> dict:
         return {}
     res: dict = {"model": args.model, "members": args.members, "sample_rate": args.sample_rate,
                  "tokens": args.tokens, "prompt": args.prompt, "threads": args.threads,
-                 "dtype": args.dtype, "load_repeats": args.load_repeats, "arrival_gap_ms": args.arrival_gap,
+                 "dtype": args.dtype, "device": str(resolve_device(args.device)), "load_repeats": args.load_repeats, "arrival_gap_ms": args.arrival_gap,
                  "prefill_tokens": args.prefill_tokens or None}
     if not args.load_only:
         per_token(args, res)
@@ -319,15 +337,16 @@ def main(argv=None) -> dict:
     gap = f", arriving {args.arrival_gap:g} ms apart" if args.arrival_gap else ""
     gap += f", prompts of {args.prompt} tokens" + (f" prefilled {args.prefill_tokens} tokens per step"
                                                    if args.prefill_tokens else " prefilled whole")
-    print(f"load ({args.model}, N = {args.members}, q = {args.sample_rate}, {res['dtype']}, {args.load_tokens} tokens "
+    print(f"load ({args.model}, N = {args.members}, q = {args.sample_rate}, {res['dtype']} on {res['device']}, {args.load_tokens} tokens "
           f"per stream{gap}; {args.load_repeats} interleaved round(s), the median run's figures): mode | streams | tokens/s "
           "| x single | ITL p50 / p95 / p99 / max ms | TTFT p50 / p95 ms | peak RSS MiB | cache bound / request MiB")
+    gpu = lambda r: "" if r.get("peak_gpu_mib") is None else f" (GPU {r['peak_gpu_mib']:.0f})"  # noqa: E731
     for r in res["load"]:
         runs = "" if len(r["tokens_per_s_runs"]) < 2 else "  (runs: " + ", ".join(f"{x:.1f}" for x in r["tokens_per_s_runs"]) + ")"
         x = "-" if r["x_single"] is None else f"{r['x_single']:.2f}x"  # no single-stream run
         print(f"  {r['mode']:>8} | {r['streams']:>3} | {r['tokens_per_s']:8.1f} | {x} | "
               f"{r['itl_p50_ms']:.1f} / {r['itl_p95_ms']:.1f} / {r['itl_p99_ms']:.1f} / {r['itl_max_ms']:.1f} | {r['ttft_p50_ms']:.1f} / {r['ttft_p95_ms']:.1f} | "
-              f"{r['peak_rss_mib']:.0f} | {r['cache_bound_mib_per_request']:.2f}{runs}")
+              f"{r['peak_rss_mib']:.0f}{gpu(r)} | {r['cache_bound_mib_per_request']:.2f}{runs}")
     return res
 
 
@@ -363,7 +382,8 @@ def load_runs(args) -> list[dict]:
             cmd = [sys.executable, __file__, "--only-load", f"{mode}:{s}", "--model", args.model,
                    "--members", str(args.members), "--sample-rate", str(args.sample_rate),
                    "--prompt", str(args.prompt), "--load-tokens", str(args.load_tokens),
-                   "--threads", str(args.threads), "--dtype", args.dtype, "--arrival-gap", str(args.arrival_gap),
+                   "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
+                   "--arrival-gap", str(args.arrival_gap),
                    "--prefill-tokens", str(args.prefill_tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             runs[(mode, s)].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -383,7 +403,7 @@ def print_per_token(args, res: dict) -> None:
     drawn_rows = max(1, round(1 + args.sample_rate * args.members))
     ms = lambda x: f"{1e3 * x:.2f} ms"  # noqa: E731
     print(f"model {args.model}, N = {args.members}, q = {args.sample_rate}, prompt {args.prompt}, "
-          f"{args.tokens} generated tokens, {args.threads} thread(s), {res['dtype']}; per generated token:")
+          f"{args.tokens} generated tokens, {args.threads} thread(s), {res['dtype']} on {res['device']}; per generated token:")
     print(f"  (D)  drawn-only decoder          {ms(res['D'])}   D/Fd = {res['ratios']['D/Fd']:.2f}x (target <= 1.5)")
     print(f"  (C)  constant-work decoder       {ms(res['C'])}   C/Fc = {res['ratios']['C/Fc']:.2f}x (target <= 1.5); C/D = {res['ratios']['C/D']:.2f}x")
     print(f"  (Fd) floor: {drawn_rows} rows, one batched cached forward   {ms(res['Fd'])}")

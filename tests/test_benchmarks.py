@@ -170,9 +170,11 @@ def test_serve_speed_runs_micro_in_bf16(capsys, keep_threads):
 
     out = serve_speed.main([
         "--model", "micro", "--members", "3", "--tokens", "6", "--recompute-tokens", "2", "--prompt", "4",
-        "--streams", "2", "--modes", "drawn", "--load-tokens", "3", "--dtype", "bfloat16", "--json",
+        "--streams", "2", "--modes", "drawn", "--load-tokens", "3", "--dtype", "bfloat16", "--device", "cpu",
+        "--json",
     ])  # fmt: skip
-    assert out["dtype"] == "bfloat16"
+    assert out["dtype"] == "bfloat16" and out["device"] == "cpu"
+    assert out["load"][0]["peak_gpu_mib"] is None  # a CPU run reports no GPU memory
     for key in ("D", "C", "Fd", "Fc", "Fw", "R", "S", "AD", "AC", "APD"):
         assert out[key] > 0, key
     assert all(v > 0 for v in out["ratios"].values())
