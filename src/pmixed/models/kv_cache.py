@@ -12,9 +12,9 @@ request's caches is unchanged) unless the append itself needs more. The buffer m
 spare rows [rows, capacity_rows): a persistent batch (constant-work serving) takes a joining
 request into them and fills a leaving one's rows with the last rows (``put_rows`` / ``move_rows``
 / ``set_rows``), so that a change of the batch's membership copies one request's cache instead
-of the whole batch, and drops padding that every row has in place (``shift_left``). A persistent
-batch reserves every position up to the context at once (``blank``): on a CPU the spare positions
-and rows are address space until a step writes them, so the batch never regrows (a regrowth
+of the whole batch, and drops padding that every row has in place (``shift_left``). On a CPU a
+persistent batch reserves every position up to the context at once (``blank``, ``reserve``): the
+spare positions and rows are address space until a step writes them, so the batch never regrows (a regrowth
 copied it whole into fresh pages, whose first touch costs more than the copy, and held both
 buffers at once).
 

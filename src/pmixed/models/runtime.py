@@ -250,16 +250,18 @@ class EnsembleRuntime:
         if order is not None:
             kw["past_key_values"] = shared.cache
         else:
-            # persistent: room up to the context (reserved, not written: a page is committed when
-            # a step first writes a position on it, so no step ever regrows the batch, which
-            # copied it whole into fresh pages); without a known context, as many steps again as
-            # the cache holds (amortised doubling). And spare rows: a joining group goes there.
+            # persistent: room up to the context on a CPU (reserved, not written: a page is
+            # committed when a step first writes a position on it, so no step ever regrows the
+            # batch, which copied it whole into fresh pages); on a GPU, whose allocations are
+            # memory at once, or without a known context, as many steps again as the cache holds
+            # (amortised doubling). And spare rows: a joining group goes there.
+            lazy = persistent and dev.type == "cpu"
             least = max(n, lmax) if persistent else n
-            room = (self.context_length or least) if persistent else n
+            room = (self.context_length or least) if lazy else least
             spare = 0
             if persistent and n == 1:  # spare rows are reserved, not written: pages committed on first use
                 spare = max(max(sizes), B // 4) if max_rows is None else max(0, max_rows - B)
-            kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare, least, reserve=persistent)
+            kw["past_key_values"] = self._batched_cache(run, sizes, lmax, room, spare, least, reserve=lazy)
         split = self.split_head()
         rows = torch.arange(B, device=dev)
         if split is None:
