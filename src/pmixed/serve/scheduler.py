@@ -706,8 +706,8 @@ class Decoder:
                         ready.append((req, public, False))
                     continue
                 # the same work whatever the screen decides and whatever is drawn: every member's
-                # chi-square, a fresh mask, one release_masked over all N rows
-                # (every member's score, those outside the round's test subsample weighted 0)
+                # chi-square and score (those outside the round's test subsample weighted 0), a
+                # fresh mask, one release_masked over all N rows
                 mask = poisson_mask(N, q)  # the private answer's own draw, independent of the screen's
                 h = float(public_entropy(public[None])[0])
                 if private_screen:
