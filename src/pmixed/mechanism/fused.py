@@ -273,40 +273,33 @@ if AVAILABLE:
     @njit(cache=True, nogil=True)
     def keep_top_k(x, v, k):
         """Zero all but the k largest entries of x [V] in place, given v, the k-th largest value
-        (``count_threshold``): every entry above v, and ties at v lowest index first. Returns
-        the kept mass. Two whole passes."""
+        (``count_threshold``): every entry above v, and ties at v lowest index first. Two whole
+        passes."""
         above = 0
         for i in range(x.shape[0]):
             above += x[i] > v
         need = k - above
         ties = 0
-        s = 0.0
         for i in range(x.shape[0]):
             tie = x[i] == v
             ties += tie
             keep = (x[i] > v) or (tie and ties <= need)
             x[i] = x[i] if keep else 0.0
-            s += x[i]
-        return s
 
     @njit(cache=True, nogil=True)
     def keep_top_p(x, v, target):
         """Zero all but the smallest prefix of x [V] sorted by value (ties by index) whose mass
         reaches ``target``, in place, given v (``mass_threshold``): every entry above v, and
-        ties at v while the mass before them is short of the target. Returns the kept mass.
-        Two whole passes."""
+        ties at v while the mass before them is short of the target. Two whole passes."""
         above = 0.0
         for i in range(x.shape[0]):
             above += x[i] if x[i] > v else 0.0
         before = above  # the mass before the current tie, in index order
-        s = 0.0
         for i in range(x.shape[0]):
             tie = x[i] == v
             keep = (x[i] > v) or (tie and before < target)
             before += x[i] if tie else 0.0
             x[i] = x[i] if keep else 0.0
-            s += x[i]
-        return s
 
     @njit(cache=True, nogil=True)
     def sample_index(x, u):

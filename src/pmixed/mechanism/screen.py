@@ -104,8 +104,13 @@ class Screen:
         if p.private:
             if member_scores is None or member_scores.shape != self.test_members.shape:
                 raise ValueError(f"the round's {self.test_members.numel()} test members need their scores")
-            s += p.weight / (p.test_rate * p.ensemble_size) * float(member_scores.to(torch.float64).sum())
+            s += self._member_term(float(member_scores.to(torch.float64).sum()))
         return s
+
+    def _member_term(self, total: float) -> float:
+        """w / (q_s N) times the sum of S_r's g_i (eq. (S1))."""
+        p = self.params
+        return p.weight / (p.test_rate * p.ensemble_size) * total
 
     def score_every(self, entropy: float, every_score: torch.Tensor) -> float:
         """s_t of eq. (S1) from the scores of all N members [N], those outside S_r weighted 0:
@@ -114,7 +119,7 @@ class Screen:
         if every_score.shape != (p.ensemble_size,):
             raise ValueError(f"expected the scores of all {p.ensemble_size} members, got {tuple(every_score.shape)}")
         weighted = float((every_score.to(torch.float64) * self.test_weights).sum())
-        return float(entropy) + (p.weight / (p.test_rate * p.ensemble_size) * weighted if p.private else 0.0)
+        return float(entropy) + (self._member_term(weighted) if p.private else 0.0)
 
     def decide(self, entropy: float, member_scores: torch.Tensor | None = None, *,
                every_score: torch.Tensor | None = None) -> bool:

@@ -60,20 +60,22 @@ class GrowingLayer(DynamicLayer):
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised keys / values buffers [rows, H, cap, D] at the first capacity of ``caps``
         whose address space the system grants (a strict-overcommit refusal tries the next)."""
-        for i, cap in enumerate(caps):
+        def alloc(cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return (like_k.new_empty(rows, like_k.shape[1], cap, like_k.shape[3]),
+                    like_v.new_empty(rows, like_v.shape[1], cap, like_v.shape[3]))
+
+        for cap in caps[:-1]:
             try:
-                return (like_k.new_empty(rows, like_k.shape[1], cap, like_k.shape[3]),
-                        like_v.new_empty(rows, like_v.shape[1], cap, like_v.shape[3]))
+                return alloc(cap)
             except RuntimeError as err:
-                if i == len(caps) - 1 or "allocate memory" not in str(err):
+                if "allocate memory" not in str(err):
                     raise
-        raise ValueError("no capacity to allocate")
+        return alloc(caps[-1])
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
         cap = self._capacity_for(needed)
         caps = (max(self.limit, needed), cap) if self.reserve and self._k is None and self.limit else (cap,)
-        b = key_states.shape[0]
-        b = max(b, 0 if self._k is None else self._k.shape[0])  # spare rows are kept
+        b = max(key_states.shape[0], 0 if self._k is None else self._k.shape[0])  # spare rows are kept
         k, v = self._buffers(key_states, value_states, b, caps)
         if self._k is not None and self.length:
             k[: self.rows, :, : self.length].copy_(self._k[: self.rows, :, : self.length])

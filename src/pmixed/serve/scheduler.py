@@ -674,9 +674,11 @@ class Decoder:
             return torch.zeros(0, dtype=torch.float64)
         return member_score(a2)
 
-    def _decide(self, req: _Request, public: torch.Tensor, scores: torch.Tensor | None) -> bool:
+    def _decide(self, req: _Request, public: torch.Tensor, scores: torch.Tensor | None,
+                every: torch.Tensor | None = None) -> bool:
+        """The screen's bit from S_r's scores, or from every member's (``every`` [N], constant work)."""
         h = float(public_entropy(public[None])[0])
-        return req.screen.decide(h, scores)
+        return req.screen.decide(h, scores, every_score=every)
 
     def _step_adaptive(self, active: list[_Request], prefill: list[RowGroup], running: list[_Request]) -> None:
         """One decode step of screened PMixED over the requests that release a token this step
@@ -709,11 +711,8 @@ class Decoder:
                 # chi-square and score (those outside the round's test subsample weighted 0), a
                 # fresh mask, one release_masked over all N rows
                 mask = poisson_mask(N, q)  # the private answer's own draw, independent of the screen's
-                h = float(public_entropy(public[None])[0])
-                if private_screen:
-                    private = req.screen.decide(h, every_score=member_score(chi_square(public, members)))
-                else:
-                    private = req.screen.decide(h)
+                every = member_score(chi_square(public, members)) if private_screen else None  # [N]
+                private = self._decide(req, public, None, every)
                 dist = release_masked(public, members, mask if private else no_draw, self._release_params)
                 ready.append((req, dist, not private))
         else:
