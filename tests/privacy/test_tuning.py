@@ -3,6 +3,7 @@ spent curve (docs/privacy.md section 12). The exact tests are tests/exact/test_e
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -212,6 +213,15 @@ def test_the_cap_statistic_charge_is_recorded_replays_and_is_paid_once(tmp_path)
         assert [h.mechanism for h in led.history()] == [BIND_MECHANISM]
         assert pay_tuning(led, _bind(0.5).record()) is False  # another tuning is another charge
         assert len(led.history()) == 2
+        again = _bind()  # a second run with the same options: another private selection
+        assert again.record() != p.record() and bind_from_record(again.record()) == again
+        assert pay_tuning(led, again.record()) is False  # not taken for the first run's charge
+        legacy = {k: v for k, v in p.record().items() if k != "run"}  # a record from before run ids
+        assert pay_tuning(led, legacy) is False  # cannot be told from another run: charged again
+        assert pay_tuning(led, again.record()) is True
+        assert len(led.history()) == 4
+        with pytest.raises(ConfigError, match="identity"):
+            dataclasses.replace(p, run="")
 
 
 def test_bad_cap_statistic_parameters_name_their_field():

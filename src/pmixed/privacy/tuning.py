@@ -41,8 +41,9 @@ reference shape's cap binds, with Laplace noise, and sets lam_max from it:
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pmixed.errors import ConfigError
@@ -148,6 +149,22 @@ def repeated_rdp(order: float, trial: dict[float, float], eta: float, gamma: flo
     return (base + extra + math.log(expected_trials(eta, gamma)) / (a - 1)) * _MARGIN
 
 
+def new_run() -> str:
+    """A fresh tuning identity: 128 random bits from the OS, as hex. A tuning's charge and its
+    tune.json carry it, so that ``pay_tuning`` recognises the charge of that run only."""
+    return secrets.token_hex(16)
+
+
+def _check_run(run: object) -> None:
+    if not isinstance(run, str) or not run:
+        raise ConfigError("run", f"a tuning's identity must be a non-empty string, got {run!r}")
+
+
+def _run_of(record: dict[str, Any]) -> dict[str, str]:
+    """The recorded run identity as a keyword, none (a fresh one) when the record predates it."""
+    return {"run": str(record["run"])} if "run" in record else {}
+
+
 @dataclass(frozen=True)
 class TuneParams:
     """An accounted tuner: the candidates' mechanism parameters (each calibrated for the
@@ -160,8 +177,10 @@ class TuneParams:
     score_epsilon: float
     eta: float = 1.0
     gamma: float = 0.1
+    run: str = field(default_factory=new_run)  # this tuning's identity (``new_run``)
 
     def __post_init__(self) -> None:
+        _check_run(self.run)
         if not self.candidates:
             raise ConfigError("candidates", "at least one shape is needed")
         if len({p.ensemble_size for p in self.candidates}) != 1:
@@ -191,7 +210,7 @@ class TuneParams:
     def record(self) -> dict[str, Any]:
         return {"candidates": [params_record(p) for p in self.candidates], "units": self.units,
                 "per_unit": self.per_unit, "score_epsilon": self.score_epsilon, "eta": self.eta,
-                "gamma": self.gamma}
+                "gamma": self.gamma, "run": self.run}
 
 
 def tuning_charge(params: TuneParams, orders: Sequence[float] = DEFAULT_ORDERS, label: str = "tune") -> RdpCharge:
@@ -204,7 +223,7 @@ def tune_from_record(record: dict[str, Any]) -> TuneParams:
     """The parameters a recorded "tune/pmixed" charge was computed from (replay, audits)."""
     return TuneParams(tuple(params_from_record(c) for c in record["candidates"]), int(record["units"]),
                       int(record["per_unit"]), float(record["score_epsilon"]), float(record["eta"]),
-                      float(record["gamma"]))
+                      float(record["gamma"]), **_run_of(record))
 
 
 #: The ``mechanism`` name of a cap-statistic tuning charge (eq. (H4)).
@@ -232,8 +251,10 @@ class BindParams:
     upper: float = 0.8
     low: float = 0.25
     high: float = 0.75
+    run: str = field(default_factory=new_run)  # this tuning's identity (``new_run``)
 
     def __post_init__(self) -> None:
+        _check_run(self.run)
         for field, v in (("ensemble_size", self.ensemble_size), ("public_positions", self.positions)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(field, f"must be an integer >= 1, got {v!r}")
@@ -270,7 +291,7 @@ class BindParams:
     def record(self) -> dict[str, Any]:
         return {"method": "bind", "ensemble_size": self.ensemble_size, "positions": self.positions,
                 "score_epsilon": self.score_epsilon, "reference": params_record(self.reference),
-                "lower": self.lower, "upper": self.upper, "low": self.low, "high": self.high}
+                "lower": self.lower, "upper": self.upper, "low": self.low, "high": self.high, "run": self.run}
 
 
 def bind_charge(params: BindParams, orders: Sequence[float] = DEFAULT_ORDERS, label: str = "tune") -> RdpCharge:
@@ -283,7 +304,7 @@ def bind_from_record(record: dict[str, Any]) -> BindParams:
     """The parameters a recorded "tune/bind" charge was computed from."""
     return BindParams(int(record["ensemble_size"]), int(record["positions"]), float(record["score_epsilon"]),
                       params_from_record(record["reference"]), float(record["lower"]), float(record["upper"]),
-                      float(record["low"]), float(record["high"]))
+                      float(record["low"]), float(record["high"]), **_run_of(record))
 
 
 def charge_from_record(record: dict[str, Any], orders: Sequence[float] = DEFAULT_ORDERS,
@@ -296,16 +317,20 @@ def charge_from_record(record: dict[str, Any], orders: Sequence[float] = DEFAULT
 
 def pay_tuning(budget: Any, record: dict[str, Any], label: str = "tune (charged on first use)") -> bool:
     """Make sure ``budget`` (a Ledger or RdpAccountant) carries the accounted tuning whose
-    parameters are ``record`` (a tune.json's "tuning"): True if a charge of that tuner with the
-    same parameters is already recorded (``pmixed tune`` charged this ledger), otherwise it is
-    charged now, before anything is served (BudgetExhausted: refused, nothing recorded), and
-    False is returned. A tuning chosen with another ledger, or an experiment's in-memory one, is
-    thus paid by the ledger that serves its shape."""
+    parameters are ``record`` (a tune.json's "tuning"): True if that very tuning's charge is
+    already recorded (``pmixed tune`` charged this ledger: the same tuner, parameters and run
+    identity), otherwise it is charged now, before anything is served (BudgetExhausted: refused,
+    nothing recorded), and False is returned. A tuning chosen with another ledger, or an
+    experiment's in-memory one, is thus paid by the ledger that serves its shape. Equal
+    parameters are not enough: two runs of ``pmixed tune`` with the same options are two private
+    selections, and serving the second's choice must pay for it even when the first was paid
+    here. A record without a run identity (written before it existed) is charged again."""
     from pmixed.privacy.accountant import dump_params
 
     charge = charge_from_record(record, budget.orders, label=label)
     want = dump_params(charge.params)
-    if any(h.mechanism == charge.mechanism and dump_params(h.params) == want for h in budget.history()):
+    if "run" in record and any(h.mechanism == charge.mechanism and dump_params(h.params) == want
+                               for h in budget.history()):
         return True
     budget.charge(charge)
     return False
