@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -264,6 +265,12 @@ def charges(draw):
     return RdpCharge(tuple(orders), tuple(rdp), draw(st.integers(1, 5)))
 
 
+def _up(x: Fraction) -> float:
+    """The smallest float >= x (an independent restatement of ``rounding.ceil_float``)."""
+    f = float(x)
+    return math.nextafter(f, math.inf) if Fraction(f) < x else f
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     limit=st.floats(0.5, 30.0),
@@ -271,8 +278,11 @@ def charges(draw):
     seq=st.lists(charges(), max_size=25),
 )
 def test_property_never_above_limit_and_accepted_sum_exactly(limit, delta, seq):
+    """The totals are each step's exact sum rounded up to the next float, so never below the exact
+    sum of what was accepted."""
     acc = RdpAccountant(GRID, epsilon=limit, delta=delta)
     expected = (0.0,) * len(GRID)
+    exact = [Fraction(0)] * len(GRID)  # inf entries stay inf in ``expected``
     accepted = 0
     for c in seq:
         before = acc.spent_rdp()
@@ -285,8 +295,12 @@ def test_property_never_above_limit_and_accepted_sum_exactly(limit, delta, seq):
         else:
             accepted += 1
             assert eps == would <= limit
-            expected = tuple(s + r * c.count for s, r in zip(expected, project_charge(c, GRID), strict=True))
+            rdp = project_charge(c, GRID)
+            expected = tuple(math.inf if math.isinf(s) or math.isinf(r) else _up(Fraction(s) + c.count * Fraction(r))
+                             for s, r in zip(expected, rdp, strict=True))
+            exact = [e if math.isinf(r) else e + c.count * Fraction(r) for e, r in zip(exact, rdp, strict=True)]
             assert acc.spent_rdp() == expected
+            assert all(math.isinf(x) or Fraction(x) >= e for x, e in zip(expected, exact, strict=True))
         assert acc.epsilon_spent() <= limit
     assert acc.spent_rdp() == expected
     assert acc.charges() == accepted

@@ -37,6 +37,7 @@ from typing import Any
 from pmixed.errors import BudgetExhausted, ConfigError
 from pmixed.privacy.acceptance import BEST_ORDER, AcceptanceRule, check_rule
 from pmixed.privacy.conversion import check_delta, check_epsilon
+from pmixed.privacy.rounding import compose_up
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -180,9 +181,18 @@ def project_charge(charge: RdpCharge, orders: Sequence[float]) -> tuple[float, .
 def compose_curve(spent: Sequence[float], rdp: Sequence[float], count: int) -> tuple[float, ...]:
     """``spent + count * rdp``, order by order (Mironov 2017, Prop. 1).
 
-    Always evaluated as ``s + r * count`` left to right, so that replaying a history in the same
-    order reproduces the totals bit for bit (the ledger relies on it).
+    Each entry is the exact sum rounded up (``rounding.compose_up``), never below it, so a
+    budget's totals never under-state what was charged; deterministic, so that replaying a history
+    in the same order reproduces the totals bit for bit (the ledger relies on it).
     """
+    if len(spent) != len(rdp):
+        raise ValueError("curves must have the same length")
+    return tuple(compose_up(s, r, count) for s, r in zip(spent, rdp, strict=True))
+
+
+def compose_curve_nearest(spent: Sequence[float], rdp: Sequence[float], count: int) -> tuple[float, ...]:
+    """``s + r * count`` in round-to-nearest float arithmetic: how totals were composed before
+    they were rounded up (ledgers written then replay within [this, ``compose_curve``])."""
     if len(spent) != len(rdp):
         raise ValueError("curves must have the same length")
     return tuple(s + r * count for s, r in zip(spent, rdp, strict=True))

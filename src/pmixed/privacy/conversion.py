@@ -12,10 +12,13 @@ orders with no claim and are skipped).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
+from fractions import Fraction
 
 from pmixed.errors import ConfigError
+from pmixed.privacy.rounding import UNIT_ROUNDOFF, add_up, ceil_float
 
 
 def check_delta(delta: float) -> None:
@@ -28,19 +31,26 @@ def check_epsilon(epsilon: float) -> None:
         raise ConfigError("epsilon", f"must be a finite number > 0, got {epsilon!r}")
 
 
+@functools.lru_cache(maxsize=4096)
 def conversion_offset(order: float, delta: float) -> float:
-    """The amount eq. (C1) adds to rho: log((a-1)/a) - (log(delta) + log(a)) / (a-1)."""
+    """The amount eq. (C1) adds to rho, log((a-1)/a) - (log(delta) + log(a)) / (a-1), rounded up:
+    the two terms as computed plus 16 u (1 + |each|), more than the rounding of the division, the
+    three logarithms (each within an ulp, and an argument's relative error u moves a logarithm by
+    at most u) and the sums can take off."""
     a = float(order)
     if not a > 1.0:
         raise ConfigError("alpha", f"Renyi orders must be > 1, got {order!r}")
-    return math.log((a - 1.0) / a) - (math.log(delta) + math.log(a)) / (a - 1.0)
+    t1 = math.log((a - 1.0) / a)
+    t2 = -(math.log(delta) + math.log(a)) / (a - 1.0)
+    slack = 16.0 * UNIT_ROUNDOFF * (1.0 + abs(t1) + abs(t2))
+    return ceil_float(Fraction(t1) + Fraction(t2) + Fraction(slack))
 
 
 def epsilon_at_order(rho: float, order: float, delta: float) -> float:
-    """Eq. (C1) at one order; inf when rho is inf (no claim at that order)."""
+    """Eq. (C1) at one order, rounded up; inf when rho is inf (no claim at that order)."""
     if math.isinf(rho) or math.isnan(rho):
         return math.inf
-    return rho + conversion_offset(order, delta)
+    return add_up(rho, conversion_offset(order, delta))
 
 
 def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
@@ -63,4 +73,4 @@ def rdp_budget(epsilon: float, delta: float, order: float) -> float:
     """
     check_epsilon(epsilon)
     check_delta(delta)
-    return epsilon - conversion_offset(order, delta)
+    return -add_up(-epsilon, conversion_offset(order, delta))  # rounded down

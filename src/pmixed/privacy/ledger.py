@@ -56,6 +56,7 @@ from pmixed.privacy.accountant import (
     check_limit,
     check_orders,
     compose_curve,
+    compose_curve_nearest,
     project_charge,
     queries_left,
 )
@@ -70,6 +71,7 @@ from pmixed.privacy.ledger_sqlite import (
     new_meta,
 )
 from pmixed.privacy.ledger_store import LedgerMeta, LedgerStore, NewCharge, StoreOpener
+from pmixed.privacy.rounding import ceil_float, floor_float
 
 __all__ = [
     "APPLICATION_ID",
@@ -210,39 +212,50 @@ class Ledger(Budget):
         self._package_version = meta.package_version
 
     def _verify(self) -> None:
-        """Replay the history and compare with the totals (bit-exact: same arithmetic; refund
-        records are checked against the reservation they refund and replayed by
-        :func:`_sub_up`)."""
+        """Replay the history and compare with the totals (refund records are checked against
+        the reservation they refund and replayed by :func:`_sub_up`). Charges compose rounded up
+        (``compose_curve``); ledgers written before that composed them to nearest, and one
+        history may hold both, so the totals must lie between the two replays, order by order
+        (both roundings are monotone, so every mix of them does): exact for a history written by
+        this pmixed alone, a few units in the last place wide for an older one."""
         path = self._path
         totals, records = self._live().snapshot()
-        curve = (0.0,) * len(self._orders)
+        curve = low = (0.0,) * len(self._orders)
         last_id, last_eps = 0, 0.0
         charges: dict[int, ChargeRecord] = {}
         refunded: dict[int, int] = {}
+        after: dict[int, tuple[float, ...]] = {}  # a grant's id -> the totals just after it
         for rec in records:
             if isinstance(rec.count, bool) or not isinstance(rec.count, int) or rec.count < 1:
                 raise LedgerError(f"ledger {path} is damaged: charge {rec.id} has count {rec.count!r}")
             if rec.mechanism == REFUND:
-                _check_refund(path, rec, charges, refunded)
-                curve = _sub_up(curve, rec.rdp)
+                _check_refund(path, rec, charges, refunded, after.get(rec.params.get("refund_of")))
+                curve, low = _sub_up(curve, rec.rdp), _sub_up(low, rec.rdp)
             else:
                 charges[rec.id] = rec
                 curve = compose_curve(curve, rec.rdp, rec.count)
+                after[rec.id] = curve
+                low = compose_curve_nearest(low, rec.rdp, rec.count)
             last_id, last_eps = rec.id, rec.epsilon_after
         count = len(records)
-        if curve != totals.rdp or count != totals.n_charges or last_id != totals.last_charge_id:
+        within = len(totals.rdp) == len(curve) and all(
+            lo <= t <= hi or (math.isinf(t) and math.isinf(hi)) for lo, t, hi in zip(low, totals.rdp, curve)
+        )
+        if not within or count != totals.n_charges or last_id != totals.last_charge_id:
             raise LedgerError(
                 f"ledger {path} is inconsistent (tampered or partially corrupt): the totals row "
                 f"({totals.n_charges} charges, last id {totals.last_charge_id}) does not equal the "
                 f"sum of the {count} charges recorded (last id {last_id})"
             )
         eps = self._rule.epsilon(self._orders, totals.rdp, self._delta)
-        if count and last_eps != eps:
+        # an older pmixed converted (C1) to nearest: its last epsilon_after may sit a few units in
+        # the last place below today's rounded-up conversion of the same totals
+        if count and not (last_eps == eps or eps - _OLD_ROUNDING * (1.0 + abs(eps)) <= last_eps < eps):
             raise LedgerError(
                 f"ledger {path} is inconsistent (tampered or partially corrupt): the last charge "
                 f"(id {last_id}) records epsilon_after={last_eps!r}, the totals give {eps!r}"
             )
-        if not eps <= self._epsilon:
+        if not eps <= self._epsilon + _OLD_ROUNDING * (1.0 + self._epsilon):  # (at the limit under the old rounding)
             raise LedgerError(
                 f"ledger {path} is inconsistent: it records epsilon={eps!r} spent, above its "
                 f"limit {self._epsilon!r}"
@@ -535,8 +548,11 @@ class Reservation:
                 out.append(0.0)
                 continue
             fr = Fraction(r)
-            bound = min(n * fr, added - used * fr)
-            out.append(_floor_float(bound) if bound > 0 else 0.0)
+            # nothing used: all the grant added (its rounding up included), so that a request
+            # refused before its first token leaves the totals where they were; else at most the
+            # untaken queries' cost, leaving at least the used ones' exact cost
+            bound = added if used == 0 else min(n * fr, added - used * fr)
+            out.append(floor_float(bound) if bound > 0 else 0.0)
         return tuple(out)
 
     def __enter__(self) -> Reservation:
@@ -568,20 +584,9 @@ def _not_a_refund(charge: RdpCharge) -> None:
         raise ConfigError("mechanism", f"{REFUND!r} is reserved for the ledger's refund records")
 
 
-def _floor_float(x: Fraction) -> float:
-    """The largest float <= x (x finite)."""
-    f = float(x)
-    if Fraction(f) > x:
-        f = math.nextafter(f, -math.inf)
-    return f
-
-
-def _ceil_float(x: Fraction) -> float:
-    """The smallest float >= x (x finite)."""
-    f = float(x)
-    if Fraction(f) < x:
-        f = math.nextafter(f, math.inf)
-    return f
+#: How far below today's rounded-up arithmetic an older pmixed's round-to-nearest (C1) could land
+#: (1e-12 relative: over a thousand times its rounding error); used to reopen its ledgers only.
+_OLD_ROUNDING = 1e-12
 
 
 def _sub_up(spent: Sequence[float], removed: Sequence[float]) -> tuple[float, ...]:
@@ -596,13 +601,23 @@ def _sub_up(spent: Sequence[float], removed: Sequence[float]) -> tuple[float, ..
         elif math.isinf(d):
             raise ValueError("a refund cannot remove an infinite amount")
         else:
-            out.append(max(0.0, _ceil_float(Fraction(s) - Fraction(d))))
+            out.append(max(0.0, ceil_float(Fraction(s) - Fraction(d))))
     return tuple(out)
 
 
-def _check_refund(path: str, rec: ChargeRecord, charges: dict[int, ChargeRecord], refunded: dict[int, int]) -> None:
+def _whole_refund_slack(grant: ChargeRecord, queries: int, refunded: dict[int, int],
+                        after: Sequence[float] | None) -> list[Fraction]:
+    whole = after is not None and queries == grant.count and not refunded.get(grant.id)
+    return [Fraction(2 * math.ulp(a)) if whole and math.isfinite(a) else Fraction(0)
+            for a in (after if after is not None else grant.rdp)]
+
+
+def _check_refund(path: str, rec: ChargeRecord, charges: dict[int, ChargeRecord], refunded: dict[int, int],
+                  after: Sequence[float] | None = None) -> None:
     """A refund record must refund an earlier grant, no more queries than it granted (over all
-    its refunds), and remove at most that many times the grant's per-query curve."""
+    its refunds), and remove at most that many times the grant's per-query curve; a refund of
+    the whole grant at once may also remove what rounding up added to it (two units in the last
+    place of the totals just after the grant, ``after``)."""
     params = rec.params
     ref = params.get("refund_of")
     queries = params.get("queries")
@@ -616,7 +631,9 @@ def _check_refund(path: str, rec: ChargeRecord, charges: dict[int, ChargeRecord]
         why = f"charge {ref} granted {grant.count} queries, more than that are refunded"
     elif rec.count != 1 or any(math.isinf(d) for d in rec.rdp):
         why = "its count or curve is malformed"
-    elif any(d > 0.0 and Fraction(d) > queries * Fraction(r) for d, r in zip(rec.rdp, grant.rdp, strict=True)):
+    elif any(d > 0.0 and Fraction(d) > queries * Fraction(r) + slack
+             for d, r, slack in zip(rec.rdp, grant.rdp, _whole_refund_slack(grant, queries, refunded, after),
+                                    strict=True)):
         why = f"it removes more than {queries} queries of charge {ref} cost"
     if why:
         raise LedgerError(f"ledger {path} is inconsistent (tampered or partially corrupt): refund record {rec.id} is invalid: {why}")

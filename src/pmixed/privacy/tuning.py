@@ -43,7 +43,8 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 from pmixed.errors import ConfigError
@@ -177,7 +178,7 @@ class TuneParams:
     score_epsilon: float
     eta: float = 1.0
     gamma: float = 0.1
-    run: str = field(default_factory=new_run)  # this tuning's identity (``new_run``)
+    run: str = dataclass_field(default_factory=new_run)  # this tuning's identity (``new_run``)
 
     def __post_init__(self) -> None:
         _check_run(self.run)
@@ -251,7 +252,7 @@ class BindParams:
     upper: float = 0.8
     low: float = 0.25
     high: float = 0.75
-    run: str = field(default_factory=new_run)  # this tuning's identity (``new_run``)
+    run: str = dataclass_field(default_factory=new_run)  # this tuning's identity (``new_run``)
 
     def __post_init__(self) -> None:
         _check_run(self.run)
