@@ -24,6 +24,7 @@ def pmixed(*args):
         (("privacy",), "missing command"),
         (("generate", "-c", "configs/quick.toml", "--max-new-tokens", "0"), "--max-new-tokens"),
         (("generate", "-c", "configs/quick.toml", "--temperature", "0"), "--temperature"),
+        (("generate", "-c", "configs/quick.toml", "--temperature", "0.7"), "not covered by the privacy guarantee"),
         ((*PLAN, "--epsilon", "abc"), "--epsilon"),
     ],
 )

@@ -163,6 +163,9 @@ class PrivatePredictor:
             raise ValueError("max_new_tokens must be >= 1")
         if not temperature > 0:
             raise ValueError("temperature must be > 0")
+        if temperature != 1.0 and self.generator is None:  # serving mode: only the release as it is
+            raise ValueError(f"temperature {temperature:g} is not covered by the privacy guarantee (it would act "
+                             "on each draw's mixture); use 1, or a seeded experiment")
         tok = self.runtime.tokenizer
         seq = self.prompt_ids(prompt, truncate=truncate_prompt)  # PromptTooLong before any charge
         n_prompt = len(seq)
@@ -249,6 +252,6 @@ class PrivatePredictor:
         return result()
 
     def _sample(self, dist: torch.Tensor, temperature: float) -> int:
-        """Temperature (post-processing of the released distribution, free), then one token, in
-        constant time (``mechanism.sampling``)."""
+        """Temperature (1 outside experiments: any other is not covered by the guarantee), then
+        one token, in constant time (``mechanism.sampling``)."""
         return sample_token(postprocess(dist, temperature=temperature), self.generator)

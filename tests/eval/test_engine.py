@@ -329,3 +329,18 @@ def test_concurrent_generations_leave_the_public_row_the_base_model(runtime):
         for t in threads:
             t.join()
     assert not errors
+
+
+def test_a_temperature_other_than_1_is_refused_outside_an_experiment(runtime):
+    """Temperature acts on each draw's mixture, which the guarantee does not cover
+    (tests/exact/test_exact_sampling.py): serving mode (the OS CSPRNG) refuses it before any charge."""
+    from pmixed.engine import PrivatePredictor
+
+    _, _, rt = runtime
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
+        mech = PMixED(epsilon=8.0, delta=1e-5, query_budget=64, ensemble_size=rt.n_members, sample_rate=0.6)
+        pred = PrivatePredictor(rt, mech, led)
+        with pytest.raises(ValueError, match="not covered by the privacy guarantee"):
+            pred.generate("apple", max_new_tokens=2, temperature=0.5)
+        assert led.charges() == 0
+        assert len(pred.generate("apple", max_new_tokens=2, stop_at_eos=False).token_ids) == 2  # temperature 1

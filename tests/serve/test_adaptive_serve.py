@@ -191,7 +191,7 @@ def test_a_public_screen_answers_from_the_public_model_after_one_unit(runtime, m
     m = mech(threshold=PUBLIC_SCREEN, q=0.5)
     calls = _rows(runtime, monkeypatch)
     prompt = [4, 5, 6]
-    with ledger(m) as led, Decoder(runtime, m, led, mode=mode) as dec:
+    with ledger(m) as led, Decoder(runtime, m, led, mode=mode, uncovered_sampling=True) as dec:
         s = dec.submit(prompt, SamplingParams(max_tokens=8, top_k=1, stop_at_eos=False))
         got = [t.id for t in s]
         assert net_units(led) == 1 and dec.stats()["units"] == 1
@@ -211,7 +211,7 @@ def test_a_threshold_of_minus_1e9_makes_every_token_private(runtime, mode, prefi
     """(prefill_tokens = 2: the prompt is consumed over two steps, chunked prefill.)"""
     m = mech(threshold=PRIVATE_SCREEN, q=1.0)
     prompt = [7, 8, 9, 10]
-    with ledger(m) as led, Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens) as dec:
+    with ledger(m) as led, Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens, uncovered_sampling=True) as dec:
         s = dec.submit(prompt, SamplingParams(max_tokens=7, top_k=1, stop_at_eos=False))
         got = [t.id for t in s]
         assert net_units(led) == 7 and dec.stats()["units"] == 7
@@ -242,7 +242,7 @@ def test_drawn_mode_runs_a_private_streams_members_with_its_public_row(runtime, 
 
     monkeypatch.setattr(Decoder, "_forward", spy)
     prompt = [7, 8, 9, 10]
-    with ledger(m) as led, Decoder(runtime, m, led, mode="drawn") as dec:
+    with ledger(m) as led, Decoder(runtime, m, led, mode="drawn", uncovered_sampling=True) as dec:
         got = [t.id for t in dec.submit(prompt, SamplingParams(max_tokens=6, top_k=1, stop_at_eos=False))]
         assert net_units(led) == 6
     monkeypatch.undo()

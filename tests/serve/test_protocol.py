@@ -157,8 +157,8 @@ def test_chat_checks(kw, param, message):
 
 
 def test_accepted_requests_map_to_sampling_params():
-    out = check_completion(completion(temperature=0, max_tokens=5, stop="\n", n=2, echo=True), Limits())
-    assert out["params"] == {"max_tokens": 5, "temperature": 1.0, "top_p": 1.0, "top_k": 1, "stop_at_eos": True}
+    out = check_completion(completion(temperature=1, max_tokens=5, stop="\n", n=2, echo=True), Limits())
+    assert out["params"] == {"max_tokens": 5, "temperature": 1.0, "top_p": 1.0, "top_k": 0, "stop_at_eos": True}
     assert out["n"] == 2 and out["stop"] == ["\n"] and out["echo"] and out["prompts"] == ["x"]
     out = check_completion(completion(prompt=[1, 2, 3], top_k=-1, ignore_eos=True), Limits())
     assert out["prompts"] == [[1, 2, 3]] and out["params"]["top_k"] == 0 and not out["params"]["stop_at_eos"]
@@ -168,3 +168,32 @@ def test_accepted_requests_map_to_sampling_params():
     assert out["params"]["max_tokens"] == 7 and out["stream"] and out["stream_usage"]
     assert check_chat(chat(), Limits(max_tokens=32))["params"]["max_tokens"] == 32  # chat: the cap
     assert json.loads(json.dumps(ApiError(429, "x").body()))["error"]["type"] == "rate_limit_error"
+
+
+@pytest.mark.parametrize("field,value", [("temperature", 0), ("temperature", 0.7), ("temperature", 1.5),
+                                         ("top_p", 0.9), ("top_k", 1), ("top_k", 50)])
+def test_sampling_transforms_the_guarantee_does_not_cover_are_refused(field, value):
+    """Temperature, top_p, top_k and greedy act on each draw's mixture, not on the mechanism's
+    distribution: the proof does not cover them (tests/exact/test_exact_sampling.py), so a 400."""
+    with pytest.raises(ApiError) as e:
+        check_completion(completion(**{field: value}), Limits())
+    assert e.value.status == 400 and e.value.param == field and e.value.code == "not_covered_by_guarantee"
+    assert "not covered by the privacy guarantee" in str(e.value)
+
+
+@pytest.mark.parametrize("raw,code,says", [
+    (b'{"model": "m", "prompt": "a\\ud800b"}', "invalid_encoding", "surrogate"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "\\udfff"}]}', "invalid_encoding", "surrogate"),
+    (b'{"a": ' + b"[" * 100000 + b"]" * 100000 + b"}", "invalid_json", "nested too deeply"),
+])
+def test_bodies_that_used_to_give_a_500_are_refused_with_400(raw, code, says):
+    """Found in review: a lone surrogate reached the tokenizer (TypeError) and deep nesting raised
+    RecursionError; both were 500s, which the openai client retries."""
+    with pytest.raises(ApiError) as e:
+        parse_body(raw, CompletionRequest)
+    assert e.value.status == 400 and e.value.code == code and says in e.value.message
+
+
+def test_a_max_tokens_cap_below_the_completions_default_is_the_default():
+    out = check_completion(completion(), Limits(max_tokens=8))  # no max_tokens: 16 would exceed the cap
+    assert out["params"]["max_tokens"] == 8

@@ -60,7 +60,7 @@ def test_concurrent_batched_requests_equal_full_recomputation(runtime, mode, pre
     m = mech(q=1.0)
     want = [greedy_reference(runtime, m, p, 6 + i) for i, p in enumerate(prompts)]
     with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, \
-            Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens) as dec:
+            Decoder(runtime, m, led, mode=mode, prefill_tokens=prefill_tokens, uncovered_sampling=True) as dec:
         streams = [dec.submit(p, SamplingParams(max_tokens=6 + i, top_k=1, stop_at_eos=False))
                    for i, p in enumerate(prompts)]
         got = [[t.id for t in s] for s in streams]
@@ -304,7 +304,7 @@ def test_split_catch_up_forwards_compute_what_one_forward_does(runtime, monkeypa
         monkeypatch.setattr(scheduler_mod, "FORWARD_COST_POSITIONS", cost)
         schedule = itertools.cycle([[0], [1, 2], [0, 1], [2], [0, 1, 2], []])
         calls.clear()
-        with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode="drawn") as dec:
+        with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led, mode="drawn", uncovered_sampling=True) as dec:
             streams = [dec.submit(p, SamplingParams(max_tokens=10, top_k=1, stop_at_eos=False))
                        for p in ([1, 2, 3], [5, 6, 7, 8, 9, 10])]
             got[cost] = [[t.id for t in s] for s in streams]
@@ -415,7 +415,7 @@ def test_warm_up_runs_the_kernels_and_draws_charges_and_counts_nothing(runtime, 
     m = mech(q=1.0)
     prompts = ([1, 2, 3], [5, 6])
     with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led:
-        dec = Decoder(runtime, m, led, mode=mode)
+        dec = Decoder(runtime, m, led, mode=mode, uncovered_sampling=True)
         before = dec.stats()
         with monkeypatch.context() as mp:
             ran = _spy_warm_up(dec, mp)
@@ -426,3 +426,16 @@ def test_warm_up_runs_the_kernels_and_draws_charges_and_counts_nothing(runtime, 
                                       for p in prompts]]
     for p, out in zip(prompts, outs):
         assert [t.id for t in out] == greedy_reference(runtime, m, p, 3)
+
+
+def test_sampling_the_guarantee_does_not_cover_is_refused_before_anything_is_charged(runtime):
+    """temperature / top_p / top_k other than the defaults act on each draw's mixture (a mechanism
+    the proof does not cover: tests/exact/test_exact_sampling.py); only an experiment's decoder
+    (``uncovered_sampling=True``) takes them."""
+    m = mech()
+    with Ledger(":memory:", epsilon=8.0, delta=1e-5) as led, Decoder(runtime, m, led) as dec:
+        for kw in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 1}):
+            with pytest.raises(ValueError, match="not covered by the privacy guarantee"):
+                dec.submit([1, 2], SamplingParams(max_tokens=3, **kw))
+        assert led.charges() == 0 and dec.stats()["requests"] == 0
+        assert len(list(dec.submit([1, 2], SamplingParams(max_tokens=3, stop_at_eos=False)))) == 3

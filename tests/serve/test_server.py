@@ -123,7 +123,7 @@ def test_n_choices_stop_sequences_and_echo(server):
     r2 = c.completions.create(model="tiny", prompt=["pear", "plum"], max_tokens=3, n=2, echo=True)
     assert [ch.index for ch in r2.choices] == [0, 1, 2, 3]
     assert r2.choices[0].text.startswith("pear") and r2.choices[3].text.startswith("plum")
-    r3 = c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2, temperature=0)  # token ids, greedy
+    r3 = c.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=2)  # token ids
     assert r3.usage.prompt_tokens == 3
     wait_idle(server)
     assert server.charged() - before == r.usage.completion_tokens + r2.usage.completion_tokens + r3.usage.completion_tokens
@@ -171,6 +171,8 @@ BAD = [
     (C, {**GOOD, "temperature": 3.0}, 400, "temperature must lie in [0, 2]"),
     (C, {**GOOD, "top_p": 0}, 400, "top_p must lie in (0, 1]"),
     (C, {**GOOD, "top_p": 1.01}, 400, "top_p"),
+    (C, {**GOOD, "temperature": 0.7}, 400, "temperature = 0.7 is not covered by the privacy guarantee"),
+    (C, {**GOOD, "top_k": 1}, 400, "top_k = 1 is not covered"),
     (C, {**GOOD, "logprobs": 2}, 400, "the released distribution"),
     (C, {**GOOD, "echo": True, "logprobs": 0}, 400, "the released distribution"),
     (CH, {**GOOD_CHAT, "logprobs": True, "top_logprobs": 2}, 400, "the released distribution"),
@@ -363,6 +365,33 @@ def test_client_disconnect_mid_stream(server):
     produced = server.decoder.stats()["tokens_private"] - before_stats["tokens_private"]
     assert server.charged() - before == produced < 60  # cancelled early; what ran was charged
     assert post(server, C, GOOD).status_code == 200  # and the server keeps serving
+
+
+def test_a_key_pays_for_every_token_charged_to_its_cancelled_streams(servers):
+    """Found in review: the quota was settled when the client went away, before the engine dropped
+    the request, so the token it was charging then was the deployment's, not the key's (keys
+    closing early spent up to twice their quota). Now it is settled once every stream has ended."""
+    s = servers.start(quota=10_000)
+    try:
+        before = s.charged()
+        for n in (1, 2):
+            with httpx.stream("POST", s.url + C, json={**GOOD, "prompt": "a", "max_tokens": 60, "stream": True,
+                                                       "ignore_eos": True, "n": n},
+                              headers=auth(s.user_key), timeout=TIMEOUT) as r:
+                assert r.status_code == 200
+                next(r.iter_raw())
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(s.url + C, json={**GOOD, "prompt": "a", "max_tokens": 60, "ignore_eos": True},
+                       headers=auth(s.user_key), timeout=httpx.Timeout(0.1, connect=5.0))
+        wait_idle(s)
+        charged = s.charged() - before
+        for _ in range(100):  # the settlement runs on the server's loop just after the engine's end
+            if s.keys.get("user").used == charged:
+                break
+            time.sleep(0.05)
+        assert 0 < charged == s.keys.get("user").used
+    finally:
+        servers.stop(s)
 
 
 def test_client_gone_before_a_whole_response(server):

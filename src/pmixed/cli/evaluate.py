@@ -186,7 +186,7 @@ def generate_cmd(
     prompt: str = typer.Option("The President", "--prompt", help="The text to continue."),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", min=1),
     temperature: float = typer.Option(1.0, "--temperature", min=1e-3,
-                                      help="Applied to the released distribution (> 0; free post-processing)."),
+                                      help="Sampling temperature: only 1 is covered by the privacy guarantee; another needs --experiment --seed."),
     ledger: Path | None = typer.Option(None, "--ledger", help="Ledger file (default: <output_dir>/ledgers/generate.ledger)."),
     seed: int | None = typer.Option(
         None, "--seed", help="Seed the draws and the sampling: only with --experiment (the output is not a private release)."),
@@ -214,6 +214,12 @@ def generate_cmd(
     cfg = load_run_config(config, output_dir)
     check_seed(seed, experiment, ledger)
     check_mechanism(mechanism)
+    if temperature != 1.0 and seed is None:  # before the model loads: serving mode takes the release as it is
+        from pmixed.errors import ConfigError
+
+        raise ConfigError("--temperature", f"{temperature:g} is not covered by the privacy guarantee (it would act "
+                                           "on each draw's mixture, docs/privacy.md section 1); use 1, or "
+                                           "--experiment --seed for a non-private experiment")
     announce_long_steps(cfg)
     con = _console()
     try:
@@ -398,7 +404,7 @@ def demo_cmd(
     con.print(Path(res["outputs"]["md"]).read_text())
     con.print(f"plot: {res['outputs']['png']}")
     _, runtime = load_runtime(cfg, progress=False)
-    g = step("generate", lambda: generate(cfg, prompt, 40, 0.7, cfg.output_dir / "ledgers" / "demo-generate.ledger",
+    g = step("generate", lambda: generate(cfg, prompt, 40, 1.0, cfg.output_dir / "ledgers" / "demo-generate.ledger",
                                           None, runtime))
     each = ("each round of the screen one unit" if getattr(g, "mechanism", "pmixed") == "adaptive"
             else "each token one PMixED query")

@@ -1,7 +1,9 @@
-"""Post-processing of the released distribution: temperature, top-k, top-p (free, docs/privacy.md).
+"""Temperature, top-k, top-p on a distribution, and sampling a token from it, in constant time.
 
-Each acts on the released distribution M only (never on a member's), so the token sampled from
-the result is a function of M and fresh randomness: covered by the guarantee on M at no cost.
+Not free under the guarantee when applied to a draw's released mixture M (M1): the token's law
+becomes E_S[f(M_S)], which the proof does not cover (docs/privacy.md section 1;
+tests/exact/test_exact_sampling.py), so serving and generation use the identity (temperature 1,
+top_k 0, top_p 1) outside seeded experiments; the sampling itself is the same either way.
 """
 
 from __future__ import annotations

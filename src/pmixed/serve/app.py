@@ -421,6 +421,7 @@ def create_app(
             gone.cancel()
         if not firsts.done():  # the client went away before the first token
             firsts.cancel()
+            firsts.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved: no log
             close(job, "499")
             return None
         if all(c.finish is not None and c.private_tokens + c.public_tokens == 0 for c in job.choices):
@@ -452,7 +453,27 @@ def create_app(
         for t in job.tasks:
             if not t.done():
                 t.cancel()
-        settle(job)
+        # the quota is settled when every stream has ended: a cancelled stream's engine may still
+        # charge the token in flight, which the key must pay for too
+        pending = [c.stream for c in job.choices if not c.stream.done]
+        if not pending:
+            settle(job)
+        else:
+            loop, left = asyncio.get_running_loop(), [len(pending)]
+
+            def ended() -> None:  # in the event loop's thread
+                left[0] -= 1
+                if left[0] == 0:
+                    settle(job)
+
+            def threadsafe() -> None:
+                try:
+                    loop.call_soon_threadsafe(ended)
+                except RuntimeError:  # the loop has closed (shutdown): nobody is left to settle for
+                    pass
+
+            for s in pending:
+                s.add_done_callback(threadsafe)
         priv = sum(c.private_tokens for c in job.choices)
         pub = sum(c.public_tokens for c in job.choices)
         metrics.tokens.labels("private").inc(priv)

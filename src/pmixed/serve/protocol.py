@@ -161,12 +161,19 @@ def parse_body(raw: bytes, model: type[_Strict]) -> _Strict:
                        code="invalid_encoding") from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "the request body is not valid JSON: nested too deeply", code="invalid_json") from None
     except ValueError as err:
         msg = err.msg if isinstance(err, json.JSONDecodeError) else str(err)
         where = f" at line {err.lineno} column {err.colno}" if isinstance(err, json.JSONDecodeError) else ""
         raise ApiError(400, f"the request body is not valid JSON: {msg}{where}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    try:  # a "\ud800" escape parses to a lone surrogate, which no tokenizer can encode
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, "the request body holds a lone UTF-16 surrogate (an unpaired \\uD800-\\uDFFF "
+                            "escape): not valid Unicode text", code="invalid_encoding") from None
     try:
         return model.model_validate(obj)
     except ValidationError as err:
@@ -227,8 +234,16 @@ def check_common(req: _Sampling, limits: Limits, *, max_tokens: int | None, defa
     if top_k < 0:
         raise ApiError(400, "top_k must be >= 0 (0 or -1: off)", param="top_k", code="invalid_value")
     temperature = 1.0 if req.temperature is None else float(req.temperature)
-    if temperature == 0.0:  # greedy: the released distribution's mode (top_k = 1), post-processing
-        temperature, top_k = 1.0, 1
+    top_p = 1.0 if req.top_p is None else float(req.top_p)
+    # The guarantee covers a token sampled from the mechanism's distribution as it is: temperature,
+    # top_p, top_k and greedy decoding would act on each draw's mix (M1), a different mechanism,
+    # whose exact divergence exceeds the charge (infinitely for top_k / top_p / greedy:
+    # tests/exact/test_exact_sampling.py), so they are refused (docs/privacy.md section 8b).
+    for name, value, off in (("temperature", temperature, 1.0), ("top_p", top_p, 1.0), ("top_k", top_k, 0)):
+        if value != off:
+            raise ApiError(400, f"{name} = {value:g} is not covered by the privacy guarantee: sampling "
+                                f"transforms would act on each draw's mixture, which the proof does not "
+                                f"cover; omit {name} or send {off:g}", param=name, code="not_covered_by_guarantee")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > limits.stop:
         raise ApiError(400, f"at most {limits.stop} stop sequences", param="stop", code="invalid_value")
@@ -237,7 +252,7 @@ def check_common(req: _Sampling, limits: Limits, *, max_tokens: int | None, defa
                        code="invalid_value")
     stream_usage = bool((req.stream_options or {}).get("include_usage", False))
     return {"params": {"max_tokens": max_tokens, "temperature": temperature,
-                       "top_p": 1.0 if req.top_p is None else float(req.top_p), "top_k": top_k,
+                       "top_p": top_p, "top_k": top_k,
                        "stop_at_eos": not req.ignore_eos},
             "n": n, "stop": stops, "stream": bool(req.stream), "stream_usage": stream_usage}
 
@@ -250,7 +265,8 @@ def check_completion(req: CompletionRequest, limits: Limits) -> dict:
                                   + LOGPROBS_WHY)
     if req.suffix:
         raise _refused("suffix", "insertion is not implemented")
-    out = check_common(req, limits, max_tokens=req.max_tokens, default_max=limits.default_max_tokens)
+    out = check_common(req, limits, max_tokens=req.max_tokens,
+                       default_max=min(limits.default_max_tokens, limits.max_tokens))  # a cap below 16 too
     p = req.prompt
     if isinstance(p, str):
         prompts: list[str | list[int]] = [p]

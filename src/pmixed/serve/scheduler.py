@@ -207,7 +207,11 @@ class Decoder:
         max_idle_steps: int = 256,
         unit: str = "part",
         prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        uncovered_sampling: bool = False,
     ):
+        """``uncovered_sampling``: accept temperature / top_p / top_k other than the defaults, which
+        the privacy guarantee does not cover (``SamplingParams.covered``); for experiments and
+        tests only, never for serving."""
         if mode not in ("constant", "drawn"):
             raise ValueError(f"mode must be 'constant' or 'drawn', got {mode!r}")
         if mechanism.ensemble_size != runtime.n_members:
@@ -230,6 +234,7 @@ class Decoder:
         self.public_continuation = public_continuation
         self.max_idle_steps = max_idle_steps
         self.prefill_tokens = prefill_tokens
+        self.uncovered_sampling = uncovered_sampling
         self.unit = unit
         self.adaptive = isinstance(mechanism, AdaptivePMixED)
         mechanism.check_rule(ledger)  # adaptive, or a tuned shape: the Renyi filter at its order
@@ -331,6 +336,9 @@ class Decoder:
             raise PromptTooLong(len(ids), ctx)
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a SamplingParams")
+        if not (params.covered or self.uncovered_sampling):
+            raise ValueError("temperature, top_p and top_k other than 1, 1 and 0 are not covered by the privacy "
+                             "guarantee (they act on each draw's mixture); see docs/privacy.md section 8b")
         stream = Stream(len(ids), loop)
         with self._lock:
             if self._closing:

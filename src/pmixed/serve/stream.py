@@ -26,10 +26,11 @@ FinishReason = Literal["stop", "length", "budget", "cancelled", "error"]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Post-processing of the released distribution (free under the guarantee: docs/privacy.md).
-
-    max_tokens >= 1; temperature > 0 (1: the released distribution itself); top_p in (0, 1];
-    top_k >= 0 (0: off). Stop sequences act on the text and live in the server.
+    """How a request samples. max_tokens >= 1; temperature > 0 (1: the mechanism's distribution
+    itself); top_p in (0, 1]; top_k >= 0 (0: off). Stop sequences act on the text and live in the
+    server. Only the defaults (temperature 1, top_p 1, top_k 0) are covered by the privacy
+    guarantee (``covered``): the others act on each draw's mixture (M1), a different mechanism
+    (docs/privacy.md section 8b), and a ``Decoder`` refuses them unless built for an experiment.
     """
 
     max_tokens: int = 16
@@ -47,6 +48,11 @@ class SamplingParams:
             raise ValueError("top_p must lie in (0, 1]")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise ValueError("top_k must be an integer >= 0")
+
+    @property
+    def covered(self) -> bool:
+        """Whether the guarantee covers tokens sampled this way: the distribution as released."""
+        return self.temperature == 1.0 and self.top_p == 1.0 and self.top_k == 0
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,17 @@ class Stream:
         self._loop = loop
         self._q: queue.Queue | asyncio.Queue = asyncio.Queue() if loop is not None else queue.Queue()
         self._cancelled = threading.Event()
+        self._done_lock = threading.Lock()
+        self._callbacks: list = []
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn()`` once the stream has ended (at once if it has; else in the engine's thread,
+        after the last token was counted): what the engine charged is final then."""
+        with self._done_lock:
+            if self.finish_reason is None:
+                self._callbacks.append(fn)
+                return
+        fn()
 
     # ---- engine side
     def _push(self, item: object) -> None:
@@ -89,9 +106,14 @@ class Stream:
         self._push(token)
 
     def finish(self, reason: FinishReason, error: str | None = None) -> None:
-        if self.finish_reason is None:
+        with self._done_lock:
+            if self.finish_reason is not None:
+                return
             self.finish_reason, self.error = reason, error
-            self._push(_END)
+            callbacks, self._callbacks = self._callbacks, []
+        self._push(_END)
+        for fn in callbacks:
+            fn()
 
     # ---- client side
     def cancel(self) -> None:
