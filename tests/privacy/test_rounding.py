@@ -178,3 +178,20 @@ def test_a_grant_refunded_whole_leaves_the_totals_where_they_were(tmp_path):
 @given(a=st.floats(-1e6, 1e6), b=st.floats(-1e6, 1e6))
 def test_add_up_is_the_exact_sum_rounded_up(a, b):
     assert add_up(a, b) == ceil_float(Fraction(a) + Fraction(b))
+
+
+def test_a_refund_of_an_unhashable_charge_id_is_a_clear_ledger_error(tmp_path):
+    import json
+    import sqlite3
+
+    path = tmp_path / "t.ledger"
+    with Ledger(path, epsilon=8.0, delta=DELTA, orders=ORDERS) as led:
+        with led.reserve(RdpCharge(ORDERS, (0.01, 0.02)), up_to=3):
+            pass
+    conn = sqlite3.connect(path)
+    rid, params = conn.execute("SELECT id, params FROM charges WHERE mechanism != '' ORDER BY id DESC").fetchone()
+    conn.execute("UPDATE charges SET params = ? WHERE id = ?", (json.dumps({**json.loads(params), "refund_of": [1]}), rid))
+    conn.commit()
+    conn.close()
+    with pytest.raises(ledger_mod.LedgerError, match="refund record"):
+        Ledger(path, epsilon=8.0, delta=DELTA, orders=ORDERS)

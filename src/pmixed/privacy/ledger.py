@@ -229,7 +229,8 @@ class Ledger(Budget):
             if isinstance(rec.count, bool) or not isinstance(rec.count, int) or rec.count < 1:
                 raise LedgerError(f"ledger {path} is damaged: charge {rec.id} has count {rec.count!r}")
             if rec.mechanism == REFUND:
-                _check_refund(path, rec, charges, refunded, after.get(rec.params.get("refund_of")))
+                ref = rec.params.get("refund_of")
+                _check_refund(path, rec, charges, refunded, after.get(ref) if isinstance(ref, int) else None)
                 curve, low = _sub_up(curve, rec.rdp), _sub_up(low, rec.rdp)
             else:
                 charges[rec.id] = rec
