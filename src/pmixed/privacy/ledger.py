@@ -608,9 +608,11 @@ def _sub_up(spent: Sequence[float], removed: Sequence[float]) -> tuple[float, ..
 
 def _whole_refund_slack(grant: ChargeRecord, queries: int, refunded: dict[int, int],
                         after: Sequence[float] | None) -> list[Fraction]:
-    whole = after is not None and queries == grant.count and not refunded.get(grant.id)
-    return [Fraction(2 * math.ulp(a)) if whole and math.isfinite(a) else Fraction(0)
-            for a in (after if after is not None else grant.rdp)]
+    """Per order, what a refund may remove beyond ``queries`` x the grant's curve: two units in the
+    last place of the totals just after the grant when it refunds the whole grant at once, else 0."""
+    if after is None or queries != grant.count or refunded.get(grant.id):
+        return [Fraction(0)] * len(grant.rdp)
+    return [Fraction(2 * math.ulp(a)) if math.isfinite(a) else Fraction(0) for a in after]
 
 
 def _check_refund(path: str, rec: ChargeRecord, charges: dict[int, ChargeRecord], refunded: dict[int, int],
